@@ -1,0 +1,53 @@
+"""The admin listener: /metrics /healthz /readyz /admin/clients/{id}.
+
+A separate listener (127.0.0.1 by default) so the proxy port never exposes
+operational data and the admin port never counts against rate limits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+if TYPE_CHECKING:
+    from gateway.server import Server
+
+__all__ = ["build_admin_app"]
+
+
+def _json(status: int, body: object) -> web.Response:
+    return web.Response(
+        status=status, text=json.dumps(body, indent=1), content_type="application/json"
+    )
+
+
+def build_admin_app(server: Server) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        parts: dict[str, Callable[[], bool]] = server.background_parts()
+        states = {name: "alive" if alive() else "dead" for name, alive in parts.items()}
+        dead = [name for name, state in states.items() if state == "dead"]
+        if dead:
+            return _json(503, {"status": "unhealthy", "dead": dead, "parts": states})
+        return _json(200, {"status": "ok", "parts": states})
+
+    async def readyz(request: web.Request) -> web.Response:
+        checks = server.readiness()
+        ready = all(checks.values())
+        return _json(200 if ready else 503, {"ready": ready, "checks": checks})
+
+    async def client(request: web.Request) -> web.Response:
+        client_id = request.match_info["client_id"]
+        buckets = server.gateway.snapshot.limiter.client_buckets(client_id)
+        return _json(200, {"client": client_id, "buckets": [asdict(b) for b in buckets]})
+
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler(server.metrics.registry))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/admin/clients/{client_id}", client)
+    return app

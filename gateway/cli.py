@@ -1,0 +1,109 @@
+"""``gateway run | check | demo``. Argument handling only; ConfigError -> exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from gateway import __version__
+from gateway.config import load_config
+from gateway.errors import ConfigError
+
+__all__ = ["main"]
+
+EXIT_CONFIG_INVALID = 2
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def _print_problems(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+    count = len(exc.problems)
+    print(f"{count} problem{'s' if count != 1 else ''} found", file=sys.stderr)
+    return EXIT_CONFIG_INVALID
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _print_problems(exc)
+    print(
+        f"{args.config}: ok ({len(config.routes)} routes, "
+        f"{len(config.limits.overrides)} overrides, upstream {config.upstream.url})"
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _print_problems(exc)
+    from gateway.server import Server
+
+    async def serve() -> None:
+        await Server(config, config_path=args.config).serve()
+
+    try:
+        _run_loop(serve())
+    except OSError as exc:  # e.g. the port is taken
+        print(f"gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    try:
+        _run_loop(run_demo(args.listen, args.admin))
+    except OSError as exc:
+        print(f"gateway demo: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="A rate-limited HTTP reverse proxy."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve with a config file")
+    run.add_argument("--config", required=True, metavar="PATH")
+    run.set_defaults(func=_cmd_run)
+    check = sub.add_parser("check", help="validate a config file (exit 2 if invalid)")
+    check.add_argument("--config", required=True, metavar="PATH")
+    check.set_defaults(func=_cmd_check)
+    demo = sub.add_parser("demo", help="run a bundled demo upstream with the gateway in front")
+    demo.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    demo.add_argument("--admin", default="127.0.0.1:9090", metavar="HOST:PORT")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,117 @@
+"""Pure header logic: what crosses the gateway, what it adds.
+
+Hop-by-hop fields (RFC 9110 section 7.6.1, plus the RFC 2616 list that Go's
+ReverseProxy also strips) and every field named in ``Connection`` describe one
+connection, not the message, so they are never forwarded either way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.limiting.limiter import Decision
+
+__all__ = [
+    "HOP_BY_HOP",
+    "VIA",
+    "downstream_response_headers",
+    "rate_limit_headers",
+    "upstream_request_headers",
+]
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+VIA: Final = "1.1 ratelimit-gateway"
+# Request fields we set ourselves; the client's copies are replaced.
+_SET_BY_GATEWAY: Final = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "via"}
+)
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(token.strip().lower() for value in values for token in value.split(","))
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    peer: str,
+    scheme: str,
+    request_id: str,
+    peer_is_trusted: bool,
+    preserve_host: bool,
+) -> CIMultiDict[str]:
+    """The headers sent upstream.
+
+    X-Forwarded-For/-Proto/-Host from a trusted proxy are extended or kept;
+    from anyone else they are replaced, so the backend never sees a client's
+    forged chain as if we had vouched for it.
+    """
+    named = _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in _SET_BY_GATEWAY or lower in named:
+            continue
+        if lower == "host" and not preserve_host:
+            continue
+        out.add(name, value)
+    prior_for = incoming.get("X-Forwarded-For") if peer_is_trusted else None
+    out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else peer
+    proto = incoming.get("X-Forwarded-Proto") if peer_is_trusted else None
+    out["X-Forwarded-Proto"] = proto or scheme
+    host = incoming.get("X-Forwarded-Host") if peer_is_trusted else None
+    host = host or incoming.get("Host")
+    if host:
+        out["X-Forwarded-Host"] = host
+    prior_via = incoming.get("Via")
+    out["Via"] = f"{prior_via}, {VIA}" if prior_via else VIA
+    out["X-Request-ID"] = request_id
+    return out
+
+
+def downstream_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers minus hop-by-hop fields and framing
+    (Content-Length is set by the relay only when it is safe; copying it beside
+    a chunked body is the CL+TE desync aiohttp does not guard against)."""
+    named = _connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower == "content-length" or lower in named:
+            continue
+        out.add(name, value)
+    return out
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
+    """RateLimit-Policy / RateLimit (IETF httpapi draft) and X-RateLimit-*."""
+    limit = decision.limit
+    if limit is None:
+        return []
+    reset = str(math.ceil(decision.reset_seconds))
+    remaining = str(decision.tokens_left)
+    return [
+        ("RateLimit-Policy", limit.policy_header),
+        ("RateLimit", f"{limit.quoted_name};r={remaining};t={reset}"),
+        ("X-RateLimit-Limit", limit.limit_header),
+        ("X-RateLimit-Remaining", remaining),
+        ("X-RateLimit-Reset", reset),
+    ]

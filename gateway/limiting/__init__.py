@@ -1,0 +1,1 @@
+"""Limiting: the pure bucket arithmetic, the refill clock, the stores, the limiter."""

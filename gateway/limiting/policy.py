@@ -1,0 +1,30 @@
+"""A BucketSpec bound to the clock's ticker, with its header values precomputed
+once per config (not per request)."""
+
+from __future__ import annotations
+
+import math
+
+from gateway.config.model import BucketSpec
+from gateway.limiting.refill_clock import RefillClock, Ticker
+
+__all__ = ["Limit"]
+
+
+class Limit:
+    __slots__ = ("limit_header", "policy_header", "quoted_name", "spec", "ticker")
+
+    def __init__(self, spec: BucketSpec, clock: RefillClock) -> None:
+        self.spec = spec
+        self.ticker: Ticker = clock.ticker(spec.refill_period_seconds)
+        self.quoted_name = _sf_string(spec.name)
+        # IETF httpapi ratelimit-headers: q = quota units, w = window seconds.
+        window = max(1, math.ceil(spec.refill_period_seconds))
+        self.policy_header = f"{self.quoted_name};q={spec.max_tokens};w={window}"
+        self.limit_header = str(spec.max_tokens)
+
+
+def _sf_string(value: str) -> str:
+    """An RFC 8941 sf-string: printable ASCII, quotes and backslashes escaped."""
+    cleaned = "".join(c if " " <= c <= "~" else "_" for c in value)
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,147 @@
+"""⑥ Every Prometheus object, named as in CONTRACT.md, on an injected registry.
+
+Label children are bound once per route (``RouteMetrics``), not looked up per
+request: ``labels()`` costs 1.3-1.8 us, a bound child's ``inc()`` 0.35 us
+(research notes, section 3). No metric is labelled by client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["DECISIONS", "Metrics", "RouteMetrics"]
+
+DECISIONS: Final = ("allowed", "denied", "shadow_denied", "unlimited")
+UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset")
+# The gateway's own overhead is sub-millisecond; upstream time reaches seconds.
+LATENCY_BUCKETS_SECONDS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class RouteMetrics:
+    """The children of one route label, bound once."""
+
+    __slots__ = ("_metrics", "_responses", "decisions", "duration", "label",
+                 "upstream_duration", "upstream_errors")  # fmt: skip
+
+    def __init__(self, metrics: Metrics, label: str) -> None:
+        self._metrics = metrics
+        self.label = label
+        self.decisions = {d: metrics.requests.labels(label, d) for d in DECISIONS}
+        self.duration = metrics.request_duration.labels(label)
+        self.upstream_duration = metrics.upstream_duration.labels(label)
+        self.upstream_errors = {
+            k: metrics.upstream_errors.labels(label, k) for k in UPSTREAM_ERROR_KINDS
+        }
+        self._responses: dict[int, Counter] = {}
+
+    def response(self, status: int) -> Counter:
+        child = self._responses.get(status)
+        if child is None:
+            child = self._metrics.responses.labels(self.label, str(status))
+            self._responses[status] = child
+        return child
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Rate-limit decisions, by route and outcome.",
+            ["route", "decision"],
+            registry=r,
+        )
+        self.responses = Counter(
+            "gateway_responses_total",
+            "Responses sent to clients, by route and status.",
+            ["route", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request received to response finished, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time from upstream request sent to upstream response headers, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors_total",
+            "Upstream failures, by route and kind.",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.clients_tracked = Gauge(
+            "gateway_clients_tracked", "Buckets held in memory.", registry=r
+        )
+        self.clients_evicted = Counter(
+            "gateway_clients_evicted_total",
+            "Buckets forgotten: idle = full (nothing lost), pressure = at max_tracked.",
+            ["reason"],
+            registry=r,
+        )
+        self.evicted = {
+            reason: self.clients_evicted.labels(reason) for reason in ("idle", "pressure")
+        }
+        self.access_log_queue_depth = Gauge(
+            "gateway_access_log_queue_depth",
+            "Access-log records waiting to be written.",
+            registry=r,
+        )
+        self.access_log_dropped = Counter(
+            "gateway_access_log_dropped_total",
+            "Access-log records dropped because the queue was full.",
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "gateway_storage_errors_total",
+            "Bucket storage failures, by backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads_total",
+            "Config reloads, by result.",
+            ["result"],
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        self.inflight = Gauge(
+            "gateway_inflight_requests", "Requests being handled.", registry=r
+        )
+        self.workers_restarted = Counter(
+            "gateway_workers_restarted_total",
+            "Worker processes restarted after dying.",
+            registry=r,
+        )
+        self._routes: dict[str, RouteMetrics] = {}
+
+    def route(self, label: str) -> RouteMetrics:
+        """The bound children for ``label``; created on first use and kept
+        (route labels come from the config, so they are few)."""
+        metrics = self._routes.get(label)
+        if metrics is None:
+            metrics = RouteMetrics(self, label)
+            self._routes[label] = metrics
+        return metrics
+
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Read ``gauge`` from ``read`` at scrape time (no per-request cost)."""
+        gauge.set_function(read)
+
+    def count_eviction(self, reason: str) -> None:
+        self.evicted[reason].inc()

@@ -1,0 +1,221 @@
+"""The composition root: build every part from a config, start them in order,
+serve, drain, stop them in reverse.
+
+Start order: refill clock -> access-log consumer -> upstream session -> proxy
+and admin listeners. Stop order is the reverse, with the proxy listener
+closed first (no new connections) and in-flight requests given
+``drain_timeout`` to finish, so every answered request reaches the access log
+before its consumer is given the sentinel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway.access_log import AccessLog
+from gateway.admin_app import build_admin_app
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
+from gateway.limiting.memory_store import MemoryStore
+from gateway.limiting.refill_clock import RefillClock
+from gateway.metrics import Metrics
+from gateway.proxy_app import Gateway, Snapshot
+from gateway.upstream import Upstream
+
+__all__ = ["Server", "bound_port"]
+
+log = logging.getLogger("gateway")
+
+# Keys read once at start: changing them needs a restart, and a reload says so.
+_RESTART_KEYS: Final = (
+    "listen_host", "listen_port", "admin_host", "admin_port", "workers",
+    "storage", "access_log", "server",
+)  # fmt: skip
+
+
+class Server:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        clock: RefillClock | None = None,
+        registry: CollectorRegistry | None = None,
+        config_path: str | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock if clock is not None else RefillClock()
+        self.metrics = Metrics(registry)
+        self.store = MemoryStore(
+            self.clock,
+            config.clients.max_tracked,
+            config.clients.idle_timeout_seconds,
+            on_evict=self.metrics.count_eviction,
+        )
+        self.metrics.track(self.metrics.clients_tracked, lambda: self.store.tracked)
+        self.access_log = AccessLog(
+            config.access_log.path,
+            config.access_log.queue_size,
+            self.metrics.access_log_dropped,
+        )
+        self.metrics.track(self.metrics.access_log_queue_depth, self.access_log.depth)
+        self.upstream = Upstream(config.upstream, config.server)
+        self.gateway = Gateway(
+            Snapshot(config, self.clock, self.store),
+            self.upstream,
+            self.metrics,
+            self.access_log,
+        )
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._proxy_runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.proxy_port = 0
+        self.admin_port = 0
+
+    # -- state for /healthz and /readyz --
+
+    def background_parts(self) -> dict[str, Callable[[], bool]]:
+        return {
+            "refill_clock": lambda: self.clock.alive,
+            "access_log": lambda: self.access_log.alive,
+        }
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "config_loaded": True,
+            "storage_reachable": True,
+            "not_draining": not self.draining,
+        }
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        config = self.config
+        self.clock.start()
+        self.access_log.start()
+        await self.upstream.start()
+        limits = config.server
+        proxy = web.Server(
+            self.gateway.handle,
+            access_log=None,
+            handler_cancellation=False,
+            # Bodies pass through byte-for-byte: never inflate a client's gzip.
+            auto_decompress=False,
+            keepalive_timeout=limits.keepalive_timeout_seconds,
+            max_line_size=limits.max_line_size,
+            max_field_size=limits.max_field_size,
+            max_headers=limits.max_headers,
+        )
+        self._proxy_runner = web.ServerRunner(
+            proxy, shutdown_timeout=config.drain_timeout_seconds, handle_signals=False
+        )
+        await self._proxy_runner.setup()
+        site = web.TCPSite(
+            self._proxy_runner, config.listen_host, config.listen_port, backlog=1024
+        )
+        await site.start()
+        self.proxy_port = bound_port(site)
+        self._admin_runner = web.AppRunner(
+            build_admin_app(self), access_log=None, handle_signals=False
+        )
+        await self._admin_runner.setup()
+        admin_site = web.TCPSite(self._admin_runner, config.admin_host, config.admin_port)
+        await admin_site.start()
+        self.admin_port = bound_port(admin_site)
+        log.info(
+            "gateway: proxy on %s:%d -> %s; admin on %s:%d",
+            config.listen_host, self.proxy_port, config.upstream.url,
+            config.admin_host, self.admin_port,
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Drain and stop. In-flight requests get ``drain_timeout``."""
+        self.draining = True
+        if self._proxy_runner is not None:
+            # Closes the listener, then waits for in-flight handlers (up to
+            # shutdown_timeout = drain_timeout) before cancelling them.
+            await self._proxy_runner.cleanup()
+            self._proxy_runner = None
+        await self.upstream.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        await self.clock.stop()
+        await asyncio.to_thread(self.access_log.stop, self.config.drain_timeout_seconds)
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (drain), reloading on SIGHUP. A second
+        stop signal exits at once."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self._stop.wait()
+            log.info("draining (up to %gs)", self.config.drain_timeout_seconds)
+            await self.stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            log.warning("second %s, exiting without drain", sig.name)
+            raise SystemExit(1)
+        log.info("%s received", sig.name)
+        self._stop.set()
+
+    # -- reload --
+
+    def reload(self) -> bool:
+        """Load, validate and swap the config. On any problem the old config
+        keeps serving and the failure is logged and counted."""
+        if self.config_path is None:
+            log.warning("reload requested but no config file to read")
+            return False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload rejected: %s", problem)
+            self.metrics.config_reloads.labels("failure").inc()
+            return False
+        self.apply(new)
+        return True
+
+    def apply(self, new: GatewayConfig) -> None:
+        old = self.config
+        for key in _RESTART_KEYS:
+            if getattr(new, key) != getattr(old, key):
+                log.warning(
+                    "gateway: reload: %s changed; it takes effect only after a restart",
+                    key,
+                )
+        if new.upstream != old.upstream:
+            log.warning("reload: upstream changed; it takes effect after a restart")
+        self.store.max_tracked = new.clients.max_tracked
+        self.store.idle_timeout_seconds = new.clients.idle_timeout_seconds
+        self.gateway.snapshot = Snapshot(new, self.clock, self.store)
+        self.config = new
+        self.metrics.config_reloads.labels("success").inc()
+        log.info("config reloaded from %s", new.source)
+
+
+def bound_port(site: web.TCPSite) -> int:
+    # asyncio.Server and uvloop's Server both expose .sockets
+    sockets: list[socket.socket] = getattr(site._server, "sockets", [])
+    return int(sockets[0].getsockname()[1])

@@ -1,0 +1,224 @@
+"""④ Forward: one pooled ClientSession per process; bodies streamed both ways.
+
+Session settings each close a known proxy bug (research notes, section 1):
+``auto_decompress=False`` and no auto ``Accept-Encoding`` (bytes pass through
+as the upstream sent them), a ``DummyCookieJar`` (one client's cookies must
+never be replayed to another), and no overall timeout (long downloads and
+streams are legitimate) but a connect timeout and a per-read idle timeout.
+Bodies are relayed with ``iter_any()``, never ``iter_chunks()`` (which spins
+forever on the second empty body in a process, aiohttp#7616).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.config.model import ServerConfig, UpstreamConfig
+from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResetError,
+    UpstreamTimeoutError,
+)
+from gateway.headers import downstream_response_headers
+
+__all__ = ["BodyTooLargeError", "Relay", "Upstream"]
+
+log = logging.getLogger("gateway.upstream")
+
+# Methods safe to send twice when a pooled keep-alive connection turns out to
+# have been closed by the upstream before it read our request (aiohttp#9138).
+_RETRYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class BodyTooLargeError(Exception):
+    """A streamed request body passed ``max_body_size``."""
+
+
+class Relay:
+    """What one forwarded request produced, for metrics and the access log."""
+
+    __slots__ = ("bytes_in", "bytes_out", "client_gone", "error", "response", "status",
+                 "upstream_seconds")  # fmt: skip
+
+    def __init__(self) -> None:
+        # The response streamed to the client, once its headers are sent.
+        self.response: web.StreamResponse | None = None
+        self.status = 0
+        self.upstream_seconds: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.error: UpstreamError | None = None
+        self.client_gone = False
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig, server: ServerConfig) -> None:
+        self.config = config
+        self._base = config.url
+        self._body_timeout = server.body_timeout_seconds
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            limit_per_host=0,
+            # Below common backend idle timeouts (nginx 75 s, Node 5 s is the
+            # outlier): the proxy side should be the one closing idle sockets.
+            keepalive_timeout=4.0,
+            ttl_dns_cache=10,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self.config.connect_timeout_seconds,
+                sock_connect=self.config.connect_timeout_seconds,
+                sock_read=self.config.read_timeout_seconds,
+            ),
+            # Our headers are already filtered; don't let aiohttp re-check them.
+            requote_redirect_url=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream.start() was not awaited"
+        return self._session
+
+    def url_for(self, target: str) -> URL:
+        """The upstream URL for a request target, byte-for-byte (no yarl
+        normalisation of ``..`` or percent-escapes)."""
+        return URL(self._base + target, encoded=True)
+
+    def _body(
+        self, request: web.BaseRequest, relay: Relay, max_body_size: int
+    ) -> AsyncIterator[bytes]:
+        content = request.content
+        body_timeout = self._body_timeout
+
+        async def stream() -> AsyncIterator[bytes]:
+            while True:
+                async with asyncio.timeout(body_timeout):
+                    chunk = await content.readany()
+                if not chunk:
+                    return
+                relay.bytes_in += len(chunk)
+                if max_body_size and relay.bytes_in > max_body_size:
+                    raise BodyTooLargeError
+                yield chunk
+
+        return stream()
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        target: str,
+        headers: CIMultiDict[str],
+        extra_response_headers: list[tuple[str, str]],
+        max_body_size: int,
+        relay: Relay,
+    ) -> None:
+        """Send the request upstream and stream the answer back into ``relay``.
+
+        When ``relay.error`` is set and ``relay.status`` is 0 nothing was sent
+        and the caller answers 502/504; with a status, the failure came
+        mid-response and the client connection has been cut. Raises
+        BodyTooLargeError when the streamed body passes ``max_body_size``.
+        """
+        method = request.method
+        has_body = request.body_exists
+        data = self._body(request, relay, max_body_size) if has_body else None
+        started = time.perf_counter()
+        attempts = 2 if method in _RETRYABLE_METHODS and not has_body else 1
+        for attempt in range(attempts):
+            try:
+                upstream_response = await self.session.request(
+                    method,
+                    self.url_for(target),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    compress=None,
+                )
+                break
+            except aiohttp.ServerDisconnectedError as exc:
+                if attempt + 1 < attempts:
+                    continue
+                relay.error = UpstreamResetError(f"upstream closed the connection: {exc}")
+                return
+            except (
+                aiohttp.ConnectionTimeoutError,
+                aiohttp.ClientConnectorError,
+            ) as exc:
+                relay.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
+                return
+            except (aiohttp.SocketTimeoutError, TimeoutError):
+                if request.content.at_eof() or not has_body:
+                    relay.error = UpstreamTimeoutError(
+                        f"no response from upstream within "
+                        f"{self.config.read_timeout_seconds:g}s"
+                    )
+                else:  # the client's body stalled, not the upstream
+                    relay.error = UpstreamTimeoutError("request body stalled")
+                return
+            except (aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+                relay.error = UpstreamResetError(f"upstream connection failed: {exc}")
+                return
+        relay.upstream_seconds = time.perf_counter() - started
+        async with upstream_response:
+            await self._relay(request, upstream_response, extra_response_headers, relay)
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        extra_headers: list[tuple[str, str]],
+        relay: Relay,
+    ) -> None:
+        headers = downstream_response_headers(upstream.headers)
+        for name, value in extra_headers:
+            headers[name] = value
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        length = upstream.headers.get("Content-Length")
+        if length is not None and "Transfer-Encoding" not in upstream.headers:
+            response.content_length = int(length)
+        relay.status = upstream.status
+        relay.response = response
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                relay.bytes_out += len(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            # The client left mid-response (aiohttp raises
+            # ClientConnectionResetError, a ConnectionResetError). Leaving the
+            # `async with` releases the upstream connection unread, so it is
+            # closed rather than reused.
+            relay.client_gone = True
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError) as exc:
+            # Headers are gone already: the only honest signal left is to cut
+            # the client's connection so it sees a truncated response.
+            kind = UpstreamTimeoutError if isinstance(exc, TimeoutError) else UpstreamResetError
+            relay.error = kind(f"upstream failed mid-response: {exc}")
+            if request.transport is not None:
+                request.transport.close()

@@ -1,0 +1,121 @@
+"""④ WebSocket upgrades, proxied both ways.
+
+The rate limit applies to the upgrade request (one token), not to messages.
+Both sides run with autoping/autoclose off so pings, pongs and the close code
+pass through as the peers sent them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeoutError
+from gateway.upstream import Relay, Upstream
+
+__all__ = ["is_websocket_upgrade", "proxy_websocket"]
+
+# ws_connect makes its own handshake; the client's would conflict with it.
+_HANDSHAKE_HEADERS: Final = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+)
+
+
+def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
+    upgrade = headers.get("Upgrade")
+    if upgrade is None or upgrade.lower() != "websocket":
+        return False
+    return "upgrade" in headers.get("Connection", "").lower()
+
+
+async def _pump(
+    source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+    sink: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+) -> None:
+    async for message in source:
+        if message.type is WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif message.type is WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif message.type is WSMsgType.PING:
+            await sink.ping(message.data)
+        elif message.type is WSMsgType.PONG:
+            await sink.pong(message.data)
+        elif message.type is WSMsgType.CLOSE:
+            extra = message.extra
+            reason = extra.encode() if isinstance(extra, str) else b""
+            await sink.close(code=message.data or 1000, message=reason)
+            return
+        else:  # CLOSING, CLOSED, ERROR
+            break
+    if not sink.closed:
+        await sink.close(code=source.close_code or 1000)
+
+
+async def proxy_websocket(
+    request: web.BaseRequest,
+    upstream: Upstream,
+    target: str,
+    headers: CIMultiDict[str],
+    extra_response_headers: list[tuple[str, str]],
+    relay: Relay,
+) -> None:
+    """Connect upstream first, then accept the client, so a refused upstream
+    is a plain 502 (``relay.error`` set, ``relay.response`` None)."""
+    for name in _HANDSHAKE_HEADERS:
+        headers.popall(name, None)
+    protocols = tuple(
+        p.strip()
+        for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+        if p.strip()
+    )
+    try:
+        upstream_ws = await upstream.session.ws_connect(
+            upstream.url_for(target),
+            headers=headers,
+            protocols=protocols,
+            autoclose=False,
+            autoping=False,
+            max_msg_size=0,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        relay.error = UpstreamError(f"upstream refused the upgrade: {exc.status}")
+        return
+    except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+        relay.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
+        return
+    except (aiohttp.SocketTimeoutError, TimeoutError):
+        relay.error = UpstreamTimeoutError("no upgrade response from upstream")
+        return
+    except aiohttp.ClientError as exc:
+        relay.error = UpstreamError(f"upstream upgrade failed: {exc}")
+        return
+    async with upstream_ws:
+        response = web.WebSocketResponse(
+            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+            autoclose=False,
+            autoping=False,
+            max_msg_size=0,
+        )
+        for name, value in extra_response_headers:
+            response.headers[name] = value
+        await response.prepare(request)
+        relay.status = 101
+        relay.response = response
+        to_upstream = asyncio.create_task(_pump(response, upstream_ws))
+        to_client = asyncio.create_task(_pump(upstream_ws, response))
+        try:
+            await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (to_upstream, to_client):
+                task.cancel()
+            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+        if not response.closed:
+            await response.close()
