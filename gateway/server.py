@@ -132,7 +132,7 @@ class Server:
         await admin_site.start()
         self.admin_port = bound_port(admin_site)
         log.info(
-            "gateway: proxy on %s:%d -> %s; admin on %s:%d",
+            "proxy on %s:%d -> %s; admin on %s:%d",
             config.listen_host, self.proxy_port, config.upstream.url,
             config.admin_host, self.admin_port,
         )  # fmt: skip
@@ -202,7 +202,7 @@ class Server:
         for key in _RESTART_KEYS:
             if getattr(new, key) != getattr(old, key):
                 log.warning(
-                    "gateway: reload: %s changed; it takes effect only after a restart",
+                    "reload: %s changed; it takes effect only after a restart",
                     key,
                 )
         if new.upstream != old.upstream:
