@@ -15,6 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = ["DECISIONS", "Metrics", "RouteMetrics"]
 
 DECISIONS: Final = ("allowed", "denied", "shadow_denied", "unlimited")
+REJECT_REASONS: Final = (
+    "header_timeout", "body_timeout", "headers_too_large", "bad_request",
+    "body_too_large", "concurrency", "bad_target",
+)  # fmt: skip
 UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset")
 # The gateway's own overhead is sub-millisecond; upstream time reaches seconds.
 LATENCY_BUCKETS_SECONDS: Final = (
@@ -128,6 +132,15 @@ class Metrics:
             "Worker processes restarted after dying.",
             registry=r,
         )
+        # Not in the contract's table (an addition): requests refused before
+        # they reached the limiter, by what was wrong with them.
+        self.rejected = Counter(
+            "gateway_rejected_requests_total",
+            "Requests or connections refused for misbehaviour, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._rejected = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         self._routes: dict[str, RouteMetrics] = {}
 
     def route(self, label: str) -> RouteMetrics:
@@ -142,6 +155,9 @@ class Metrics:
     def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Read ``gauge`` from ``read`` at scrape time (no per-request cost)."""
         gauge.set_function(read)
+
+    def count_rejected(self, reason: str) -> None:
+        self._rejected[reason].inc()
 
     def count_eviction(self, reason: str) -> None:
         self.evicted[reason].inc()

@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 from typing import Final
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -25,13 +26,32 @@ from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketStore
 from gateway.metrics import Metrics
 from gateway.responses import error_response, rate_limited, upstream_failed
-from gateway.upstream import BodyTooLargeError, Relay, Upstream
+from gateway.upstream import ClientBodyError, Relay, Upstream
 from gateway.websocket import is_websocket_upgrade, proxy_websocket
 
 __all__ = ["Gateway", "Snapshot"]
 
 # nginx's $status for "client closed the connection before we answered".
 CLIENT_CLOSED_STATUS: Final = 499
+# Answers to a request body we refused: the rest of it is not worth reading.
+_CLOSE_AFTER_STATUSES: Final = frozenset({408, 413})
+
+
+def request_target(request: web.BaseRequest) -> str | None:
+    """The path and query to send upstream, byte-for-byte. An absolute-form
+    target (``GET http://host/x``, RFC 9112 section 3.2.2) is accepted but only
+    its path and query are used: the gateway proxies to its configured
+    upstream and nowhere else. CONNECT and ``*`` have no meaning here (None)."""
+    target = request.raw_path
+    if target.startswith("/"):
+        return target
+    if request.method == "CONNECT" or "://" not in target:
+        return None
+    parts = urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https"):
+        return None
+    path = parts.path or "/"
+    return f"{path}?{parts.query}" if parts.query else path
 
 
 class Snapshot:
@@ -113,10 +133,8 @@ class Gateway:
         if decision.outcome is DENIED:
             response = rate_limited(decision)
         elif not self._enter(client, max_concurrent):
-            response = error_response(
-                429,
-                "too_many_concurrent_requests",
-                f"at most {max_concurrent} requests in flight per client",
+            response = self._reject(
+                429, "concurrency", f"at most {max_concurrent} requests in flight per client"
             )
             response.headers["Retry-After"] = "1"
         else:
@@ -137,6 +155,10 @@ class Gateway:
                 await response.write_eof()
             except ConnectionError:
                 relay.client_gone = True
+            if response.status in _CLOSE_AFTER_STATUSES and request.transport is not None:
+                # Don't linger reading the rest of a body we refused: the
+                # answer is written, the connection is done.
+                request.transport.close()
             body = response.body if isinstance(response, web.Response) else None
             relay.bytes_out = len(body) if isinstance(body, bytes) else 0
         elif relay.response is not None:
@@ -161,6 +183,10 @@ class Gateway:
         ))  # fmt: skip
         return response
 
+    def _reject(self, status: int, reason: str, detail: str) -> web.Response:
+        self.metrics.count_rejected(reason)
+        return error_response(status, reason, detail)
+
     async def _forward(
         self,
         request: web.BaseRequest,
@@ -174,12 +200,16 @@ class Gateway:
         """None once the upstream's response has been streamed to the client."""
         max_body = config.max_body_size
         if max_body and (request.content_length or 0) > max_body:
-            return error_response(
+            return self._reject(
                 413, "body_too_large", f"request bodies are limited to {max_body} bytes"
             )
-        target = request.raw_path
-        if not target.startswith("/"):
-            return error_response(400, "bad_request_target", "origin-form targets only")
+        target = request_target(request)
+        if target is None:
+            return self._reject(
+                405 if request.method == "CONNECT" else 400,
+                "bad_target",
+                "only origin-form and absolute-form targets are proxied",
+            )
         identifier = self.snapshot.identifier
         upstream_headers = upstream_request_headers(
             request.headers,
@@ -200,13 +230,8 @@ class Gateway:
                 await self.upstream.forward(
                     request, target, upstream_headers, extra, max_body, relay
                 )
-        except BodyTooLargeError:
-            if relay.status == 0:
-                return error_response(
-                    413,
-                    "body_too_large",
-                    f"request bodies are limited to {max_body} bytes",
-                )
+        except ClientBodyError as exc:
+            return self._reject(exc.status, exc.reason, str(exc))
         if relay.error is not None and relay.status == 0:
             return upstream_failed(relay.error)
         return None

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
 from gateway.config import GatewayConfig, load_config
+from gateway.connection import GuardedServer
 from gateway.errors import ConfigError
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.refill_clock import RefillClock
@@ -104,8 +105,10 @@ class Server:
         self.access_log.start()
         await self.upstream.start()
         limits = config.server
-        proxy = web.Server(
+        proxy = GuardedServer(
             self.gateway.handle,
+            header_timeout_seconds=limits.header_timeout_seconds,
+            on_rejected=self.metrics.count_rejected,
             access_log=None,
             handler_cancellation=False,
             # Bodies pass through byte-for-byte: never inflate a client's gzip.

@@ -31,7 +31,7 @@ from gateway.errors import (
 )
 from gateway.headers import downstream_response_headers
 
-__all__ = ["BodyTooLargeError", "Relay", "Upstream"]
+__all__ = ["BodyTimeoutError", "BodyTooLargeError", "ClientBodyError", "Relay", "Upstream"]
 
 log = logging.getLogger("gateway.upstream")
 
@@ -40,15 +40,34 @@ log = logging.getLogger("gateway.upstream")
 _RETRYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-class BodyTooLargeError(Exception):
-    """A streamed request body passed ``max_body_size``."""
+class ClientBodyError(Exception):
+    """The client's request body was at fault; answered with ``status``."""
+
+    status = 400
+    reason = "bad_request"
+
+
+class BodyTooLargeError(ClientBodyError):
+    status = 413
+    reason = "body_too_large"
+
+    def __init__(self, max_body_size: int) -> None:
+        super().__init__(f"request bodies are limited to {max_body_size} bytes")
+
+
+class BodyTimeoutError(ClientBodyError):
+    status = 408
+    reason = "body_timeout"
+
+    def __init__(self, body_timeout_seconds: float) -> None:
+        super().__init__(f"no request body data for {body_timeout_seconds:g}s")
 
 
 class Relay:
     """What one forwarded request produced, for metrics and the access log."""
 
-    __slots__ = ("bytes_in", "bytes_out", "client_gone", "error", "response", "status",
-                 "upstream_seconds")  # fmt: skip
+    __slots__ = ("bytes_in", "bytes_out", "client_error", "client_gone", "error", "response",
+                 "status", "upstream_seconds")  # fmt: skip
 
     def __init__(self) -> None:
         # The response streamed to the client, once its headers are sent.
@@ -58,6 +77,7 @@ class Relay:
         self.bytes_in = 0
         self.bytes_out = 0
         self.error: UpstreamError | None = None
+        self.client_error: ClientBodyError | None = None
         self.client_gone = False
 
 
@@ -108,20 +128,38 @@ class Upstream:
         return URL(self._base + target, encoded=True)
 
     def _body(
-        self, request: web.BaseRequest, relay: Relay, max_body_size: int
+        self,
+        request: web.BaseRequest,
+        relay: Relay,
+        max_body_size: int,
+        abort: asyncio.Timeout,
     ) -> AsyncIterator[bytes]:
+        """The request body, streamed. A client fault (too large, stalled past
+        ``body_timeout``) is recorded in ``relay.client_error`` and fires
+        ``abort``: aiohttp would otherwise keep waiting for the upstream's
+        answer to a body that will never be complete."""
         content = request.content
         body_timeout = self._body_timeout
+        loop = asyncio.get_running_loop()
+
+        def fail(error: ClientBodyError) -> ClientBodyError:
+            relay.client_error = error
+            if relay.status == 0:  # still waiting for the upstream's answer
+                abort.reschedule(loop.time())
+            return error
 
         async def stream() -> AsyncIterator[bytes]:
             while True:
-                async with asyncio.timeout(body_timeout):
-                    chunk = await content.readany()
+                try:
+                    async with asyncio.timeout(body_timeout):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    raise fail(BodyTimeoutError(body_timeout)) from None
                 if not chunk:
                     return
                 relay.bytes_in += len(chunk)
                 if max_body_size and relay.bytes_in > max_body_size:
-                    raise BodyTooLargeError
+                    raise fail(BodyTooLargeError(max_body_size))
                 yield chunk
 
         return stream()
@@ -140,23 +178,27 @@ class Upstream:
         When ``relay.error`` is set and ``relay.status`` is 0 nothing was sent
         and the caller answers 502/504; with a status, the failure came
         mid-response and the client connection has been cut. Raises
-        BodyTooLargeError when the streamed body passes ``max_body_size``.
+        ClientBodyError (413/408) when the client's body was at fault before
+        the upstream answered.
         """
         method = request.method
         has_body = request.body_exists
-        data = self._body(request, relay, max_body_size) if has_body else None
         started = time.perf_counter()
         attempts = 2 if method in _RETRYABLE_METHODS and not has_body else 1
         for attempt in range(attempts):
             try:
-                upstream_response = await self.session.request(
-                    method,
-                    self.url_for(target),
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    compress=None,
-                )
+                async with asyncio.timeout(None) as abort:
+                    data = (
+                        self._body(request, relay, max_body_size, abort) if has_body else None
+                    )
+                    upstream_response = await self.session.request(
+                        method,
+                        self.url_for(target),
+                        headers=headers,
+                        data=data,
+                        allow_redirects=False,
+                        compress=None,
+                    )
                 break
             except aiohttp.ServerDisconnectedError as exc:
                 if attempt + 1 < attempts:
@@ -170,15 +212,15 @@ class Upstream:
                 relay.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
                 return
             except (aiohttp.SocketTimeoutError, TimeoutError):
-                if request.content.at_eof() or not has_body:
-                    relay.error = UpstreamTimeoutError(
-                        f"no response from upstream within "
-                        f"{self.config.read_timeout_seconds:g}s"
-                    )
-                else:  # the client's body stalled, not the upstream
-                    relay.error = UpstreamTimeoutError("request body stalled")
+                if relay.client_error is not None:
+                    raise relay.client_error from None
+                relay.error = UpstreamTimeoutError(
+                    f"no response from upstream within {self.config.read_timeout_seconds:g}s"
+                )
                 return
-            except (aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+            except aiohttp.ClientConnectionError as exc:  # incl. ClientOSError
+                if relay.client_error is not None:
+                    raise relay.client_error from None
                 relay.error = UpstreamResetError(f"upstream connection failed: {exc}")
                 return
         relay.upstream_seconds = time.perf_counter() - started
