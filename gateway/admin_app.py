@@ -42,7 +42,7 @@ def build_admin_app(server: Server) -> web.Application:
 
     async def client(request: web.Request) -> web.Response:
         client_id = request.match_info["client_id"]
-        buckets = server.gateway.snapshot.limiter.client_buckets(client_id)
+        buckets = await server.gateway.snapshot.limiter.client_buckets(client_id)
         return _json(200, {"client": client_id, "buckets": [asdict(b) for b in buckets]})
 
     app = web.Application()

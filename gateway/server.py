@@ -26,7 +26,9 @@ from gateway.config import GatewayConfig, load_config
 from gateway.connection import GuardedServer
 from gateway.errors import ConfigError
 from gateway.limiting.memory_store import MemoryStore
+from gateway.limiting.redis_store import RedisStore
 from gateway.limiting.refill_clock import RefillClock
+from gateway.limiting.store import BucketStore
 from gateway.metrics import Metrics
 from gateway.proxy_app import Gateway, Snapshot
 from gateway.upstream import Upstream
@@ -55,12 +57,17 @@ class Server:
         self.config_path = config_path
         self.clock = clock if clock is not None else RefillClock()
         self.metrics = Metrics(registry)
-        self.store = MemoryStore(
+        self.memory_store = MemoryStore(
             self.clock,
             config.clients.max_tracked,
             config.clients.idle_timeout_seconds,
             on_evict=self.metrics.count_eviction,
         )
+        self.store: BucketStore = self.memory_store
+        if config.storage.backend == "redis":
+            storage_errors = self.metrics.storage_errors.labels("redis")
+            # The memory store stays as the on_error: local fallback.
+            self.store = RedisStore(config.storage, self.memory_store, storage_errors.inc)
         self.metrics.track(self.metrics.clients_tracked, lambda: self.store.tracked)
         self.access_log = AccessLog(
             config.access_log.path,
@@ -91,9 +98,11 @@ class Server:
         }
 
     def readiness(self) -> dict[str, bool]:
+        # With on_error allow or local the gateway serves through an outage.
+        storage_ok = self.store.healthy or self.config.storage.on_error != "deny"
         return {
             "config_loaded": True,
-            "storage_reachable": True,
+            "storage_reachable": storage_ok,
             "not_draining": not self.draining,
         }
 
@@ -149,6 +158,7 @@ class Server:
             await self._proxy_runner.cleanup()
             self._proxy_runner = None
         await self.upstream.close()
+        await self.store.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
@@ -210,8 +220,8 @@ class Server:
                 )
         if new.upstream != old.upstream:
             log.warning("reload: upstream changed; it takes effect after a restart")
-        self.store.max_tracked = new.clients.max_tracked
-        self.store.idle_timeout_seconds = new.clients.idle_timeout_seconds
+        self.memory_store.max_tracked = new.clients.max_tracked
+        self.memory_store.idle_timeout_seconds = new.clients.idle_timeout_seconds
         self.gateway.snapshot = Snapshot(new, self.clock, self.store)
         self.config = new
         self.metrics.config_reloads.labels("success").inc()

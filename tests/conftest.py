@@ -4,7 +4,11 @@ stepped refill clock, a fresh metrics registry per test."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +79,7 @@ StartGateway = Callable[..., Awaitable[RunningGateway]]
 
 
 @pytest.fixture
-async def start_gateway(
-    tmp_path: Path, upstream: TestServer
-) -> AsyncIterator[StartGateway]:
+async def start_gateway(tmp_path: Path, upstream: TestServer) -> AsyncIterator[StartGateway]:
     """``await start_gateway(limits=..., routes=...)`` starts an in-process
     gateway in front of ``upstream`` with a ManualRefillClock (pass
     ``manual_clock=False`` for the real one) and stops it at teardown."""
@@ -112,6 +114,62 @@ async def start_gateway(
     for running in started:
         if not running.server.draining:
             await running.server.stop()
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1 (for servers that
+    cannot bind port 0 and report back, like redis-server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1; ``stop``/``start`` simulate an
+    outage and the server's return on the same port."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._workdir = workdir
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self._workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self._process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._process.returncode}")
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not answer PING within 10 s")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server process on a free port, killed at teardown."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed; scripts/test installs it")
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -86,14 +86,14 @@ class Limiter:
             result.reset_seconds,
         )
 
-    def client_buckets(self, client: str) -> list[BucketSnapshot]:
+    async def client_buckets(self, client: str) -> list[BucketSnapshot]:
         """Every limited route's bucket of ``client`` (full when never seen)."""
         snapshots = []
         for route in (self.routes.default, *self.routes.routes):
             limit = self.limit_for(route, client)
             if limit is None:
                 continue
-            snapshot = self.store.snapshot((route.label, client), limit)
+            snapshot = await self.store.snapshot((route.label, client), limit)
             if snapshot is not None:
                 snapshots.append(snapshot)
         return snapshots

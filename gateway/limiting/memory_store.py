@@ -52,6 +52,13 @@ class MemoryStore:
     def tracked(self) -> int:
         return len(self._buckets)
 
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
     async def take(self, key: BucketKey, limit: Limit) -> TakeResult:
         return self.take_now(key, limit)
 
@@ -125,7 +132,7 @@ class MemoryStore:
             del buckets[key]
             self._on_evict("idle")
 
-    def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot | None:
+    async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot | None:
         bucket = self._buckets.get(key)
         spec = limit.spec
         if bucket is None:

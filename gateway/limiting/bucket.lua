@@ -1,0 +1,49 @@
+-- Token buckets shared through Redis: one call decides a batch of requests.
+-- KEYS[i]: a bucket. ARGV[3i-2..3i]: refill_period_ms, refill_tokens, max_tokens.
+-- Returns, per key: admitted (0|1), tokens_left, ms until the next refill.
+--
+-- Same semantics as the in-process buckets (limiting/bucket.py): a bucket
+-- starts full; every whole refill_period (counted from the Unix epoch on the
+-- Redis server's clock, one clock for every gateway) adds refill_tokens, capped
+-- at max_tokens; a request takes one token. A full bucket is deleted (it is
+-- the same as a missing one); any other expires when it would be full again.
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+local out = {}
+for i, key in ipairs(KEYS) do
+  local base = (i - 1) * 3
+  local period = tonumber(ARGV[base + 1])
+  local refill = tonumber(ARGV[base + 2])
+  local max_tokens = tonumber(ARGV[base + 3])
+  local tick = math.floor(now / period)
+  local state = redis.call('HMGET', key, 't', 'k', 'p')
+  local tokens = tonumber(state[1])
+  local last = tonumber(state[2])
+  if tokens == nil then
+    tokens = max_tokens
+  elseif tonumber(state[3]) ~= period then
+    -- the limit was reloaded with another period: nothing owed, new cap
+    tokens = math.min(tokens, max_tokens)
+  elseif tick > last then
+    tokens = math.min(max_tokens, tokens + (tick - last) * refill)
+  end
+  tokens = math.min(tokens, max_tokens)
+  local admitted = 0
+  if tokens > 0 then
+    tokens = tokens - 1
+    admitted = 1
+  end
+  local to_next = (tick + 1) * period - now
+  local missing = max_tokens - tokens
+  if missing <= 0 then
+    redis.call('DEL', key)
+  else
+    redis.call('HSET', key, 't', tokens, 'k', tick, 'p', period)
+    local ticks = math.ceil(missing / refill)
+    redis.call('PEXPIRE', key, to_next + (ticks - 1) * period)
+  end
+  out[#out + 1] = admitted
+  out[#out + 1] = tokens
+  out[#out + 1] = to_next
+end
+return out

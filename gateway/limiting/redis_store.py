@@ -1,0 +1,239 @@
+"""Shared buckets in Redis: every gateway process and host decides against
+the same state, on the Redis server's clock.
+
+Decisions are coalesced: requests arriving in the same event-loop iteration
+are sent as one EVALSHA carrying all their keys (one round trip for the
+batch, not one per request; research notes section 5 measured 5k sequential
+calls/s vs 45-142k decisions/s batched). Keys are hash-tagged by client
+(``rl:{client}:route``) and batches are split by cluster slot, so the script
+also runs on Redis Cluster, where a script's keys must share a slot.
+
+Failure handling: every call is bounded by ``storage.timeout`` (no client
+retries: redis-py's default of 10 retries made a down Redis cost 4.6 s per
+call), a circuit breaker stops calling for ``BREAKER_OPEN_SECONDS`` after
+``BREAKER_FAILURES`` consecutive failures, and ``storage.on_error`` decides
+meanwhile: allow, deny, or ``local`` (in-process buckets until Redis returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from importlib import resources
+from typing import Final
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+
+from gateway.config.model import StorageConfig
+from gateway.limiting.memory_store import MemoryStore
+from gateway.limiting.policy import Limit
+from gateway.limiting.store import BucketKey, BucketSnapshot, TakeResult
+
+__all__ = ["BREAKER_FAILURES", "BREAKER_OPEN_SECONDS", "MAX_BATCH_KEYS", "RedisStore"]
+
+log = logging.getLogger("gateway.redis_store")
+
+BREAKER_FAILURES: Final = 3
+BREAKER_OPEN_SECONDS: Final = 1.0
+# Keys per EVALSHA: bounds one script's run time on the Redis server.
+MAX_BATCH_KEYS: Final = 256
+
+_PEEK_SCRIPT: Final = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+local period = tonumber(ARGV[1])
+local refill = tonumber(ARGV[2])
+local max_tokens = tonumber(ARGV[3])
+local tick = math.floor(now / period)
+local state = redis.call('HMGET', KEYS[1], 't', 'k', 'p')
+local tokens = tonumber(state[1])
+if tokens == nil then
+  tokens = max_tokens
+elseif tonumber(state[3]) == period and tick > tonumber(state[2]) then
+  tokens = math.min(max_tokens, tokens + (tick - tonumber(state[2])) * refill)
+end
+return {math.min(tokens, max_tokens), (tick + 1) * period - now}
+"""
+
+
+def redis_key(key: BucketKey) -> str:
+    route, client = key
+    # The hash tag is the client: a client's buckets share a slot; clients
+    # spread over the cluster. Braces inside the id would end the tag early.
+    tag = client.replace("{", "(").replace("}", ")")
+    return f"rl:{{{tag}}}:{route}"
+
+
+class _Pending:
+    __slots__ = ("future", "key", "limit")
+
+    def __init__(self, key: str, limit: Limit, future: asyncio.Future[TakeResult]) -> None:
+        self.key = key
+        self.limit = limit
+        self.future = future
+
+
+class RedisStore:
+    def __init__(
+        self,
+        config: StorageConfig,
+        local: MemoryStore,
+        count_error: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self._local = local
+        self._count_error = count_error
+        self._client = Redis.from_url(
+            config.redis_url,
+            socket_timeout=config.timeout_seconds,
+            socket_connect_timeout=config.timeout_seconds,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        script = resources.files("gateway.limiting").joinpath("bucket.lua").read_text()
+        self._take_script: AsyncScript = self._client.register_script(script)
+        self._peek_script: AsyncScript = self._client.register_script(_PEEK_SCRIPT)
+        self._pending: list[_Pending] = []
+        self._flush_scheduled = False
+        self._failures = 0
+        self._open_until = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def tracked(self) -> int:
+        return self._local.tracked
+
+    @property
+    def healthy(self) -> bool:
+        """False from the first failed call until a call succeeds again."""
+        return self._failures == 0
+
+    @property
+    def _breaker_open(self) -> bool:
+        return time.monotonic() < self._open_until
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._client.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.config.timeout_seconds):
+                await self._client.ping()
+        except (RedisError, OSError, TimeoutError):
+            return False
+        return True
+
+    async def take(self, key: BucketKey, limit: Limit) -> TakeResult:
+        if self._breaker_open:
+            return self._fallback(key, limit)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[TakeResult] = loop.create_future()
+        self._pending.append(_Pending(redis_key(key), limit, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        try:
+            return await future
+        except _StorageFailedError:
+            return self._fallback(key, limit)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        by_slot: dict[int, list[_Pending]] = {}
+        for item in pending:
+            by_slot.setdefault(key_slot(item.key.encode()), []).append(item)
+        for items in by_slot.values():
+            for start in range(0, len(items), MAX_BATCH_KEYS):
+                task = asyncio.get_running_loop().create_task(
+                    self._send(items[start : start + MAX_BATCH_KEYS])
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        keys = [item.key for item in batch]
+        args: list[int] = []
+        for item in batch:
+            spec = item.limit.spec
+            args += (
+                round(spec.refill_period_seconds * 1000),
+                spec.refill_tokens,
+                spec.max_tokens,
+            )
+        try:
+            async with asyncio.timeout(self.config.timeout_seconds):
+                reply = await self._take_script(keys=keys, args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._record_failure(exc)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(_StorageFailedError())
+            return
+        self._failures = 0
+        for i, item in enumerate(batch):
+            admitted, tokens, to_next_ms = reply[3 * i : 3 * i + 3]
+            to_next = int(to_next_ms) / 1000
+            max_tokens = item.limit.spec.max_tokens
+            result = TakeResult(
+                bool(admitted), int(tokens), to_next, 0.0 if tokens >= max_tokens else to_next
+            )
+            if not item.future.done():
+                item.future.set_result(result)
+
+    def _record_failure(self, exc: BaseException) -> None:
+        self._count_error()
+        self._failures += 1
+        if self._failures >= BREAKER_FAILURES and not self._breaker_open:
+            self._open_until = time.monotonic() + BREAKER_OPEN_SECONDS
+            log.error(
+                "redis: %d failures in a row (%s); not calling it for %.1fs, on_error=%s",
+                self._failures, str(exc) or type(exc).__name__, BREAKER_OPEN_SECONDS,
+                self.config.on_error,
+            )  # fmt: skip
+
+    def _fallback(self, key: BucketKey, limit: Limit) -> TakeResult:
+        policy = self.config.on_error
+        if policy == "local":
+            return self._local.take_now(key, limit)
+        spec = limit.spec
+        if policy == "deny":  # retry once the breaker will have let a probe through
+            return TakeResult(False, 0, BREAKER_OPEN_SECONDS, BREAKER_OPEN_SECONDS)
+        return TakeResult(True, spec.max_tokens, 0.0, 0.0)
+
+    async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot | None:
+        spec = limit.spec
+        try:
+            async with asyncio.timeout(self.config.timeout_seconds):
+                tokens, to_next_ms = await self._peek_script(
+                    keys=[redis_key(key)],
+                    args=[
+                        round(spec.refill_period_seconds * 1000),
+                        spec.refill_tokens,
+                        spec.max_tokens,
+                    ],
+                )
+        except (RedisError, OSError, TimeoutError):
+            return None
+        return BucketSnapshot(
+            route=key[0],
+            policy=spec.name,
+            tokens=int(tokens),
+            max_tokens=spec.max_tokens,
+            refill_tokens=spec.refill_tokens,
+            refill_period_seconds=spec.refill_period_seconds,
+            next_refill_seconds=int(to_next_ms) / 1000,
+        )
+
+
+class _StorageFailedError(Exception):
+    """Internal: a batch's Redis call failed; each waiter falls back."""
