@@ -9,15 +9,29 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-if TYPE_CHECKING:
-    from gateway.server import Server
+from gateway.limiting.store import BucketSnapshot
 
-__all__ = ["build_admin_app"]
+__all__ = ["AdminView", "build_admin_app"]
+
+
+class AdminView(Protocol):
+    """What the admin listener reads: a single-process Server, or the
+    workers' Supervisor."""
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry: ...
+
+    def background_parts(self) -> dict[str, Callable[[], bool]]: ...
+
+    def readiness(self) -> dict[str, bool]: ...
+
+    async def client_buckets(self, client: str) -> list[BucketSnapshot]: ...
 
 
 def _json(status: int, body: object) -> web.Response:
@@ -26,7 +40,7 @@ def _json(status: int, body: object) -> web.Response:
     )
 
 
-def build_admin_app(server: Server) -> web.Application:
+def build_admin_app(server: AdminView) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         parts: dict[str, Callable[[], bool]] = server.background_parts()
         states = {name: "alive" if alive() else "dead" for name, alive in parts.items()}
@@ -42,11 +56,11 @@ def build_admin_app(server: Server) -> web.Application:
 
     async def client(request: web.Request) -> web.Response:
         client_id = request.match_info["client_id"]
-        buckets = await server.gateway.snapshot.limiter.client_buckets(client_id)
+        buckets = await server.client_buckets(client_id)
         return _json(200, {"client": client_id, "buckets": [asdict(b) for b in buckets]})
 
     app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(server.metrics.registry))
+    app.router.add_get("/metrics", make_aiohttp_handler(server.metrics_registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/admin/clients/{client_id}", client)

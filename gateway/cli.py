@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from gateway import __version__
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 
 __all__ = ["main"]
@@ -18,7 +20,7 @@ __all__ = ["main"]
 EXIT_CONFIG_INVALID = 2
 
 
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -52,16 +54,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         return _print_problems(exc)
+    if config.workers > 1:
+        return _run_supervisor(config, args.config)
     from gateway.server import Server
 
     async def serve() -> None:
         await Server(config, config_path=args.config).serve()
 
     try:
-        _run_loop(serve())
+        run_loop(serve())
     except OSError as exc:  # e.g. the port is taken
         print(f"gateway: cannot start: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_supervisor(config: GatewayConfig, path: str) -> int:
+    # Must precede the first import of prometheus_client (gateway.workers
+    # imports it): the library picks its multiprocess value store at import.
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from gateway.workers import Supervisor
+
+    async def serve() -> None:
+        await Supervisor(config, path, metrics_dir).serve()
+
+    try:
+        run_loop(serve())
+    except OSError as exc:
+        print(f"gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from gateway.workers import run_worker
+
+    try:
+        run_worker(args.config, args.fd, args.index)
+    except ConfigError as exc:
+        return _print_problems(exc)
     return 0
 
 
@@ -69,7 +101,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     try:
-        _run_loop(run_demo(args.listen, args.admin))
+        run_loop(run_demo(args.listen, args.admin))
     except OSError as exc:
         print(f"gateway demo: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -95,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     demo.add_argument("--admin", default="127.0.0.1:9090", metavar="HOST:PORT")
     demo.set_defaults(func=_cmd_demo)
+    # Internal: started by the supervisor for `workers: N`.
+    worker = sub.add_parser("worker")
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--fd", type=int, required=True)
+    worker.add_argument("--index", type=int, default=0)
+    worker.set_defaults(func=_cmd_worker)
     return parser
 
 

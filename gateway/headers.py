@@ -18,6 +18,7 @@ __all__ = [
     "HOP_BY_HOP",
     "VIA",
     "downstream_response_headers",
+    "forwarded_for",
     "rate_limit_headers",
     "upstream_request_headers",
 ]
@@ -36,10 +37,13 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 VIA: Final = "1.1 ratelimit-gateway"
-# Request fields we set ourselves; the client's copies are replaced.
+# Request fields we set ourselves; the client's copies are replaced. Expect
+# is answered by the gateway (100 Continue) and not passed on: the upstream's
+# interim 100 would be swallowed by the client library anyway.
 _SET_BY_GATEWAY: Final = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "via"}
-)
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "via",
+     "expect"}
+)  # fmt: skip
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -47,6 +51,15 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     if not values:
         return frozenset()
     return frozenset(token.strip().lower() for value in values for token in value.split(","))
+
+
+def forwarded_for(headers: CIMultiDictProxy[str]) -> str | None:
+    """Every X-Forwarded-For line as one list (RFC 9110 5.3): a client must
+    not hide a trusted proxy's hop behind a first line of its own."""
+    lines = headers.getall("X-Forwarded-For", ())
+    if not lines:
+        return None
+    return lines[0] if len(lines) == 1 else ", ".join(lines)
 
 
 def upstream_request_headers(
@@ -73,7 +86,7 @@ def upstream_request_headers(
         if lower == "host" and not preserve_host:
             continue
         out.add(name, value)
-    prior_for = incoming.get("X-Forwarded-For") if peer_is_trusted else None
+    prior_for = forwarded_for(incoming) if peer_is_trusted else None
     out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else peer
     proto = incoming.get("X-Forwarded-Proto") if peer_is_trusted else None
     out["X-Forwarded-Proto"] = proto or scheme

@@ -7,12 +7,17 @@ request: ``labels()`` costs 1.3-1.8 us, a bound child's ``inc()`` 0.35 us
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["DECISIONS", "Metrics", "RouteMetrics"]
+__all__ = ["DECISIONS", "MULTIPROCESS", "Metrics", "RouteMetrics"]
+
+# prometheus_client picks its value store at import from this variable; the
+# supervisor sets it before any worker starts (gateway/workers.py).
+MULTIPROCESS: Final = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 DECISIONS: Final = ("allowed", "denied", "shadow_denied", "unlimited")
 REJECT_REASONS: Final = (
@@ -88,8 +93,13 @@ class Metrics:
             ["route", "kind"],
             registry=r,
         )
+        # multiprocess_mode only matters with workers (PROMETHEUS_MULTIPROC_DIR):
+        # one /metrics then sums the live workers' values.
         self.clients_tracked = Gauge(
-            "gateway_clients_tracked", "Buckets held in memory.", registry=r
+            "gateway_clients_tracked",
+            "Buckets held in memory.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.clients_evicted = Counter(
             "gateway_clients_evicted_total",
@@ -103,6 +113,7 @@ class Metrics:
         self.access_log_queue_depth = Gauge(
             "gateway_access_log_queue_depth",
             "Access-log records waiting to be written.",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.access_log_dropped = Counter(
@@ -125,7 +136,10 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
         self.inflight = Gauge(
-            "gateway_inflight_requests", "Requests being handled.", registry=r
+            "gateway_inflight_requests",
+            "Requests being handled.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.workers_restarted = Counter(
             "gateway_workers_restarted_total",
@@ -142,6 +156,7 @@ class Metrics:
         )
         self._rejected = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         self._routes: dict[str, RouteMetrics] = {}
+        self._tracked: list[tuple[Gauge, Callable[[], float]]] = []
 
     def route(self, label: str) -> RouteMetrics:
         """The bound children for ``label``; created on first use and kept
@@ -153,8 +168,17 @@ class Metrics:
         return metrics
 
     def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        """Read ``gauge`` from ``read`` at scrape time (no per-request cost)."""
-        gauge.set_function(read)
+        """Keep ``gauge`` equal to ``read()`` at no per-request cost: read at
+        scrape time, or (multiprocess mode, where set_function cannot reach
+        the parent's scrape) copied once a second by ``refresh``."""
+        if MULTIPROCESS:
+            self._tracked.append((gauge, read))
+        else:
+            gauge.set_function(read)
+
+    def refresh(self, _seconds: int = 0) -> None:
+        for gauge, read in self._tracked:
+            gauge.set(read())
 
     def count_rejected(self, reason: str) -> None:
         self._rejected[reason].inc()

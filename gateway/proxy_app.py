@@ -15,12 +15,12 @@ import time
 from typing import Final
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from gateway.access_log import AccessLog
 from gateway.clients import ClientIdentifier
 from gateway.config.model import GatewayConfig
-from gateway.headers import rate_limit_headers, upstream_request_headers
+from gateway.headers import forwarded_for, rate_limit_headers, upstream_request_headers
 from gateway.limiting.limiter import DENIED, Decision, Limiter
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketStore
@@ -120,7 +120,7 @@ class Gateway:
         api_header = identifier.header
         client = identifier.identify(
             peer,
-            headers.get("X-Forwarded-For"),
+            forwarded_for(headers),
             headers.get(api_header) if api_header else None,
         )
         request_id = headers.get("X-Request-ID") or os.urandom(16).hex()
@@ -148,6 +148,10 @@ class Gateway:
                 self._leave(client, max_concurrent)
 
         if response is not None:
+            if decision.limit is not None and decision.outcome is not DENIED:
+                # Our own answer (502, 413, ...) still cost the client a token.
+                for name, value in rate_limit_headers(decision):
+                    response.headers[name] = value
             response.headers["X-Request-ID"] = request_id
             relay.status = response.status
             try:
@@ -221,6 +225,12 @@ class Gateway:
         )
         extra = rate_limit_headers(decision)
         extra.append(("X-Request-ID", request_id))
+        if (
+            request.version >= HttpVersion11
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            # RFC 9110 15.2.1: the client waits for this before its body.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             if is_websocket_upgrade(request.headers):
                 await proxy_websocket(

@@ -28,7 +28,7 @@ from gateway.errors import ConfigError
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.redis_store import RedisStore
 from gateway.limiting.refill_clock import RefillClock
-from gateway.limiting.store import BucketStore
+from gateway.limiting.store import BucketSnapshot, BucketStore
 from gateway.metrics import Metrics
 from gateway.proxy_app import Gateway, Snapshot
 from gateway.upstream import Upstream
@@ -52,9 +52,15 @@ class Server:
         clock: RefillClock | None = None,
         registry: CollectorRegistry | None = None,
         config_path: str | None = None,
+        listen_socket: socket.socket | None = None,
+        serve_admin: bool = True,
     ) -> None:
+        """``listen_socket``/``serve_admin=False``: a worker under the
+        Supervisor, which owns the listener and the admin port."""
         self.config = config
         self.config_path = config_path
+        self._listen_socket = listen_socket
+        self._serve_admin = serve_admin
         self.clock = clock if clock is not None else RefillClock()
         self.metrics = Metrics(registry)
         self.memory_store = MemoryStore(
@@ -75,6 +81,7 @@ class Server:
             self.metrics.access_log_dropped,
         )
         self.metrics.track(self.metrics.access_log_queue_depth, self.access_log.depth)
+        self.clock.on_second(self.metrics.refresh)
         self.upstream = Upstream(config.upstream, config.server)
         self.gateway = Gateway(
             Snapshot(config, self.clock, self.store),
@@ -89,7 +96,14 @@ class Server:
         self.proxy_port = 0
         self.admin_port = 0
 
-    # -- state for /healthz and /readyz --
+    # -- what the admin listener shows (admin_app.AdminView) --
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    async def client_buckets(self, client: str) -> list[BucketSnapshot]:
+        return await self.gateway.snapshot.limiter.client_buckets(client)
 
     def background_parts(self) -> dict[str, Callable[[], bool]]:
         return {
@@ -131,11 +145,17 @@ class Server:
             proxy, shutdown_timeout=config.drain_timeout_seconds, handle_signals=False
         )
         await self._proxy_runner.setup()
-        site = web.TCPSite(
-            self._proxy_runner, config.listen_host, config.listen_port, backlog=1024
-        )
+        site: web.BaseSite
+        if self._listen_socket is not None:
+            site = web.SockSite(self._proxy_runner, self._listen_socket)
+        else:
+            site = web.TCPSite(
+                self._proxy_runner, config.listen_host, config.listen_port, backlog=1024
+            )
         await site.start()
         self.proxy_port = bound_port(site)
+        if not self._serve_admin:
+            return
         self._admin_runner = web.AppRunner(
             build_admin_app(self), access_log=None, handle_signals=False
         )
@@ -205,7 +225,8 @@ class Server:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected: %s", problem)
-            self.metrics.config_reloads.labels("failure").inc()
+            if self._serve_admin:  # under a Supervisor, it counts reloads once
+                self.metrics.config_reloads.labels("failure").inc()
             return False
         self.apply(new)
         return True
@@ -224,11 +245,12 @@ class Server:
         self.memory_store.idle_timeout_seconds = new.clients.idle_timeout_seconds
         self.gateway.snapshot = Snapshot(new, self.clock, self.store)
         self.config = new
-        self.metrics.config_reloads.labels("success").inc()
+        if self._serve_admin:
+            self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded from %s", new.source)
 
 
-def bound_port(site: web.TCPSite) -> int:
+def bound_port(site: web.BaseSite) -> int:
     # asyncio.Server and uvloop's Server both expose .sockets
     sockets: list[socket.socket] = getattr(site._server, "sockets", [])
     return int(sockets[0].getsockname()[1])

@@ -218,7 +218,7 @@ class Upstream:
                     f"no response from upstream within {self.config.read_timeout_seconds:g}s"
                 )
                 return
-            except aiohttp.ClientConnectionError as exc:  # incl. ClientOSError
+            except aiohttp.ClientError as exc:  # OSError, bad status line, bad headers
                 if relay.client_error is not None:
                     raise relay.client_error from None
                 relay.error = UpstreamResetError(f"upstream connection failed: {exc}")

@@ -39,7 +39,10 @@ async def _pump(
     source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
     sink: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
 ) -> None:
-    async for message in source:
+    # receive() rather than `async for`: the iterator stops *at* a CLOSE
+    # frame, so its code and reason would never be forwarded.
+    while True:
+        message = await source.receive()
         if message.type is WSMsgType.TEXT:
             await sink.send_str(message.data)
         elif message.type is WSMsgType.BINARY:

@@ -55,6 +55,8 @@ def build_upstream_app() -> web.Application:
         response = web.StreamResponse()
         response.content_length = size
         await response.prepare(request)
+        if request.method == "HEAD":  # StreamResponse does not suppress writes
+            return response
         sent = 0
         while sent < size:
             piece = chunk[: min(len(chunk), size - sent)]

@@ -264,7 +264,9 @@ def _bucket_fields(
         )
     refill = r.field(values, key, "refill_tokens", _positive_int, base.refill_tokens)
     maximum = r.field(values, key, "max_tokens", _positive_int, base.max_tokens)
-    if maximum < refill:
+    # Compare only values the file really holds: a field that failed to parse
+    # stands in with its default, which the user never wrote.
+    if len(r.problems) == problems_before and maximum < refill:
         r.problem(
             values.get("max_tokens", node),
             f"{key}.max_tokens",

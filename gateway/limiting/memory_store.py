@@ -92,13 +92,10 @@ class MemoryStore:
         keep the tokens. Changed values: the new limit applies from now on,
         without handing out tokens the old one had not refilled."""
         old = bucket.spec
-        if (
-            isinstance(old, BucketSpec)
-            and old.refill_period_seconds == spec.refill_period_seconds
-        ):
-            refill(bucket, tick, old.refill_tokens, old.max_tokens)
-        else:
-            bucket.tick = tick
+        if isinstance(old, BucketSpec):  # settle what the old limit owed
+            old_tick = self._clock.ticker(old.refill_period_seconds).count
+            refill(bucket, old_tick, old.refill_tokens, old.max_tokens)
+        bucket.tick = tick
         bucket.tokens = min(bucket.tokens, spec.max_tokens)
         bucket.spec = spec
 

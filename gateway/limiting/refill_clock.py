@@ -85,9 +85,10 @@ class RefillClock:
         """Bring every ticker up to ``now``."""
         elapsed = now - self._epoch
         for ticker in self._tickers.values():
-            if now >= ticker.next_at:
-                ticker.count = _whole_periods(elapsed, ticker.period_seconds)
-                ticker.next_at = self._epoch + (ticker.count + 1) * ticker.period_seconds
+            count = _whole_periods(elapsed, ticker.period_seconds)
+            if count > ticker.count:
+                ticker.count = count
+                ticker.next_at = self._epoch + (count + 1) * ticker.period_seconds
         seconds = math.floor(elapsed)
         if seconds != self.seconds:
             self.seconds = seconds

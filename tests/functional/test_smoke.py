@@ -5,7 +5,9 @@ import aiohttp
 from tests.conftest import StartGateway
 
 
-async def test_proxies_and_denies(start_gateway: StartGateway, http: aiohttp.ClientSession) -> None:
+async def test_proxies_and_denies(
+    start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
     gw = await start_gateway(
         limits={"default": {"refill_period": "1h", "refill_tokens": 1, "max_tokens": 3}}
     )
