@@ -11,7 +11,13 @@ import os
 from collections.abc import Callable
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 __all__ = ["DECISIONS", "MULTIPROCESS", "Metrics", "RouteMetrics"]
 
@@ -59,6 +65,9 @@ class RouteMetrics:
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # The *_created series double the exposition and do not exist in
+        # multiprocess mode: one shape for both.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(

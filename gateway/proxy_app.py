@@ -33,6 +33,7 @@ __all__ = ["Gateway", "Snapshot"]
 
 # nginx's $status for "client closed the connection before we answered".
 CLIENT_CLOSED_STATUS: Final = 499
+_CONCURRENCY_DENIED: Final = Decision(DENIED, None, 0, 1.0, 1.0)
 # Answers to a request body we refused: the rest of it is not worth reading.
 _CLOSE_AFTER_STATUSES: Final = frozenset({408, 413})
 
@@ -124,27 +125,33 @@ class Gateway:
             headers.get(api_header) if api_header else None,
         )
         request_id = headers.get("X-Request-ID") or os.urandom(16).hex()
-        decision = await limiter.decide(route, client)
-        route_metrics.decisions[decision.outcome].inc()
         relay = Relay()
         response: web.StreamResponse | None = None
         max_concurrent = config.clients.max_concurrent
-
-        if decision.outcome is DENIED:
-            response = rate_limited(decision)
-        elif not self._enter(client, max_concurrent):
+        # The in-flight slot is taken before the limiter is asked, so a burst
+        # cannot slip past the cap while a (redis) decision is pending; a
+        # request refused for concurrency costs no token.
+        if not self._enter(client, max_concurrent):
+            decision = _CONCURRENCY_DENIED
+            route_metrics.decisions[DENIED].inc()
             response = self._reject(
                 429, "concurrency", f"at most {max_concurrent} requests in flight per client"
             )
             response.headers["Retry-After"] = "1"
         else:
-            self.metrics.inflight.inc()
+            inflight = self.metrics.inflight
+            inflight.inc()
             try:
-                response = await self._forward(
-                    request, config, client, peer, request_id, decision, relay
-                )
+                decision = await limiter.decide(route, client)
+                route_metrics.decisions[decision.outcome].inc()
+                if decision.outcome is DENIED:
+                    response = rate_limited(decision)
+                else:
+                    response = await self._forward(
+                        request, config, client, peer, request_id, decision, relay
+                    )
             finally:
-                self.metrics.inflight.dec()
+                inflight.dec()
                 self._leave(client, max_concurrent)
 
         if response is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -207,8 +208,11 @@ class Server:
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
+            # The operator insists: no drain, no cleanup (that is what it
+            # would wait for). Records still queued for the log are lost.
             log.warning("second %s, exiting without drain", sig.name)
-            raise SystemExit(1)
+            logging.shutdown()
+            os._exit(1)
         log.info("%s received", sig.name)
         self._stop.set()
 
