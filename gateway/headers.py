@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Final
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from gateway.limiting.limiter import Decision
 
@@ -46,7 +46,7 @@ _SET_BY_GATEWAY: Final = frozenset(
 )  # fmt: skip
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     values = headers.getall("Connection", ())
     if not values:
         return frozenset()
@@ -100,7 +100,7 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def downstream_response_headers(upstream: MultiMapping[str]) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop fields and framing
     (Content-Length is set by the relay only when it is safe; copying it beside
     a chunked body is the CL+TE desync aiohttp does not guard against)."""

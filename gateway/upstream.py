@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Final
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +31,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.headers import downstream_response_headers
+from gateway.upstream_pool import LEAN_METHODS, UpstreamPool
 
 __all__ = ["BodyTimeoutError", "BodyTooLargeError", "ClientBodyError", "Relay", "Upstream"]
 
@@ -87,6 +89,9 @@ class Upstream:
         self._base = config.url
         self._body_timeout = server.body_timeout_seconds
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
+        parts = urlsplit(config.url)
+        self._default_host = parts.netloc
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -96,6 +101,12 @@ class Upstream:
             # outlier): the proxy side should be the one closing idle sockets.
             keepalive_timeout=4.0,
             ttl_dns_cache=10,
+        )
+        self._pool = UpstreamPool(
+            self.config.url,
+            max_connections=self.config.max_connections,
+            connect_timeout=self.config.connect_timeout_seconds,
+            read_timeout=self.config.read_timeout_seconds,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -113,6 +124,9 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -183,6 +197,9 @@ class Upstream:
         """
         method = request.method
         has_body = request.body_exists
+        if not has_body and method in LEAN_METHODS and self._pool is not None:
+            await self._forward_lean(request, target, headers, extra_response_headers, relay)
+            return
         started = time.perf_counter()
         attempts = 2 if method in _RETRYABLE_METHODS and not has_body else 1
         for attempt in range(attempts):
@@ -226,6 +243,67 @@ class Upstream:
         relay.upstream_seconds = time.perf_counter() - started
         async with upstream_response:
             await self._relay(request, upstream_response, extra_response_headers, relay)
+
+    async def _forward_lean(
+        self,
+        request: web.BaseRequest,
+        target: str,
+        headers: CIMultiDict[str],
+        extra_headers: list[tuple[str, str]],
+        relay: Relay,
+    ) -> None:
+        """GET/OPTIONS without a body, through the lean pool."""
+        pool = self._pool
+        assert pool is not None
+        if "Host" not in headers:
+            headers["Host"] = self._default_host
+        started = time.perf_counter()
+        try:
+            exchange = await pool.open(
+                pool.request_head(request.method, target, headers.items())
+            )
+        except UpstreamError as exc:
+            relay.error = exc
+            return
+        relay.upstream_seconds = time.perf_counter() - started
+        try:
+            upstream_headers: CIMultiDict[str] = CIMultiDict(exchange.headers)
+            response_headers = downstream_response_headers(upstream_headers)
+            for name, value in extra_headers:
+                response_headers[name] = value
+            relay.status = exchange.status
+            if exchange.complete:
+                # The whole answer is here: one write for head and body.
+                body = exchange.take_buffered()
+                response: web.StreamResponse = web.Response(
+                    status=exchange.status, reason=exchange.reason,
+                    headers=response_headers, body=body,
+                )  # fmt: skip
+                relay.response = response
+                await response.prepare(request)
+                await response.write_eof()
+                relay.bytes_out = len(body)
+                return
+            response = web.StreamResponse(
+                status=exchange.status, reason=exchange.reason, headers=response_headers
+            )
+            length = upstream_headers.get("Content-Length")
+            if length is not None and "Transfer-Encoding" not in upstream_headers:
+                response.content_length = int(length)
+            relay.response = response
+            await response.prepare(request)
+            while chunk := await exchange.next_chunk():
+                await response.write(chunk)
+                relay.bytes_out += len(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            relay.client_gone = True  # released below unread: closed, not reused
+        except UpstreamError as exc:
+            relay.error = exc
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            pool.release(exchange)
 
     async def _relay(
         self,

@@ -1,0 +1,298 @@
+"""④ A lean pooled HTTP/1.1 client for the common request: GET/OPTIONS, no body.
+
+Profiling the proxy (README, "Speed") put 60 % of a proxied request's time in
+aiohttp's ClientSession: request objects, header merging, timers, and a
+StreamWriter per request. This client does only what a reverse proxy needs:
+it writes the request head in one ``transport.write``, parses the answer with
+llhttp (``httptools``), and hands the body over in chunks with back-pressure
+(the upstream socket stops being read while the client is slower). Requests
+with a body, HEAD (llhttp cannot be told a response to HEAD has no body) and
+upgrades still go through aiohttp's client in ``upstream.py``.
+
+Connections are kept alive in a LIFO pool bounded by ``max_connections``;
+one idle past ``IDLE_SECONDS`` is closed rather than reused (the upstream may
+be about to close it: the keep-alive race of aiohttp#9138). A request that
+fails on a *reused* connection before any response byte is retried once on a
+new one; the methods served here are idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Final, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResetError,
+    UpstreamTimeoutError,
+)
+
+__all__ = ["LEAN_METHODS", "Exchange", "UpstreamPool"]
+
+LEAN_METHODS: Final = frozenset({"GET", "OPTIONS"})
+IDLE_SECONDS: Final = 4.0
+# Body bytes buffered from the upstream before its socket is paused.
+HIGH_WATER_BYTES: Final = 256 * 1024
+
+
+class Exchange(asyncio.Protocol):
+    """One upstream connection, and the response being read on it."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.used = False
+        # per response
+        self.headers: list[tuple[str, str]] = []
+        self.status = 0
+        self.reason = ""
+        self.keep_alive = False
+        self.complete = False
+        self.got_bytes = False
+        self.error: UpstreamError | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._headers_done: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._last_data = 0.0
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        self._last_data = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamResetError(f"invalid HTTP from upstream: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.complete:
+            reason = f": {exc}" if exc else ""
+            self._fail(UpstreamResetError(f"upstream closed the connection{reason}"))
+
+    # -- httptools callbacks --
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self.keep_alive = self._parser.should_keep_alive()
+        if self._headers_done is not None and not self._headers_done.done():
+            self._headers_done.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER_BYTES and not self._paused and self.transport:
+            self.transport.pause_reading()
+            self._paused = True
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._stop_read_timer()
+        self._wake()
+
+    # -- used by the relay --
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self.closed = True
+        self._stop_read_timer()
+        if self.transport is not None:
+            self.transport.abort()
+        if self._headers_done is not None and not self._headers_done.done():
+            self._headers_done.set_result(None)
+        self._wake()
+
+    def _check_read_timeout(self) -> None:
+        idle = self._loop.time() - self._last_data
+        timeout = self._pool.read_timeout
+        if idle >= timeout:
+            self._read_timer = None
+            self._fail(UpstreamTimeoutError(f"no response from upstream within {timeout:g}s"))
+        else:
+            self._read_timer = self._loop.call_at(
+                self._last_data + timeout, self._check_read_timeout
+            )
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def start(self, head: bytes) -> asyncio.Future[None]:
+        """Send a request head; the future resolves when the response head
+        arrived (or ``error`` is set)."""
+        assert self.transport is not None
+        self.used = True
+        self.headers = []
+        self.status = 0
+        self.complete = False
+        self.got_bytes = False
+        self.error = None
+        self._headers_done = self._loop.create_future()
+        self._last_data = self._loop.time()
+        self._read_timer = self._loop.call_at(
+            self._last_data + self._pool.read_timeout, self._check_read_timeout
+        )
+        self.transport.write(head)
+        return self._headers_done
+
+    def take_buffered(self) -> bytes:
+        """Every body byte received so far (resuming a paused socket)."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def next_chunk(self) -> bytes:
+        """The next body bytes; b"" at the end. Raises the upstream's error."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return b""
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.take_buffered()
+
+    def close(self) -> None:
+        self.closed = True
+        self._stop_read_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.closed and self.error is None
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_connections: int,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl = parts.scheme == "https"
+        self.path_prefix = parts.path.rstrip("/")
+        self.read_timeout = read_timeout
+        self._connect_timeout = connect_timeout
+        self._idle: list[Exchange] = []
+        self._slots = asyncio.Semaphore(max_connections)
+        self.loop = asyncio.get_running_loop()
+
+    def request_head(
+        self, method: str, target: str, headers: Iterable[tuple[str, str]]
+    ) -> bytes:
+        lines = [f"{method} {self.path_prefix}{target} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("latin-1")
+
+    async def _connect(self) -> Exchange:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, exchange = await self.loop.create_connection(
+                    lambda: Exchange(self), self.host, self.port, ssl=self.ssl or None
+                )
+        except TimeoutError:
+            raise UpstreamConnectError(
+                f"cannot connect to upstream within {self._connect_timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"cannot connect to upstream: {exc}") from None
+        return exchange
+
+    def _reuse(self) -> Exchange | None:
+        now = time.monotonic()
+        while self._idle:
+            exchange = self._idle.pop()
+            if not exchange.closed and now - exchange.idle_since < IDLE_SECONDS:
+                return exchange
+            exchange.close()
+        return None
+
+    async def open(self, head: bytes) -> Exchange:
+        """Send ``head`` and wait for the response head. The caller holds a
+        slot until ``release``. Raises UpstreamError when no response head
+        arrived."""
+        await self._slots.acquire()
+        exchange: Exchange | None = None
+        try:
+            exchange = self._reuse()
+            if exchange is not None:
+                await exchange.start(head)
+                if exchange.error is None:
+                    return exchange
+                if exchange.got_bytes:
+                    raise exchange.error
+                # Closed by the upstream while idle: retry once, fresh.
+            exchange = await self._connect()
+            await exchange.start(head)
+            if exchange.error is not None:
+                raise exchange.error
+            return exchange
+        except BaseException:
+            if exchange is not None:
+                exchange.close()
+            self._slots.release()
+            raise
+
+    def release(self, exchange: Exchange) -> None:
+        """Give the connection back (kept alive when the response was read to
+        its end) and free the slot."""
+        exchange._stop_read_timer()
+        if exchange.reusable:
+            exchange.idle_since = time.monotonic()
+            self._idle.append(exchange)
+        else:
+            exchange.close()
+        self._slots.release()
+
+    def close(self) -> None:
+        for exchange in self._idle:
+            exchange.close()
+        self._idle.clear()
