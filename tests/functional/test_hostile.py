@@ -1,0 +1,622 @@
+"""Hostile and broken clients, over raw loopback sockets: slowloris, stalled and
+oversized bodies, oversized or malformed heads, request smuggling shapes,
+absolute-form and CONNECT targets, spoofed X-Forwarded-For, identity
+rotation, clients and upstreams that vanish mid-response, concurrency caps.
+
+Raw sockets (``asyncio.open_connection``) are used wherever a client library
+would refuse to send the malformed bytes or would normalise them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+
+from tests.conftest import RunningGateway, StartGateway
+from tests.upstream_app import HITS
+
+GUARD_SECONDS = 10.0  # a bound so a hung exchange fails clearly; never a timing target
+HIDDEN = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+# --------------------------------------------------------------------------- raw HTTP
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+    complete: bool  # False when the connection ended before the framing said it would
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, CIMultiDict[str]]:
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("connection closed before a status line")
+    _version, status, _reason = status_line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+    headers: CIMultiDict[str] = CIMultiDict()
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.add(name.strip(), value.strip())
+    return int(status), headers
+
+
+async def read_response(reader: asyncio.StreamReader) -> RawResponse:
+    status, headers = await read_head(reader)
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        body = bytearray()
+        while True:
+            size_line = await reader.readline()
+            if not size_line.endswith(b"\n"):
+                return RawResponse(status, headers, bytes(body), False)
+            size = int(size_line.split(b";")[0].strip(), 16)
+            if size == 0:
+                await reader.readline()
+                return RawResponse(status, headers, bytes(body), True)
+            try:
+                body += (await reader.readexactly(size + 2))[:-2]
+            except asyncio.IncompleteReadError as exc:
+                return RawResponse(status, headers, bytes(body) + exc.partial, False)
+    length = int(headers.get("Content-Length", "0"))
+    try:
+        return RawResponse(status, headers, await reader.readexactly(length), True)
+    except asyncio.IncompleteReadError as exc:
+        return RawResponse(status, headers, exc.partial, False)
+
+
+def request_bytes(
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    *,
+    host: str = "127.0.0.1",
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{name}: {value}" for name, value in headers or []]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    gw: RunningGateway,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def exchange(gw: RunningGateway, data: bytes) -> tuple[RawResponse, bytes]:
+    """Send ``data`` on a fresh connection; the first response and whatever
+    follows it until the gateway closes the connection."""
+    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
+        writer.write(data)
+        await writer.drain()
+        response = await read_response(reader)
+        return response, await reader.read()
+
+
+async def exchange_one(gw: RunningGateway, data: bytes) -> RawResponse:
+    """Send ``data`` on a fresh connection and read one response."""
+    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
+        writer.write(data)
+        await writer.drain()
+        return await read_response(reader)
+
+
+async def assert_still_serving(gw: RunningGateway, path: str = "/still-serving") -> None:
+    response = await exchange_one(gw, request_bytes("GET", path))
+    assert response.status == 200
+    assert response.json()["raw_path"] == path
+
+
+def assert_json_error(response: RawResponse, status: int, error: str) -> None:
+    assert response.status == status, (response.status, response.body[:300])
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert body["error"] == error, body
+    assert b"Traceback" not in response.body
+    assert len(response.body) < 1000
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.WARNING and r.exc_info]
+
+
+async def wait_idle(gw: RunningGateway) -> None:
+    """Until the gateway has finished every request it accepted."""
+    async with asyncio.timeout(GUARD_SECONDS):
+        await gw.server.gateway.idle.wait()
+
+
+def rejected(gw: RunningGateway, reason: str) -> float:
+    return gw.metric("gateway_rejected_requests_total", {"reason": reason})
+
+
+class ForwardCounter:
+    """Counts requests entering ``Upstream.forward``, awaitable."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Condition()
+
+    async def entered(self) -> None:
+        async with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(GUARD_SECONDS), self._changed:
+            await self._changed.wait_for(lambda: self.count >= count)
+
+
+def count_forwards(gw: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> ForwardCounter:
+    counter = ForwardCounter()
+    upstream = gw.server.upstream
+    original: Callable[..., Awaitable[None]] = upstream.forward
+
+    async def forward(*args: Any, **kwargs: Any) -> None:
+        await counter.entered()
+        await original(*args, **kwargs)
+
+    monkeypatch.setattr(upstream, "forward", forward)
+    return counter
+
+
+def bucket(max_tokens: int) -> dict[str, Any]:
+    return {"refill_period": "1h", "refill_tokens": 1, "max_tokens": max_tokens}
+
+
+# --------------------------------------------------------------------------- slow clients
+
+
+async def test_slowloris_connections_are_cut_and_do_not_delay_others(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, upstream: TestServer
+) -> None:
+    gw = await start_gateway(server={"header_timeout": "500ms"})
+    count = 200
+    opened = asyncio.Event()
+    connected = 0
+
+    async def trickle() -> tuple[bytes, float]:
+        """Send header bytes forever (never the blank line); what the gateway
+        sent back and how long the connection lived."""
+        nonlocal connected
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
+        received = b""
+        try:
+            writer.write(b"GET /slowloris HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Trickle: ")
+            connected += 1
+            if connected == count:
+                opened.set()
+            while True:
+                try:
+                    async with asyncio.timeout(0.1):
+                        chunk = await reader.read(4096)
+                except TimeoutError:
+                    writer.write(b"a")  # one more header byte
+                    continue
+                if not chunk:
+                    break  # EOF: the gateway closed the connection
+                received += chunk
+        except ConnectionResetError:
+            pass  # closed by the gateway while a byte was on its way
+        finally:
+            writer.close()
+        return received, time.monotonic() - started
+
+    async with asyncio.timeout(GUARD_SECONDS):
+        tricklers = [asyncio.create_task(trickle()) for _ in range(count)]
+        await opened.wait()
+        started = time.monotonic()
+        async with http.get(gw.url + "/normal") as response:
+            body = await response.json()
+        elapsed = time.monotonic() - started
+        assert response.status == 200
+        assert body["raw_path"] == "/normal"
+        assert elapsed < 1.0, f"a normal request took {elapsed:.2f}s beside slowloris"
+        assert not any(t.done() for t in tricklers), "a trickler ended before the timeout"
+        results = await asyncio.gather(*tricklers)
+
+    assert all(received == b"" for received, _lived in results), "expected a silent close"
+    lived = sorted(lived for _received, lived in results)
+    assert lived[0] >= 0.45, f"a connection was cut after {lived[0]:.2f}s, before 500ms"
+    assert lived[-1] < 3.0, f"a connection lived {lived[-1]:.2f}s with a 500ms header timeout"
+    assert rejected(gw, "header_timeout") == count
+    assert upstream.app[HITS] == ["/normal"]
+    assert gw.metric("gateway_requests_total", {"route": "default", "decision": "allowed"}) == 1
+
+
+async def test_stalled_request_body_gets_408_and_the_connection_closed(
+    start_gateway: StartGateway,
+) -> None:
+    gw = await start_gateway(server={"body_timeout": "300ms"})
+    head = request_bytes("POST", "/upload", [("Content-Length", "100")])
+    started = time.monotonic()
+    response, rest = await exchange(gw, head + b"abc")
+    elapsed = time.monotonic() - started
+    assert_json_error(response, 408, "body_timeout")
+    assert rest == b"", "the connection must be closed after a 408"
+    assert 0.3 <= elapsed < 2.0, elapsed
+    assert rejected(gw, "body_timeout") == 1
+    await assert_still_serving(gw)
+
+
+# --------------------------------------------------------------------------- malformed heads
+
+
+@pytest.mark.parametrize(
+    ("case", "request_data"),
+    [
+        ("request_line", request_bytes("GET", "/" + "a" * 2000)),
+        ("header_value", request_bytes("GET", "/x", [("X-Big", "b" * 2000)])),
+        ("header_name", request_bytes("GET", "/x", [("X-" + "n" * 2000, "v")])),
+    ],
+)
+async def test_oversized_head_is_431_json_without_traceback(
+    start_gateway: StartGateway,
+    upstream: TestServer,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    request_data: bytes,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    gw = await start_gateway(server={"max_line_size": 1024, "max_field_size": 1024})
+    response, rest = await exchange(gw, request_data)
+    assert_json_error(response, 431, "headers_too_large")
+    assert rest == b"", f"{case}: the connection must be closed"
+    assert rejected(gw, "headers_too_large") == 1
+    assert upstream.app[HITS] == []
+    assert tracebacks(caplog) == []
+    await assert_still_serving(gw)
+
+
+async def test_too_many_headers_is_431(
+    start_gateway: StartGateway, upstream: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    gw = await start_gateway(server={"max_headers": 20})
+    headers = [(f"X-H{i}", "v") for i in range(40)]
+    response, rest = await exchange(gw, request_bytes("GET", "/many", headers))
+    assert_json_error(response, 431, "headers_too_large")
+    assert rest == b""
+    assert upstream.app[HITS] == []
+    assert tracebacks(caplog) == []
+    # Within the bound is fine.
+    ok = await exchange_one(gw, request_bytes("GET", "/few", headers[:10]))
+    assert ok.status == 200
+
+
+# --------------------------------------------------------------------------- body size
+
+
+async def test_declared_body_over_max_body_size_is_413_at_once(
+    start_gateway: StartGateway, upstream: TestServer
+) -> None:
+    gw = await start_gateway(max_body_size=1000)
+    head = request_bytes("POST", "/too-big", [("Content-Length", "5000")])
+    started = time.monotonic()
+    response, rest = await exchange(gw, head)  # the body is never sent
+    elapsed = time.monotonic() - started
+    assert_json_error(response, 413, "body_too_large")
+    assert rest == b"", "the connection must be closed after a 413"
+    assert elapsed < 1.0, f"413 took {elapsed:.2f}s: the gateway waited for the body"
+    assert upstream.app[HITS] == []
+    assert rejected(gw, "body_too_large") == 1
+    # At the limit is fine.
+    ok = await exchange_one(
+        gw, request_bytes("POST", "/fits", [("Content-Length", "1000")], b"z" * 1000)
+    )
+    assert ok.status == 200
+    assert ok.json()["body_length"] == 1000
+
+
+async def test_chunked_body_over_max_body_size_is_413(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(max_body_size=1000)
+    chunks = b"".join(b"1f4\r\n" + b"c" * 500 + b"\r\n" for _ in range(4)) + b"0\r\n\r\n"
+    head = request_bytes("POST", "/chunked-big", [("Transfer-Encoding", "chunked")])
+    response, rest = await exchange(gw, head + chunks)
+    assert_json_error(response, 413, "body_too_large")
+    assert rest == b""
+    await assert_still_serving(gw)
+
+
+# --------------------------------------------------------------------------- smuggling
+
+
+def _with_length(headers: list[tuple[str, str]], body: bytes) -> list[tuple[str, str]]:
+    return [(n, str(len(body)) if v == "{len}" else v) for n, v in headers]
+
+
+SMUGGLING_CASES = {
+    # CL.TE desync: CL covers the hidden request; a TE-honouring hop would end
+    # the body at the 0-chunk and read GET /smuggled as the next request.
+    "cl_te_desync": (
+        [("Content-Length", "{len}"), ("Transfer-Encoding", "chunked")],
+        b"0\r\n\r\n" + HIDDEN,
+    ),
+    "te_cl": (
+        [("Transfer-Encoding", "chunked"), ("Content-Length", "3")],
+        b"0\r\n\r\n" + HIDDEN,
+    ),
+    "two_content_lengths": (
+        [("Content-Length", "5"), ("Content-Length", "{len}")],
+        b"hello" + HIDDEN,
+    ),
+    "te_chunked_identity": (
+        [("Transfer-Encoding", "chunked, identity")],
+        b"0\r\n\r\n" + HIDDEN,
+    ),
+    "te_chunked_identity_with_cl": (
+        [("Transfer-Encoding", "chunked, identity"), ("Content-Length", "{len}")],
+        b"0\r\n\r\n" + HIDDEN,
+    ),
+    # Obfuscated TE: a hop that ignores it frames by CL, one that "repairs" it
+    # frames by chunks.
+    "te_space_before_colon": (
+        [("Transfer-Encoding ", "chunked")],
+        b"0\r\n\r\n" + HIDDEN,
+    ),
+    "te_space_before_colon_with_cl": (
+        [("Content-Length", "{len}"), ("Transfer-Encoding ", "chunked")],
+        b"0\r\n\r\n" + HIDDEN,
+    ),
+    "te_xchunked": (
+        [("Transfer-Encoding", "xchunked")],
+        b"0\r\n\r\n" + HIDDEN,
+    ),
+    "te_xchunked_with_cl": (
+        [("Content-Length", "{len}"), ("Transfer-Encoding", "xchunked")],
+        b"0\r\n\r\n" + HIDDEN,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMUGGLING_CASES))
+async def test_smuggling_shapes_never_reach_the_upstream_as_two_requests(
+    start_gateway: StartGateway, upstream: TestServer, case: str
+) -> None:
+    gw = await start_gateway()
+    headers, body = SMUGGLING_CASES[case]
+    attack = request_bytes("POST", f"/attack-{case}", _with_length(headers, body), body)
+
+    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
+        writer.write(attack)
+        await writer.drain()
+        first = await read_response(reader)
+        if first.status == 400:
+            assert_json_error(first, 400, "bad_request")
+            assert await reader.read() == b"", "a rejected request must close the connection"
+            assert upstream.app[HITS] == []
+        else:
+            # Handled as one request: the whole body went to the upstream as one.
+            assert first.status == 200, first
+            echoed = first.json()
+            assert echoed["raw_path"] == f"/attack-{case}"
+            # The next response on this connection must answer the next request.
+            writer.write(request_bytes("GET", "/sentinel"))
+            await writer.drain()
+            second = await read_response(reader)
+            assert second.status == 200
+            assert second.json()["raw_path"] == "/sentinel"
+
+    # Push another request through the (pooled) upstream connection(s): the
+    # hidden request would have arrived before it.
+    await assert_still_serving(gw, "/after-attack")
+    await wait_idle(gw)
+    assert "/smuggled" not in upstream.app[HITS]
+    assert upstream.app[HITS].count(f"/attack-{case}") <= 1
+
+
+# --------------------------------------------------------------------------- targets
+
+
+async def test_absolute_form_target_goes_to_the_configured_upstream_only(
+    start_gateway: StartGateway, upstream: TestServer
+) -> None:
+    gw = await start_gateway()
+    data = request_bytes("GET", "http://evil.example/x?y=1", host="evil.example")
+    response = await exchange_one(gw, data)
+    assert response.status == 200
+    assert response.json()["raw_path"] == "/x?y=1"
+    assert upstream.app[HITS] == ["/x?y=1"]
+    await gw.server.stop()
+    records = gw.access_records()
+    assert [r["status"] for r in records] == [200]
+
+
+async def test_connect_is_405_and_nothing_is_proxied(
+    start_gateway: StartGateway, upstream: TestServer
+) -> None:
+    gw = await start_gateway()
+    data = request_bytes("CONNECT", "evil.example:443", host="evil.example:443")
+    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
+        writer.write(data)
+        await writer.drain()
+        response = await read_response(reader)
+    assert_json_error(response, 405, "bad_target")
+    assert upstream.app[HITS] == []
+    await assert_still_serving(gw)
+    assert upstream.app[HITS] == ["/still-serving"]
+
+
+# --------------------------------------------------------------------------- identities
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
+    start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway(limits={"default": bucket(3)})
+    statuses = []
+    for i in range(4):
+        xff = f"203.0.113.{i + 1}"
+        async with http.get(f"{gw.url}/xff/{i}", headers={"X-Forwarded-For": xff}) as response:
+            await response.read()
+            statuses.append(response.status)
+    assert statuses == [200, 200, 200, 429], "XFF from an untrusted peer changed the bucket"
+    async with http.get(gw.admin_url + "/admin/clients/127.0.0.1") as response:
+        body = await response.json()
+    assert {b["route"]: b["tokens"] for b in body["buckets"]} == {"default": 0}
+    await gw.server.stop()
+    assert {r["client"] for r in gw.access_records()} == {"127.0.0.1"}
+
+
+async def test_rotating_identities_stay_within_max_tracked(
+    start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway(
+        limits={"default": bucket(5)},
+        clients={"identify_by": "header", "max_tracked": 50},
+    )
+    semaphore = asyncio.Semaphore(20)
+
+    async def one(i: int) -> int:
+        async with semaphore, http.get(f"{gw.url}/rot", headers={"X-API-Key": f"k{i}"}) as r:
+            await r.read()
+            return r.status
+
+    statuses = await asyncio.gather(*(one(i) for i in range(500)))
+    assert set(statuses) == {200}
+    assert gw.metric("gateway_clients_tracked") == 50
+    idle = gw.metric("gateway_clients_evicted_total", {"reason": "idle"})
+    pressure = gw.metric("gateway_clients_evicted_total", {"reason": "pressure"})
+    # Every bucket was spent from (not full), so every eviction is "pressure".
+    assert (idle, pressure) == (0, 450)
+
+
+# --------------------------------------------------------------------------- vanishing peers
+
+
+def upstream_connections_held(gw: RunningGateway) -> int:
+    """Upstream connections the gateway holds for requests (none once idle):
+    aiohttp's connector and, where bodiless GETs go through it, the lean pool."""
+    upstream = gw.server.upstream
+    connector = upstream.session.connector
+    assert connector is not None
+    held = len(connector._acquired)
+    pool = getattr(upstream, "_pool", None)
+    if pool is not None:
+        held += gw.server.config.upstream.max_connections - pool._slots._value
+    return held
+
+
+async def test_client_disconnect_mid_response_leaks_nothing(
+    start_gateway: StartGateway, upstream: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    gw = await start_gateway()
+    size = 50_000_000
+    async with asyncio.timeout(GUARD_SECONDS):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
+        writer.write(request_bytes("GET", f"/download?size={size}"))
+        status, headers = await read_head(reader)
+        assert status == 200
+        assert headers["Content-Length"] == str(size)
+        await reader.readexactly(64 * 1024)
+        writer.close()  # with unread data pending: the kernel sends RST
+        await wait_idle(gw)
+
+    assert upstream_connections_held(gw) == 0, "an upstream connection is still held"
+    assert gw.metric("gateway_inflight_requests") == 0
+    # Seen from the upstream: the half-read download connection is closed,
+    # not kept (or pooled) with 50 MB still in flight.
+    assert upstream.runner is not None
+    upstream_server = upstream.runner.server
+    assert isinstance(upstream_server, web.Server)
+    for _attempt in range(100):  # bounded: the upstream notices the close
+        if not upstream_server.connections:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the gateway kept the upstream download connection open")
+    assert (
+        gw.metric("gateway_upstream_errors_total", {"route": "default", "kind": "reset"}) == 0
+    )
+    await assert_still_serving(gw)
+    assert tracebacks(caplog) == []
+    await gw.server.stop()
+    (record,) = [r for r in gw.access_records() if r["path"].startswith("/download")]
+    assert record["status"] == 499
+    assert 64 * 1024 <= record["bytes_out"] < size
+
+
+async def test_upstream_reset_mid_response_cuts_the_client_and_is_counted(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    gw = await start_gateway()
+    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
+        writer.write(request_bytes("GET", "/reset"))
+        await writer.drain()
+        response = await read_response(reader)
+        assert await reader.read() == b"", "the client connection must be closed"
+    assert response.status == 200
+    assert response.headers["Content-Length"] == "1000000"
+    assert not response.complete
+    assert len(response.body) < 1_000_000
+    await wait_idle(gw)
+    assert (
+        gw.metric("gateway_upstream_errors_total", {"route": "default", "kind": "reset"}) == 1
+    )
+    await assert_still_serving(gw, "/after-reset")
+    assert tracebacks(caplog) == []
+
+
+# --------------------------------------------------------------------------- concurrency cap
+
+
+async def test_third_concurrent_request_of_one_client_is_429_at_once(
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    upstream: TestServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gw = await start_gateway(limits={"default": bucket(100)}, clients={"max_concurrent": 2})
+    forwards = count_forwards(gw, monkeypatch)
+
+    async def get(session: aiohttp.ClientSession, path: str) -> tuple[int, bytes, float]:
+        started = time.monotonic()
+        async with session.get(gw.url + path) as response:
+            body = await response.read()
+            return response.status, body, time.monotonic() - started
+
+    slow = [asyncio.create_task(get(http, "/slow?delay=1")) for _ in range(2)]
+    await forwards.wait_for(2)
+
+    status, body, elapsed = await get(http, "/slow?delay=1")
+    assert status == 429
+    assert json.loads(body)["error"] == "concurrency"
+    assert elapsed < 0.5, f"the third request waited {elapsed:.2f}s instead of 429 at once"
+
+    # Another client (another loopback address) is not affected.
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as other:
+        status, body, _elapsed = await get(other, "/other-client")
+    assert status == 200
+    assert json.loads(body)["raw_path"] == "/other-client"
+
+    results = await asyncio.gather(*slow)
+    assert [(s, b) for s, b, _e in results] == [(200, b"slow")] * 2
+    assert upstream.app[HITS].count("/slow?delay=1") == 2
+    assert gw.metric("gateway_rejected_requests_total", {"reason": "concurrency"}) == 1

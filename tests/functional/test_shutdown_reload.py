@@ -1,0 +1,555 @@
+"""Graceful drain, stop and reload: in-process (``Server.stop`` / ``Server.reload``)
+and as an operator drives them, with real signals to a ``gateway run`` process.
+
+Everything listens on 127.0.0.1. In-process tests wait on events (the
+gateway's forward calls are counted through a thin wrapper); only the
+subprocess tests poll, with bounded attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import RunningGateway, StartGateway, gateway_yaml
+from tests.upstream_app import HITS
+
+VENV_BIN = Path(sys.executable).parent
+GATEWAY = str(VENV_BIN / "gateway")
+GUARD_SECONDS = 10.0  # a bound so a hang fails clearly; never a timing target
+POLL_INTERVAL = 0.05
+POLL_ATTEMPTS = 200  # x POLL_INTERVAL = 10 s at most
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def bucket(
+    max_tokens: int, *, refill_tokens: int = 1, refill_period: str = "1h"
+) -> dict[str, Any]:
+    return {
+        "refill_period": refill_period,
+        "refill_tokens": refill_tokens,
+        "max_tokens": max_tokens,
+    }
+
+
+class ForwardCounter:
+    """Counts requests entering ``Upstream.forward`` (they are in flight at the
+    gateway) and lets a test await a count instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Condition()
+
+    async def entered(self) -> None:
+        async with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(GUARD_SECONDS), self._changed:
+            await self._changed.wait_for(lambda: self.count >= count)
+
+
+def count_forwards(gw: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> ForwardCounter:
+    counter = ForwardCounter()
+    upstream = gw.server.upstream
+    original: Callable[..., Awaitable[None]] = upstream.forward
+
+    async def forward(*args: Any, **kwargs: Any) -> None:
+        await counter.entered()
+        await original(*args, **kwargs)
+
+    monkeypatch.setattr(upstream, "forward", forward)
+    return counter
+
+
+async def fetch(
+    http: aiohttp.ClientSession, url: str, **kwargs: Any
+) -> tuple[int, dict[str, str], bytes]:
+    async with http.get(url, **kwargs) as response:
+        body = await response.read()
+        return response.status, dict(response.headers), body
+
+
+async def admitted_until_denied(http: aiohttp.ClientSession, url: str, limit: int = 200) -> int:
+    """Requests answered 200 before the first 429 (sequential)."""
+    for admitted in range(limit):
+        status, _headers, _body = await fetch(http, url)
+        if status == 429:
+            return admitted
+        assert status == 200, status
+    raise AssertionError(f"never denied within {limit} requests")
+
+
+async def default_tokens(gw: RunningGateway, http: aiohttp.ClientSession, client: str) -> int:
+    async with http.get(f"{gw.admin_url}/admin/clients/{client}") as response:
+        assert response.status == 200
+        body = await response.json()
+    by_route = {b["route"]: b for b in body["buckets"]}
+    tokens: int = by_route["default"]["tokens"]
+    return tokens
+
+
+def rewrite_config(gw: RunningGateway, **overrides: Any) -> None:
+    """Rewrite the running gateway's file with the same listeners and log."""
+    assert gw.config_path is not None
+    upstream_url = gw.server.config.upstream.url
+    gw.config_path.write_text(gateway_yaml(upstream_url, gw.access_log_path, **overrides))
+
+
+# -- a real `gateway run` process --
+
+
+@dataclass
+class GatewayProcess:
+    process: asyncio.subprocess.Process
+    proxy: str
+    admin: str
+    config_path: Path
+    access_log: Path
+    config: dict[str, Any]
+
+    def write(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    async def finish(self) -> tuple[int, str]:
+        """Wait for the process to exit (after a signal); its code and stderr."""
+        _stdout, stderr = await asyncio.wait_for(self.process.communicate(), GUARD_SECONDS)
+        assert self.process.returncode is not None
+        return self.process.returncode, stderr.decode(errors="replace")
+
+
+def process_config(upstream: TestServer, access_log: Path, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin": f"127.0.0.1:{free_port()}",
+        "upstream": {"url": str(upstream.make_url("")).rstrip("/"), "read_timeout": "10s"},
+        "limits": {"default": bucket(100)},
+        "access_log": {"path": str(access_log)},
+        "drain_timeout": "5s",
+    }
+    config.update(overrides)
+    return config
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    tmp_path: Path, http: aiohttp.ClientSession, config: dict[str, Any]
+) -> AsyncIterator[GatewayProcess]:
+    config_path = tmp_path / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    process = await asyncio.create_subprocess_exec(
+        GATEWAY,
+        "run",
+        "--config",
+        str(config_path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    running = GatewayProcess(
+        process=process,
+        proxy=f"http://{config['listen']}",
+        admin=f"http://{config['admin']}",
+        config_path=config_path,
+        access_log=Path(config["access_log"]["path"]),
+        config=config,
+    )
+    try:
+        for _attempt in range(POLL_ATTEMPTS):
+            assert process.returncode is None, "gateway run exited during start-up"
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with http.get(running.admin + "/healthz") as response:
+                    if response.status == 200:
+                        break
+            await asyncio.sleep(POLL_INTERVAL)
+        else:
+            raise AssertionError("/healthz never answered 200")
+        yield running
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def scrape(
+    http: aiohttp.ClientSession, admin: str, name: str, labels: dict[str, str]
+) -> float:
+    # `http` does not decompress; ask for the plain text.
+    async with http.get(
+        admin + "/metrics", headers={"Accept-Encoding": "identity"}
+    ) as response:
+        assert response.status == 200
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+async def wait_for_metric(
+    http: aiohttp.ClientSession,
+    admin: str,
+    name: str,
+    labels: dict[str, str],
+    expected: float,
+) -> None:
+    value = 0.0
+    for _attempt in range(POLL_ATTEMPTS):
+        value = await scrape(http, admin, name, labels)
+        if value == expected:
+            return
+        await asyncio.sleep(POLL_INTERVAL)
+    raise AssertionError(f"{name}{labels} stayed {value}, expected {expected}")
+
+
+async def wait_for_hits(upstream: TestServer, path: str, count: int) -> None:
+    """Until the upstream saw ``path`` ``count`` times (sent by a subprocess)."""
+    for _attempt in range(POLL_ATTEMPTS):
+        if upstream.app[HITS].count(path) >= count:
+            return
+        await asyncio.sleep(POLL_INTERVAL / 5)
+    raise AssertionError(f"the upstream never saw {path!r} x{count}: {upstream.app[HITS]}")
+
+
+async def readyz(http: aiohttp.ClientSession, admin: str) -> tuple[int, dict[str, Any]]:
+    async with http.get(admin + "/readyz") as response:
+        body: dict[str, Any] = await response.json()
+        return response.status, body
+
+
+# --------------------------------------------------------------------------- in-process drain
+
+
+async def test_stop_drains_in_flight_requests_and_refuses_new_connections(
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gw = await start_gateway(drain_timeout="5s")
+    forwards = count_forwards(gw, monkeypatch)
+    slow_paths = [f"/slow?delay=0.5&n={i}" for i in range(3)]
+    slow = [asyncio.create_task(fetch(http, gw.url + path)) for path in slow_paths]
+    stream_path = "/stream?n=20&delay=0.05"
+    stream = await http.get(gw.url + stream_path)
+    try:
+        assert stream.status == 200
+        first_line = await stream.content.readline()
+        assert first_line == b"part 0\n"
+        await forwards.wait_for(4)  # every request is in flight at the gateway
+
+        stopping = asyncio.create_task(gw.server.stop())
+        # While draining: not ready, and the admin listener still answers.
+        status, body = await readyz(http, gw.admin_url)
+        assert status == 503
+        assert body["ready"] is False
+        assert body["checks"]["not_draining"] is False
+        assert not stopping.done(), "stop() returned before in-flight requests finished"
+        # The proxy listener is closed: a new connection is refused.
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
+
+        results = await asyncio.wait_for(asyncio.gather(*slow), GUARD_SECONDS)
+        rest = await asyncio.wait_for(stream.content.read(), GUARD_SECONDS)
+    finally:
+        stream.release()
+    assert [(s, b) for s, _h, b in results] == [(200, b"slow")] * 3
+    assert first_line + rest == b"".join(f"part {i}\n".encode() for i in range(20))
+
+    await asyncio.wait_for(stopping, GUARD_SECONDS)
+    records = gw.access_records()
+    by_path = {r["path"]: r for r in records}
+    assert sorted(by_path) == sorted([*slow_paths, stream_path])
+    assert len(records) == 4
+    assert all(r["status"] == 200 for r in records)
+    assert by_path[stream_path]["bytes_out"] == len(first_line + rest)
+
+
+async def test_stop_gives_up_on_stuck_requests_after_drain_timeout(
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gw = await start_gateway(drain_timeout="300ms")
+    forwards = count_forwards(gw, monkeypatch)
+    stuck = asyncio.create_task(fetch(http, gw.url + "/slow?delay=5"))
+    await forwards.wait_for(1)
+
+    started = time.monotonic()
+    await asyncio.wait_for(gw.server.stop(), GUARD_SECONDS)
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"stop() took {elapsed:.2f}s with drain_timeout 300ms"
+
+    # The stuck request was cut, not answered as if it had completed.
+    outcome: tuple[int, dict[str, str], bytes] | BaseException
+    try:
+        outcome = await asyncio.wait_for(stuck, GUARD_SECONDS)
+    except aiohttp.ClientError as exc:
+        outcome = exc
+    assert not (isinstance(outcome, tuple) and outcome[0] == 200), outcome
+
+
+# --------------------------------------------------------------------------- in-process reload
+
+
+async def test_reload_keeps_tokens_of_unchanged_limits_and_applies_changed_ones(
+    start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway(limits={"default": bucket(10)})
+    for i in range(4):
+        status, _headers, _body = await fetch(http, f"{gw.url}/drain/{i}")
+        assert status == 200
+    assert await default_tokens(gw, http, "127.0.0.1") == 6
+
+    # An unrelated change (a new route): the default bucket keeps its 6 tokens.
+    rewrite_config(
+        gw,
+        limits={"default": bucket(10)},
+        routes=[{"path_prefix": "/unrelated", "limit": bucket(3)}],
+    )
+    assert gw.server.reload() is True
+    assert gw.metric("gateway_config_reloads_total", {"result": "success"}) == 1
+    assert await default_tokens(gw, http, "127.0.0.1") == 6
+    status, headers, _body = await fetch(http, gw.url + "/after-unrelated")
+    assert status == 200
+    assert headers["X-RateLimit-Limit"] == "10"
+    assert headers["X-RateLimit-Remaining"] == "5"
+
+    # A changed limit applies from the very next request (and grants nothing).
+    rewrite_config(
+        gw,
+        limits={"default": bucket(2)},
+        routes=[{"path_prefix": "/unrelated", "limit": bucket(3)}],
+    )
+    assert gw.server.reload() is True
+    assert gw.metric("gateway_config_reloads_total", {"result": "success"}) == 2
+    status, headers, _body = await fetch(http, gw.url + "/after-change")
+    assert status == 200
+    assert headers["X-RateLimit-Limit"] == "2"
+    assert headers["X-RateLimit-Remaining"] == "1"
+    assert await admitted_until_denied(http, gw.url + "/more") == 1
+    assert gw.metric("gateway_config_reloads_total", {"result": "failure"}) == 0
+
+
+async def test_reload_under_load_fails_no_request(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    big = bucket(1_000_000)
+    gw = await start_gateway(limits={"default": big})
+    configs = [
+        {
+            "limits": {"default": bucket(999_999)},
+            "routes": [{"path_prefix": "/r", "limit": big}],
+        },
+        {"limits": {"default": big}, "routes": []},
+    ]
+    per_reload = 400  # completed requests between two reloads
+    reloads = 10
+    statuses: list[int] = []
+    errors: list[BaseException] = []
+    progress = asyncio.Condition()
+    stop = asyncio.Event()
+
+    async def worker(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                status, _headers, _body = await fetch(http, f"{gw.url}/load/{n}/{i}")
+                statuses.append(status)
+            except (aiohttp.ClientError, OSError) as exc:
+                errors.append(exc)
+            i += 1
+            async with progress:
+                progress.notify_all()
+
+    def completed() -> int:
+        return len(statuses) + len(errors)
+
+    workers = [asyncio.create_task(worker(n)) for n in range(20)]
+    try:
+        async with asyncio.timeout(30):
+            for i in range(reloads):
+                async with progress:
+                    await progress.wait_for(lambda i=i: completed() >= (i + 1) * per_reload)
+                rewrite_config(gw, **configs[i % 2])
+                assert gw.server.reload() is True
+            async with progress:
+                await progress.wait_for(lambda: completed() >= (reloads + 1) * per_reload)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+
+    assert errors == []
+    assert len(statuses) >= (reloads + 1) * per_reload
+    assert set(statuses) == {200}
+    assert gw.metric("gateway_config_reloads_total", {"result": "success"}) == reloads
+    # Nothing went wrong quietly either: no warning or error logged at all.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert gw.metric("gateway_config_reloads_total", {"result": "failure"}) == 0
+
+
+# --------------------------------------------------------------------------- real signals
+
+
+async def test_sigterm_lets_the_in_flight_request_finish_and_logs_it(
+    tmp_path: Path, upstream: TestServer, http: aiohttp.ClientSession
+) -> None:
+    config = process_config(upstream, tmp_path / "access.log")
+    async with gateway_process(tmp_path, http, config) as gp:
+        path = "/slow?delay=1"
+        in_flight = asyncio.create_task(fetch(http, gp.proxy + path))
+        await wait_for_hits(upstream, path, 1)
+        gp.process.send_signal(signal.SIGTERM)
+        status, _headers, body = await asyncio.wait_for(in_flight, GUARD_SECONDS)
+        code, stderr = await gp.finish()
+    assert (status, body) == (200, b"slow")
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    records = [json.loads(line) for line in gp.access_log.read_text().splitlines()]
+    assert [(r["path"], r["status"]) for r in records] == [(path, 200)]
+
+
+async def test_sighup_applies_a_changed_limit(
+    tmp_path: Path, upstream: TestServer, http: aiohttp.ClientSession
+) -> None:
+    config = process_config(upstream, tmp_path / "access.log", limits={"default": bucket(100)})
+    async with gateway_process(tmp_path, http, config) as gp:
+        status, headers, _body = await fetch(http, gp.proxy + "/before")
+        assert status == 200
+        assert headers["X-RateLimit-Limit"] == "100"
+
+        gp.write({**gp.config, "limits": {"default": bucket(3)}})
+        gp.process.send_signal(signal.SIGHUP)
+        await wait_for_metric(
+            http, gp.admin, "gateway_config_reloads_total", {"result": "success"}, 1.0
+        )
+        status, headers, _body = await fetch(http, gp.proxy + "/after")
+        assert status == 200
+        assert headers["X-RateLimit-Limit"] == "3"
+        assert await admitted_until_denied(http, gp.proxy + "/more") == 2
+        assert (
+            await scrape(http, gp.admin, "gateway_config_reloads_total", {"result": "failure"})
+            == 0
+        )
+
+        gp.process.send_signal(signal.SIGTERM)
+        code, stderr = await gp.finish()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def config_text(config: dict[str, Any]) -> list[str]:
+    return yaml.safe_dump(config, sort_keys=False).splitlines()
+
+
+async def test_sighup_with_an_invalid_file_keeps_the_old_config(
+    tmp_path: Path, upstream: TestServer, http: aiohttp.ClientSession
+) -> None:
+    config = process_config(upstream, tmp_path / "access.log", limits={"default": bucket(3)})
+    async with gateway_process(tmp_path, http, config) as gp:
+        status, _headers, _body = await fetch(http, gp.proxy + "/one")
+        assert status == 200
+        path = gp.config_path
+
+        # 1. Not YAML at all: "mode: enforce: shadow" (a mapping value where
+        #    none is allowed, at the second colon).
+        lines = [*config_text(gp.config), "mode: enforce: shadow"]
+        path.write_text("\n".join(lines) + "\n")
+        yaml_error_at = (len(lines), len("mode: enforce:"))
+        gp.process.send_signal(signal.SIGHUP)
+        await wait_for_metric(
+            http, gp.admin, "gateway_config_reloads_total", {"result": "failure"}, 1.0
+        )
+
+        # 2. Valid YAML, bad value: max_tokens -1.
+        bad = {**gp.config, "limits": {"default": bucket(3)}}
+        lines = config_text(bad)
+        index = lines.index("    max_tokens: 3")
+        lines[index] = "    max_tokens: -1"
+        path.write_text("\n".join(lines) + "\n")
+        value_error_at = (index + 1, len("    max_tokens: ") + 1)
+        gp.process.send_signal(signal.SIGHUP)
+        await wait_for_metric(
+            http, gp.admin, "gateway_config_reloads_total", {"result": "failure"}, 2.0
+        )
+
+        # The old config keeps serving: 3 tokens, one spent.
+        assert await admitted_until_denied(http, gp.proxy + "/still") == 2
+        status, body = await readyz(http, gp.admin)
+        assert status == 200, body
+        assert (
+            await scrape(http, gp.admin, "gateway_config_reloads_total", {"result": "success"})
+            == 0
+        )
+
+        gp.process.send_signal(signal.SIGTERM)
+        code, stderr = await gp.finish()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    line, col = yaml_error_at
+    assert f"{path}:{line}:{col}: " in stderr, stderr
+    line, col = value_error_at
+    assert f"{path}:{line}:{col}: limits.default.max_tokens: " in stderr, stderr
+
+
+async def test_second_sigterm_during_drain_exits_at_once(
+    tmp_path: Path, upstream: TestServer, http: aiohttp.ClientSession
+) -> None:
+    config = process_config(upstream, tmp_path / "access.log", drain_timeout="30s")
+    async with gateway_process(tmp_path, http, config) as gp:
+        path = "/slow?delay=20"
+        in_flight = asyncio.create_task(fetch(http, gp.proxy + path))
+        await wait_for_hits(upstream, path, 1)
+        gp.process.send_signal(signal.SIGTERM)
+        for _attempt in range(POLL_ATTEMPTS):  # draining: /readyz turns 503
+            status, _body = await readyz(http, gp.admin)
+            if status == 503:
+                break
+            await asyncio.sleep(POLL_INTERVAL)
+        else:
+            raise AssertionError("/readyz never reported draining")
+        assert gp.process.returncode is None
+        # Let the drain settle into waiting for the in-flight request (nothing
+        # observable marks that moment), as with an operator's second Ctrl-C.
+        await asyncio.sleep(0.3)
+        assert gp.process.returncode is None
+
+        started = time.monotonic()
+        gp.process.send_signal(signal.SIGTERM)
+        _code, stderr = await gp.finish()
+        elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"exit took {elapsed:.2f}s after the second SIGTERM\n{stderr}"
+    with contextlib.suppress(aiohttp.ClientError):
+        outcome = await asyncio.wait_for(in_flight, GUARD_SECONDS)
+        assert outcome[0] != 200, "a 20 s request cannot have completed"
+    # Forced, but still an orderly exit: one line saying so, no stack dumps
+    # (nginx's fast shutdown and Envoy's second signal print none).
+    assert "exiting without drain" in stderr
+    assert "Traceback" not in stderr, stderr
