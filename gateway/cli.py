@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Coroutine, Sequence
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "worker"):
+        # SIGHUP's default action kills the process. A reload sent while the
+        # process is still starting (before the event loop installs its
+        # handler) must not: ignore it until then. Workers inherit this
+        # across exec, which covers their start-up too.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,

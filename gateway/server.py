@@ -41,7 +41,7 @@ log = logging.getLogger("gateway")
 # Keys read once at start: changing them needs a restart, and a reload says so.
 _RESTART_KEYS: Final = (
     "listen_host", "listen_port", "admin_host", "admin_port", "workers",
-    "storage", "access_log", "server",
+    "storage", "access_log", "server", "drain_timeout_seconds",
 )  # fmt: skip
 
 
