@@ -57,14 +57,14 @@ async def upstream() -> AsyncIterator[TestServer]:
     await server.close()
 
 
-def gateway_yaml(upstream_url: str, access_log: Path, **overrides: Any) -> str:
+def gateway_yaml(upstream_url: str, access_log_path: Path, **overrides: Any) -> str:
     """A config with listeners on free ports; ``overrides`` replace top-level keys."""
     config: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "admin": "127.0.0.1:0",
         "upstream": {"url": upstream_url, "read_timeout": "5s", "connect_timeout": "1s"},
         "limits": {"default": {"refill_period": "1h", "refill_tokens": 1, "max_tokens": 100}},
-        "access_log": {"path": str(access_log)},
+        "access_log": {"path": str(access_log_path)},
         "drain_timeout": "5s",
     }
     for key, value in overrides.items():
