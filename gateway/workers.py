@@ -150,6 +150,10 @@ class Supervisor:
             sys.executable, "-m", "gateway", "worker",
             "--config", self.config_path, "--fd", str(fd), "--index", str(worker.index),
             pass_fds=(fd,),
+            # Its own session: a terminal's Ctrl-C (SIGINT to the whole
+            # foreground group) reaches only the supervisor, which forwards
+            # one SIGTERM; a worker that got both would skip its drain.
+            start_new_session=True,
         )  # fmt: skip
         worker.started = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._watch(worker))
