@@ -328,13 +328,89 @@ def decision_section() -> None:
         print(f"  {name:<48} {ns:>9.0f} ns")
 
 
+async def _redis_decisions(url: str, seconds: float, concurrency: int) -> int:
+    """Decisions made through one RedisStore (one gateway process's view) by
+    ``concurrency`` tasks, each deciding for its own client, in ``seconds``."""
+    import asyncio
+
+    from gateway.config.model import BucketSpec, StorageConfig
+    from gateway.limiting.memory_store import MemoryStore
+    from gateway.limiting.policy import Limit
+    from gateway.limiting.redis_store import RedisStore
+    from gateway.limiting.refill_clock import RefillClock
+
+    clock = RefillClock()
+    store = RedisStore(
+        StorageConfig(backend="redis", redis_url=url, timeout_seconds=1.0),
+        MemoryStore(clock, 10, 60.0),
+    )
+    limit = Limit(BucketSpec(1.0, 10**9, 10**9), clock)
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal done
+        key = ("default", f"client-{os.getpid()}-{i}")
+        while time.monotonic() < deadline:
+            await store.take(key, limit)
+            done += 1
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    await store.close()
+    return done
+
+
+def decisions_per_second_section(seconds: float = 3.0, concurrency: int = 256) -> None:
+    import asyncio
+
+    from gateway.config.model import BucketSpec
+    from gateway.limiting.memory_store import MemoryStore
+    from gateway.limiting.policy import Limit
+    from gateway.limiting.refill_clock import ManualRefillClock
+
+    clock = ManualRefillClock()
+    store = MemoryStore(clock, max_tracked=100_000, idle_timeout_seconds=600)
+    limit = Limit(BucketSpec(1.0, 10**9, 10**9), clock)
+    keys = [("default", f"client-{i}") for i in range(concurrency)]
+    count = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for key in keys:
+            store.take_now(key, limit)
+        count += len(keys)
+    print(f"\nDecisions per second ({concurrency} concurrent clients, {seconds:.0f} s):")
+    print(f"  memory backend, one process               {count / seconds:>10.0f} /s")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    redis = ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"]  # fmt: skip
+    with process(redis, port):
+        one = asyncio.run(_redis_decisions(url, seconds, concurrency))
+        print(f"  redis backend, one instance               {one / seconds:>10.0f} /s")
+        argv = [sys.executable, "-m", "bench.run", "--redis-decisions", url, str(seconds),
+                str(concurrency)]  # fmt: skip
+        pair = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            for _ in range(2)
+        ]
+        both = sum(int(p.communicate()[0].strip()) for p in pair)
+        print(f"  redis backend, two instances (sum)        {both / seconds:>10.0f} /s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk round")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--skip-http", action="store_true", help="only memory and decisions")
+    parser.add_argument("--redis-decisions", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.redis_decisions:  # one of the two instances of decisions_per_second_section
+        import asyncio
+
+        url, seconds, concurrency = args.redis_decisions
+        print(asyncio.run(_redis_decisions(url, float(seconds), int(concurrency))))
+        return 0
     missing = [tool for tool in ("wrk", "nginx", "redis-server") if shutil.which(tool) is None]
     if missing and not args.skip_http:
         print(f"bench: missing {', '.join(missing)}; run scripts/setup --test", file=sys.stderr)
@@ -347,6 +423,8 @@ def main() -> int:
             http_load_section(args, Path(tmp))
     memory_section()
     decision_section()
+    if shutil.which("redis-server"):
+        decisions_per_second_section()
     return 0
 
 

@@ -4,9 +4,11 @@ the same state, on the Redis server's clock.
 Decisions are coalesced: requests arriving in the same event-loop iteration
 are sent as one EVALSHA carrying all their keys (one round trip for the
 batch, not one per request; research notes section 5 measured 5k sequential
-calls/s vs 45-142k decisions/s batched). Keys are hash-tagged by client
-(``rl:{client}:route``) and batches are split by cluster slot, so the script
-also runs on Redis Cluster, where a script's keys must share a slot.
+calls/s vs 45-142k decisions/s batched), with at most
+``MAX_BATCHES_IN_FLIGHT`` calls outstanding. Keys are hash-tagged by client
+(``rl:{client}:route``), so a client's buckets share a Cluster slot; this
+client speaks to one Redis endpoint (standalone, or a cluster proxy), where a
+multi-key script may span slots.
 
 Failure handling: every call is bounded by ``storage.timeout`` (no client
 retries: redis-py's default of 10 retries made a down Redis cost 4.6 s per
@@ -28,7 +30,6 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from gateway.config.model import StorageConfig
@@ -36,7 +37,13 @@ from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.policy import Limit
 from gateway.limiting.store import BucketKey, BucketSnapshot, TakeResult
 
-__all__ = ["BREAKER_FAILURES", "BREAKER_OPEN_SECONDS", "MAX_BATCH_KEYS", "RedisStore"]
+__all__ = [
+    "BREAKER_FAILURES",
+    "BREAKER_OPEN_SECONDS",
+    "MAX_BATCHES_IN_FLIGHT",
+    "MAX_BATCH_KEYS",
+    "RedisStore",
+]
 
 log = logging.getLogger("gateway.redis_store")
 
@@ -44,6 +51,8 @@ BREAKER_FAILURES: Final = 3
 BREAKER_OPEN_SECONDS: Final = 1.0
 # Keys per EVALSHA: bounds one script's run time on the Redis server.
 MAX_BATCH_KEYS: Final = 256
+# Calls in flight per process (= connections used): pipelining depth.
+MAX_BATCHES_IN_FLIGHT: Final = 4
 
 _PEEK_SCRIPT: Final = """
 local now_parts = redis.call('TIME')
@@ -147,18 +156,24 @@ class RedisStore:
             return self._fallback(key, limit)
 
     def _flush(self) -> None:
+        """Send what is pending, at most MAX_BATCH_KEYS keys per call and
+        MAX_BATCHES_IN_FLIGHT calls at once; the rest waits for a reply.
+        While Redis is busy, requests pile into bigger batches instead of
+        more connections (redis-py's pool would otherwise grow per batch)."""
         self._flush_scheduled = False
-        pending, self._pending = self._pending, []
-        by_slot: dict[int, list[_Pending]] = {}
-        for item in pending:
-            by_slot.setdefault(key_slot(item.key.encode()), []).append(item)
-        for items in by_slot.values():
-            for start in range(0, len(items), MAX_BATCH_KEYS):
-                task = asyncio.get_running_loop().create_task(
-                    self._send(items[start : start + MAX_BATCH_KEYS])
-                )
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        loop = asyncio.get_running_loop()
+        while self._pending and len(self._tasks) < MAX_BATCHES_IN_FLIGHT:
+            batch = self._pending[:MAX_BATCH_KEYS]
+            del self._pending[:MAX_BATCH_KEYS]
+            task = loop.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._pending and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _send(self, batch: list[_Pending]) -> None:
         keys = [item.key for item in batch]
