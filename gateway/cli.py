@@ -92,7 +92,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from gateway.workers import run_worker
 
     try:
-        run_worker(args.config, args.fd, args.index)
+        run_worker(args.config, args.fd, args.index, args.ready_fd)
     except ConfigError as exc:
         return _print_problems(exc)
     return 0
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--config", required=True)
     worker.add_argument("--fd", type=int, required=True)
     worker.add_argument("--index", type=int, default=0)
+    worker.add_argument("--ready-fd", type=int, default=None)
     worker.set_defaults(func=_cmd_worker)
     return parser
 

@@ -190,14 +190,17 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def serve(self) -> None:
+    async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
         """Run until SIGTERM/SIGINT (drain), reloading on SIGHUP. A second
-        stop signal exits at once."""
+        stop signal exits at once. ``on_ready`` runs once serving with the
+        signal handlers in place (a worker tells its supervisor)."""
         loop = asyncio.get_running_loop()
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if on_ready is not None:
+            on_ready()
         try:
             await self._stop.wait()
             log.info("draining (up to %gs)", self.config.drain_timeout_seconds)

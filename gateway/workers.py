@@ -60,6 +60,10 @@ class _Worker:
         self.index = index
         self.process: asyncio.subprocess.Process | None = None
         self.started = 0.0
+        # Set once the worker serves with its SIGHUP handler installed:
+        # before that, SIGHUP's default action would kill it.
+        self.ready = False
+        self.reload_missed = False
 
     @property
     def alive(self) -> bool:
@@ -101,7 +105,7 @@ class Supervisor:
         return {
             "config_loaded": True,
             "storage_reachable": storage_ok,
-            "workers_running": all(w.alive for w in self._workers),
+            "workers_running": all(w.alive and w.ready for w in self._workers),
             "not_draining": not self._stopping,
         }
 
@@ -146,19 +150,39 @@ class Supervisor:
     async def _spawn(self, worker: _Worker) -> None:
         assert self._socket is not None
         fd = self._socket.fileno()
+        ready_read, ready_write = os.pipe()
+        worker.ready = False
+        worker.reload_missed = False
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "worker",
             "--config", self.config_path, "--fd", str(fd), "--index", str(worker.index),
-            pass_fds=(fd,),
+            "--ready-fd", str(ready_write),
+            pass_fds=(fd, ready_write),
             # Its own session: a terminal's Ctrl-C (SIGINT to the whole
             # foreground group) reaches only the supervisor, which forwards
             # one SIGTERM; a worker that got both would skip its drain.
             start_new_session=True,
         )  # fmt: skip
+        os.close(ready_write)
         worker.started = time.monotonic()
-        task = asyncio.get_running_loop().create_task(self._watch(worker))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        loop = asyncio.get_running_loop()
+        for coroutine in (self._watch(worker), self._await_ready(worker, ready_read)):
+            task = loop.create_task(coroutine)
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+
+    async def _await_ready(self, worker: _Worker, ready_read: int) -> None:
+        """The worker writes one byte to its ready pipe once serving; EOF
+        without it means it died first."""
+        try:
+            signalled = await asyncio.to_thread(os.read, ready_read, 1)
+        finally:
+            os.close(ready_read)
+        if not signalled or self._stopping:
+            return
+        worker.ready = True
+        if worker.reload_missed and worker.process is not None:
+            worker.process.send_signal(signal.SIGHUP)
 
     async def _watch(self, worker: _Worker) -> None:
         process = worker.process
@@ -182,6 +206,11 @@ class Supervisor:
     def _signal_workers(self, sig: signal.Signals) -> None:
         for worker in self._workers:
             if worker.alive and worker.process is not None:
+                if sig is signal.SIGHUP and not worker.ready:
+                    # Still starting: it may have read the old file; reload
+                    # it once it can take the signal.
+                    worker.reload_missed = True
+                    continue
                 worker.process.send_signal(sig)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
@@ -224,7 +253,7 @@ class Supervisor:
         log.info("supervisor: config reloaded from %s; workers signalled", self.config_path)
 
 
-def run_worker(config_path: str, fd: int, index: int) -> None:
+def run_worker(config_path: str, fd: int, index: int, ready_fd: int | None = None) -> None:
     """The body of ``gateway worker``: serve the inherited socket until
     SIGTERM; exit when the supervisor is gone."""
     from gateway.cli import run_loop
@@ -243,7 +272,12 @@ def run_worker(config_path: str, fd: int, index: int) -> None:
                 log.error("worker %d: supervisor is gone; stopping", index)
                 server.request_stop()
 
+        def tell_supervisor() -> None:
+            if ready_fd is not None:
+                os.write(ready_fd, b"1")
+                os.close(ready_fd)
+
         server.clock.on_second(check_parent)
-        await server.serve()
+        await server.serve(on_ready=tell_supervisor)
 
     run_loop(serve())

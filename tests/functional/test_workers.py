@@ -1,0 +1,473 @@
+"""``workers: N`` as an operator runs it: a real ``gateway run`` subprocess
+with two workers behind one listener, sharing buckets through a real
+``redis-server``; the supervisor's /metrics, worker restarts, SIGHUP and
+SIGTERM.
+
+Everything listens on 127.0.0.1 on free ports. Waits on the subprocesses are
+bounded polls (admin endpoints, /proc, the log file), never timing targets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis
+import yaml
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import RedisServer, free_port
+
+VENV_BIN = Path(sys.executable).parent
+GATEWAY = str(VENV_BIN / "gateway")
+CLI_TIMEOUT_SECONDS = 20
+GUARD_SECONDS = 15.0  # a bound so a hang fails clearly; never a timing target
+POLL_INTERVAL = 0.05
+HOUR_MS = 3_600_000
+PROBLEM_LINE = re.compile(
+    r"^(?P<path>.+):(?P<line>\d+):(?P<col>\d+): (?P<key>\S+): (?P<msg>.+)$"
+)
+# A worker's own reload line (logger "gateway"); the supervisor logs as
+# "gateway.workers: supervisor: config reloaded ...".
+WORKER_RELOADED = re.compile(r" gateway: config reloaded from ")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def bucket(
+    max_tokens: int, refill_tokens: int = 1, refill_period: str = "1h"
+) -> dict[str, Any]:
+    return {
+        "refill_period": refill_period,
+        "refill_tokens": refill_tokens,
+        "max_tokens": max_tokens,
+    }
+
+
+def workers_config(
+    upstream: TestServer, redis_server: RedisServer, tmp_path: Path, **overrides: Any
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin": f"127.0.0.1:{free_port()}",
+        "workers": 2,
+        "upstream": {"url": str(upstream.make_url("")).rstrip("/"), "read_timeout": "5s"},
+        "limits": {"default": bucket(30)},
+        # A generous timeout: a busy box must not turn into on_error: deny 429s.
+        "storage": {
+            "backend": "redis",
+            "redis_url": redis_server.url,
+            "on_error": "deny",
+            "timeout": "1s",
+        },
+        "access_log": {"path": str(tmp_path / "access.log")},
+        "drain_timeout": "5s",
+    }
+    config.update(overrides)
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def redis_now_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def clear_of_hour_boundary(url: str, needed_seconds: float = 20.0) -> None:
+    """refill_period 1h refills at whole hours of the Redis clock; an exact
+    count must not straddle one, so wait past a boundary that is too close."""
+    client = redis.Redis.from_url(url)
+    try:
+        to_boundary_ms = HOUR_MS - redis_now_ms(client) % HOUR_MS
+    finally:
+        client.close()
+    if to_boundary_ms < needed_seconds * 1000:
+        await asyncio.sleep(to_boundary_ms / 1000 + 0.05)
+
+
+async def poll(
+    condition: Callable[[], Awaitable[bool]],
+    what: str,
+    seconds: float = GUARD_SECONDS,
+    detail: Callable[[], str] = str,
+) -> None:
+    deadline = time.monotonic() + seconds
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {seconds:.0f}s waiting for {what}\n{detail()}"
+            )
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+def children(pid: int) -> set[int]:
+    """The direct children of ``pid``, from /proc (no extra dependency)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found.update(int(p) for p in (task / "children").read_text().split())
+    return found
+
+
+def is_our_worker(pid: int, config_path: Path) -> bool:
+    """Still this test's ``gateway worker`` (not a reused pid)?"""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"worker" in argv and str(config_path).encode() in argv
+
+
+@contextlib.contextmanager
+def only_serving(supervisor: int, serving: int, workers: set[int]) -> Iterator[None]:
+    """Pause (SIGSTOP) every worker but ``serving`` so that new connections
+    can only be accepted by it; resume them on exit. Deterministic routing
+    to one worker through the shared listener. Only live children of
+    ``supervisor`` are signalled (never a reused pid)."""
+    paused = sorted((workers - {serving}) & children(supervisor))
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        alive = children(supervisor)
+        for pid in paused:
+            if pid in alive:
+                os.kill(pid, signal.SIGCONT)
+
+
+@dataclass
+class GatewayProcess:
+    process: asyncio.subprocess.Process
+    proxy: str
+    admin: str
+    config_path: Path
+    output_path: Path
+    access_log: Path
+
+    def output(self) -> str:
+        return self.output_path.read_text(errors="replace")
+
+    async def metric(self, sample: str, **labels: str) -> float:
+        """The sum over every series of ``sample`` matching ``labels`` on the
+        supervisor's /metrics (every worker's values added up)."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.admin + "/metrics") as response,
+        ):
+            assert response.status == 200
+            text = await response.text()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+    async def status(self, path: str) -> int:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(self.admin + path) as response,
+            ):
+                return response.status
+        return 0
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    tmp_path: Path, config: dict[str, Any]
+) -> AsyncIterator[GatewayProcess]:
+    """``gateway run`` on ``config``; ready (/readyz 200, so every worker is
+    running) on entry; stopped, and never left behind, on exit."""
+    config_path = write_config(tmp_path / "gateway.yaml", config)
+    output_path = tmp_path / "gateway.out"
+    with output_path.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            GATEWAY, "run", "--config", str(config_path), stdout=output, stderr=output
+        )
+    gw = GatewayProcess(
+        process=process,
+        proxy=f"http://{config['listen']}",
+        admin=f"http://{config['admin']}",
+        config_path=config_path,
+        output_path=output_path,
+        access_log=Path(config["access_log"]["path"]),
+    )
+    workers: set[int] = set()
+    try:
+
+        async def ready() -> bool:
+            assert process.returncode is None, f"gateway run exited:\n{gw.output()}"
+            return await gw.status("/readyz") == 200
+
+        await poll(ready, "/readyz 200")
+        workers = children(process.pid)
+        yield gw
+    finally:
+        if process.returncode is None:
+            workers |= children(process.pid)
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), GUARD_SECONDS)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        for pid in workers:  # a worker left running would outlive the test
+            if is_our_worker(pid, config_path):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+async def spread_requests(
+    url: str, connections: int, per_connection: int, **kwargs: Any
+) -> list[tuple[int, CIMultiDict[str]]]:
+    """``connections`` keep-alive connections, each sending ``per_connection``
+    requests in turn, all connections at once."""
+
+    async def one_connection(c: int) -> list[tuple[int, CIMultiDict[str]]]:
+        out = []
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for i in range(per_connection):
+                async with session.get(f"{url}/w/{c}/{i}", **kwargs) as response:
+                    await response.read()
+                    out.append((response.status, CIMultiDict(response.headers)))
+        return out
+
+    results = await asyncio.gather(*(one_connection(c) for c in range(connections)))
+    return [item for result in results for item in result]
+
+
+async def fresh_connection_requests(url: str, count: int) -> list[tuple[int, CIMultiDict[str]]]:
+    """Each request on its own new connection (the kernel hands the accepts
+    to whichever worker is waiting)."""
+    out = []
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for i in range(count):
+            async with session.get(f"{url}/{i}") as response:
+                await response.read()
+                out.append((response.status, CIMultiDict(response.headers)))
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def statuses_of(results: list[tuple[int, CIMultiDict[str]]]) -> list[int]:
+    return [status for status, _headers in results]
+
+
+async def test_workers_share_one_limit_and_metrics_add_up(
+    tmp_path: Path, upstream: TestServer, redis_server: RedisServer
+) -> None:
+    config = workers_config(upstream, redis_server, tmp_path)
+    async with running_gateway(tmp_path, config) as gw:
+        workers = children(gw.process.pid)
+        assert len(workers) == 2
+        first, second = sorted(workers)
+        await clear_of_hour_boundary(redis_server.url)
+        # Each worker on its own first, then both at once; one shared bucket.
+        with only_serving(gw.process.pid, first, workers):
+            one = await spread_requests(gw.proxy, connections=4, per_connection=5)
+        with only_serving(gw.process.pid, second, workers):
+            two = await spread_requests(gw.proxy, connections=3, per_connection=10)
+        both = await spread_requests(gw.proxy, connections=5, per_connection=10)
+        assert statuses_of(one) == [200] * 20
+        assert sorted(statuses_of(two)) == [200] * 10 + [429] * 20
+        assert statuses_of(both) == [429] * 50
+        results = one + two + both
+        remaining = sorted(int(h["X-RateLimit-Remaining"]) for s, h in results if s == 200)
+        assert remaining == list(range(30))  # no token handed out twice
+
+        assert await gw.metric("gateway_requests_total", decision="allowed") == 30
+        assert await gw.metric("gateway_requests_total", decision="denied") == 70
+        assert await gw.metric("gateway_requests_total") == 100
+        assert await gw.metric("gateway_responses_total", code="200") == 30
+        assert await gw.metric("gateway_responses_total", code="429") == 70
+    assert gw.process.returncode == 0, gw.output()
+
+
+def test_check_rejects_workers_with_memory_storage(tmp_path: Path) -> None:
+    config_path = write_config(
+        tmp_path / "workers.yaml",
+        {
+            "upstream": {"url": "http://127.0.0.1:8000"},
+            "workers": 2,
+            "storage": {"backend": "memory"},
+        },
+    )
+    result = subprocess.run(
+        [GATEWAY, "check", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    problems = [
+        match
+        for line in result.stderr.splitlines()
+        if (match := PROBLEM_LINE.match(line)) is not None
+    ]
+    assert len(problems) == 1, result.stderr
+    assert problems[0]["path"] == str(config_path)
+    assert problems[0]["key"] == "workers"
+    assert "redis" in problems[0]["msg"]
+
+
+async def test_a_killed_worker_is_restarted_and_counted(
+    tmp_path: Path, upstream: TestServer, redis_server: RedisServer
+) -> None:
+    config = workers_config(upstream, redis_server, tmp_path, limits={"default": bucket(1000)})
+    async with running_gateway(tmp_path, config) as gw:
+        before = children(gw.process.pid)
+        assert len(before) == 2
+        assert await gw.metric("gateway_workers_restarted_total") == 0
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+
+        # The survivor keeps the listener serving meanwhile.
+        results = await fresh_connection_requests(gw.proxy, 10)
+        assert statuses_of(results) == [200] * 10
+
+        async def restarted() -> bool:
+            return await gw.metric("gateway_workers_restarted_total") == 1
+
+        await poll(restarted, "gateway_workers_restarted_total == 1", detail=gw.output)
+
+        async def replaced() -> bool:
+            now = children(gw.process.pid)
+            return len(now) == 2 and victim not in now
+
+        await poll(replaced, "a second worker again", detail=gw.output)
+
+        async def ready() -> bool:
+            return await gw.status("/readyz") == 200
+
+        await poll(ready, "/readyz 200 with both workers running", detail=gw.output)
+        assert await gw.status("/healthz") == 200
+        # The replacement serves too (the survivor paused meanwhile).
+        workers = children(gw.process.pid)
+        (replacement,) = workers - before
+        with only_serving(gw.process.pid, replacement, workers):
+            results = await fresh_connection_requests(gw.proxy, 5)
+        assert statuses_of(results) == [200] * 5
+        results = await fresh_connection_requests(gw.proxy, 10)
+        assert statuses_of(results) == [200] * 10
+        assert await gw.metric("gateway_workers_restarted_total") == 1
+        assert gw.output().count("exited with") == 1
+    assert gw.process.returncode == 0, gw.output()
+
+
+async def test_sighup_reaches_the_workers_and_sigterm_drains(
+    tmp_path: Path, upstream: TestServer, redis_server: RedisServer
+) -> None:
+    config = workers_config(upstream, redis_server, tmp_path)
+    answered: list[int] = []
+    async with running_gateway(tmp_path, config) as gw:
+        workers = children(gw.process.pid)
+        assert len(workers) == 2
+        await clear_of_hour_boundary(redis_server.url)
+        # No /tight route yet: the default bucket (30). Each worker answers
+        # once, so both are serving (their SIGHUP handlers are in place).
+        for pid in sorted(workers):
+            with only_serving(gw.process.pid, pid, workers):
+                results = await fresh_connection_requests(gw.proxy + "/tight", 3)
+            answered += statuses_of(results)
+            assert {h["X-RateLimit-Limit"] for _s, h in results} == {"30"}
+        assert answered == [200] * 6
+
+        reloaded = {**config, "routes": [{"path_prefix": "/tight", "limit": bucket(2)}]}
+        write_config(gw.config_path, reloaded)
+        gw.process.send_signal(signal.SIGHUP)
+
+        async def both_workers_reloaded() -> bool:
+            return len(WORKER_RELOADED.findall(gw.output())) == 2
+
+        await poll(both_workers_reloaded, "both workers to log the reload", detail=gw.output)
+        assert await gw.metric("gateway_config_reloads_total", result="success") == 1
+
+        # The new route's own bucket (2), on each worker, then on both.
+        tight: list[tuple[int, CIMultiDict[str]]] = []
+        for pid in sorted(workers):
+            with only_serving(gw.process.pid, pid, workers):
+                tight += await fresh_connection_requests(gw.proxy + "/tight", 1)
+        tight += await fresh_connection_requests(gw.proxy + "/tight", 10)
+        answered += statuses_of(tight)
+        assert statuses_of(tight) == [200] * 2 + [429] * 10
+        assert {h["X-RateLimit-Limit"] for _s, h in tight} == {"2"}
+        # The default bucket kept its tokens: 24 of 30 left.
+        results = await spread_requests(gw.proxy, connections=3, per_connection=10)
+        answered += statuses_of(results)
+        assert statuses_of(results).count(200) == 24
+        assert await gw.metric("gateway_requests_total") == len(answered)
+        assert children(gw.process.pid) == workers  # reloaded, not restarted
+        assert await gw.metric("gateway_workers_restarted_total") == 0
+
+        gw.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(gw.process.wait(), GUARD_SECONDS)
+        except TimeoutError:
+            raise AssertionError(f"no exit after SIGTERM:\n{gw.output()}") from None
+    assert gw.process.returncode == 0, gw.output()
+    assert "Traceback" not in gw.output()
+
+    records = [json.loads(line) for line in gw.access_log.read_text().splitlines()]
+    assert len(records) == len(answered)
+    assert sorted(r["status"] for r in records) == sorted(answered)
+    by_route = [(r["route"], r["decision"]) for r in records]
+    assert by_route.count(("/tight", "allowed")) == 2
+    assert by_route.count(("/tight", "denied")) == 10
+    assert by_route.count(("default", "allowed")) == 30
+
+
+async def test_sighup_as_soon_as_ready_reloads_every_worker_without_killing_one(
+    tmp_path: Path, upstream: TestServer, redis_server: RedisServer
+) -> None:
+    """An operator may reload the moment /readyz says 200 (config management
+    does): the reload must reach every worker, and none may die of it."""
+    config = workers_config(upstream, redis_server, tmp_path)
+    async with running_gateway(tmp_path, config) as gw:
+        workers = children(gw.process.pid)
+        assert len(workers) == 2
+        reloaded = {**config, "routes": [{"path_prefix": "/tight", "limit": bucket(2)}]}
+        write_config(gw.config_path, reloaded)
+        gw.process.send_signal(signal.SIGHUP)
+
+        # A reload is asynchronous (supervisor validates, then signals each
+        # worker): wait for both workers to log it, as an operator would.
+        async def both_workers_reloaded() -> bool:
+            return len(WORKER_RELOADED.findall(gw.output())) >= 2
+
+        await poll(both_workers_reloaded, "both workers to log the reload", detail=gw.output)
+        for pid in sorted(workers):
+            assert pid in children(gw.process.pid), f"worker {pid} died:\n{gw.output()}"
+            with only_serving(gw.process.pid, pid, workers):
+                results = await fresh_connection_requests(gw.proxy + "/tight", 1)
+            assert {h["X-RateLimit-Limit"] for _s, h in results} == {"2"}, pid
+        assert children(gw.process.pid) == workers, gw.output()
+        assert await gw.metric("gateway_workers_restarted_total") == 0, gw.output()
+        assert "exited with" not in gw.output()
+    assert gw.process.returncode == 0, gw.output()
