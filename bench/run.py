@@ -82,6 +82,22 @@ def run_wrk(url: str, duration: int, connections: int) -> Load:
     return Load(rps, pct("50"), pct("99"), int(non.group(1)) if non else 0)
 
 
+def fixed_rate(url: str, rate: float, duration: int, connections: int) -> Load:
+    """Latency at a fixed offered load (hey's -q is per connection)."""
+    per_connection = max(1, round(rate / connections))
+    out = subprocess.run(
+        ["hey", "-z", f"{duration}s", "-c", str(connections), "-q", str(per_connection), url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}% in ([\d.]+) secs", out, re.M)
+        return float(m.group(1)) * 1000 if m else float("nan")
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return Load(float(rps.group(1)) if rps else float("nan"), pct("50"), pct("99"), 0)
+
+
 def median_load(loads: list[Load]) -> Load:
     return Load(
         statistics.median(x.rps for x in loads),
@@ -197,20 +213,28 @@ def http_load_section(args: argparse.Namespace, tmp: Path) -> None:
     with nginx(tmp, "upstream", NGINX_UPSTREAM.format(tmp=tmp, port=up), up):
         direct = measure("direct upstream (nginx)", f"http://127.0.0.1:{up}/", r, d, c)
         results: dict[str, tuple[Load, Load]] = {}
+        half_load: tuple[float, Load, Load] | None = None
         for path_name, limits in (("allowed", ALLOWED), ("denied", DENIED)):
             np, gp = free_port(), free_port()
             conf = NGINX_LIMIT.format(
                 tmp=tmp, name=f"nginx-{path_name}", workers=1, port=np, upstream=up,
                 rate=limits["rate"], burst=limits["burst"],
             )  # fmt: skip
-            with nginx(tmp, f"nginx-{path_name}", conf, np):
-                n = measure(f"nginx limit_req, {path_name}", f"http://127.0.0.1:{np}/", r, d, c)
-            with gateway(
+            nginx_url, gateway_url = f"http://127.0.0.1:{np}/", f"http://127.0.0.1:{gp}/"
+            with nginx(tmp, f"nginx-{path_name}", conf, np), gateway(
                 tmp, f"gateway-{path_name}", gp, admin=free_port(), workers=1,
                 backend="memory", period=limits["period"], refill=limits["refill"],
                 max_tokens=limits["max_tokens"], **common,
             ):  # fmt: skip
-                g = measure(f"gateway, {path_name}", f"http://127.0.0.1:{gp}/", r, d, c)
+                n = measure(f"nginx limit_req, {path_name}", nginx_url, r, d, c)
+                g = measure(f"gateway, {path_name}", gateway_url, r, d, c)
+                if path_name == "allowed" and shutil.which("hey"):
+                    rate = g.rps / 2
+                    half_load = (
+                        rate,
+                        fixed_rate(nginx_url, rate, d, c),
+                        fixed_rate(gateway_url, rate, d, c),
+                    )
             results[path_name] = (n, g)
         np, gp = free_port(), free_port()
         conf = NGINX_LIMIT.format(
@@ -234,6 +258,14 @@ def http_load_section(args: argparse.Namespace, tmp: Path) -> None:
     print(
         f"  gateway allowed / direct upstream: {results['allowed'][1].rps / direct.rps:.2f} x"
     )
+    if half_load is not None:
+        rate, n, g = half_load
+        print(
+            f"\nAt half the gateway's peak ({rate:.0f} req/s fixed rate, hey -c{c}), allowed "
+            f"path:\n  nginx   p50 {n.p50_ms:.2f} ms  p99 {n.p99_ms:.2f} ms\n"
+            f"  gateway p50 {g.p50_ms:.2f} ms  p99 {g.p99_ms:.2f} ms   "
+            f"p99 difference {g.p99_ms - n.p99_ms:+.2f} ms"
+        )
 
 
 def rss_bytes() -> int:
