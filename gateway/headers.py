@@ -8,6 +8,7 @@ connection, not the message, so they are never forwarded either way.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
@@ -100,10 +101,13 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(upstream: MultiMapping[str]) -> CIMultiDict[str]:
+def downstream_response_headers(
+    upstream: MultiMapping[str], ours: Iterable[tuple[str, str]] = ()
+) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop fields and framing
     (Content-Length is set by the relay only when it is safe; copying it beside
-    a chunked body is the CL+TE desync aiohttp does not guard against)."""
+    a chunked body is the CL+TE desync aiohttp does not guard against), plus
+    ``ours`` (rate-limit headers, X-Request-ID), which replace the upstream's."""
     named = _connection_tokens(upstream)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
@@ -111,6 +115,8 @@ def downstream_response_headers(upstream: MultiMapping[str]) -> CIMultiDict[str]
         if lower in HOP_BY_HOP or lower == "content-length" or lower in named:
             continue
         out.add(name, value)
+    for name, value in ours:  # ours win over an upstream's own copies
+        out[name] = value
     return out
 
 

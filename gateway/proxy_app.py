@@ -157,7 +157,7 @@ class Gateway:
                     response = rate_limited(decision)
                 else:
                     response = await self._forward(
-                        request, config, client, peer, request_id, decision, relay
+                        request, snapshot, peer, request_id, decision, relay
                     )
             finally:
                 inflight.dec()
@@ -210,14 +210,14 @@ class Gateway:
     async def _forward(
         self,
         request: web.BaseRequest,
-        config: GatewayConfig,
-        client: str,
+        snapshot: Snapshot,
         peer: str,
         request_id: str,
         decision: Decision,
         relay: Relay,
     ) -> web.StreamResponse | None:
         """None once the upstream's response has been streamed to the client."""
+        config = snapshot.config
         max_body = config.max_body_size
         if max_body and (request.content_length or 0) > max_body:
             return self._reject(
@@ -230,13 +230,12 @@ class Gateway:
                 "bad_target",
                 "only origin-form and absolute-form targets are proxied",
             )
-        identifier = self.snapshot.identifier
         upstream_headers = upstream_request_headers(
             request.headers,
             peer=peer,
             scheme=request.scheme,
             request_id=request_id,
-            peer_is_trusted=identifier.is_trusted_peer(peer),
+            peer_is_trusted=snapshot.identifier.is_trusted_peer(peer),
             preserve_host=config.upstream.preserve_host,
         )
         extra = rate_limit_headers(decision)

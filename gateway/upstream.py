@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from gateway.config.model import ServerConfig, UpstreamConfig
@@ -31,7 +31,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.headers import downstream_response_headers
-from gateway.upstream_pool import LEAN_METHODS, UpstreamPool
+from gateway.upstream_pool import LEAN_METHODS, Exchange, UpstreamPool
 
 __all__ = ["BodyTimeoutError", "BodyTooLargeError", "ClientBodyError", "Relay", "Upstream"]
 
@@ -242,7 +242,11 @@ class Upstream:
                 return
         relay.upstream_seconds = time.perf_counter() - started
         async with upstream_response:
-            await self._relay(request, upstream_response, extra_response_headers, relay)
+            await self._stream(
+                request, upstream_response.status, upstream_response.reason,
+                upstream_response.headers, _aiohttp_body(upstream_response),
+                extra_response_headers, relay,
+            )  # fmt: skip
 
     async def _forward_lean(
         self,
@@ -267,78 +271,83 @@ class Upstream:
             return
         relay.upstream_seconds = time.perf_counter() - started
         try:
-            upstream_headers: CIMultiDict[str] = CIMultiDict(exchange.headers)
-            response_headers = downstream_response_headers(upstream_headers)
-            for name, value in extra_headers:
-                response_headers[name] = value
-            relay.status = exchange.status
             if exchange.complete:
                 # The whole answer is here: one write for head and body.
+                response_headers = downstream_response_headers(
+                    CIMultiDict(exchange.headers), extra_headers
+                )
                 body = exchange.take_buffered()
-                response: web.StreamResponse = web.Response(
+                response = web.Response(
                     status=exchange.status, reason=exchange.reason,
                     headers=response_headers, body=body,
                 )  # fmt: skip
+                relay.status = exchange.status
                 relay.response = response
-                await response.prepare(request)
-                await response.write_eof()
+                try:
+                    await response.prepare(request)
+                    await response.write_eof()
+                except ConnectionError:
+                    relay.client_gone = True
                 relay.bytes_out = len(body)
                 return
-            response = web.StreamResponse(
-                status=exchange.status, reason=exchange.reason, headers=response_headers
-            )
-            length = upstream_headers.get("Content-Length")
-            if length is not None and "Transfer-Encoding" not in upstream_headers:
-                response.content_length = int(length)
-            relay.response = response
-            await response.prepare(request)
-            while chunk := await exchange.next_chunk():
-                await response.write(chunk)
-                relay.bytes_out += len(chunk)
-            await response.write_eof()
-        except ConnectionError:
-            relay.client_gone = True  # released below unread: closed, not reused
-        except UpstreamError as exc:
-            relay.error = exc
-            if request.transport is not None:
-                request.transport.close()
+            await self._stream(
+                request, exchange.status, exchange.reason, CIMultiDict(exchange.headers),
+                _lean_body(exchange), extra_headers, relay,
+            )  # fmt: skip
         finally:
             pool.release(exchange)
 
-    async def _relay(
+    async def _stream(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        status: int,
+        reason: str | None,
+        upstream_headers: MultiMapping[str],
+        body: AsyncGenerator[bytes, None],
         extra_headers: list[tuple[str, str]],
         relay: Relay,
     ) -> None:
-        headers = downstream_response_headers(upstream.headers)
-        for name, value in extra_headers:
-            headers[name] = value
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
-        length = upstream.headers.get("Content-Length")
-        if length is not None and "Transfer-Encoding" not in upstream.headers:
+        """Relay an upstream response whose body is still arriving."""
+        headers = downstream_response_headers(upstream_headers, extra_headers)
+        response = web.StreamResponse(status=status, reason=reason, headers=headers)
+        length = upstream_headers.get("Content-Length")
+        if length is not None and "Transfer-Encoding" not in upstream_headers:
             response.content_length = int(length)
-        relay.status = upstream.status
+        relay.status = status
         relay.response = response
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            async for chunk in body:
                 await response.write(chunk)
                 relay.bytes_out += len(chunk)
             await response.write_eof()
         except ConnectionError:
             # The client left mid-response (aiohttp raises
-            # ClientConnectionResetError, a ConnectionResetError). Leaving the
-            # `async with` releases the upstream connection unread, so it is
-            # closed rather than reused.
+            # ClientConnectionResetError, a ConnectionResetError). The caller
+            # releases the upstream connection unread: closed, not reused.
             relay.client_gone = True
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError) as exc:
+        except UpstreamError as exc:
             # Headers are gone already: the only honest signal left is to cut
             # the client's connection so it sees a truncated response.
-            kind = UpstreamTimeoutError if isinstance(exc, TimeoutError) else UpstreamResetError
-            relay.error = kind(f"upstream failed mid-response: {exc}")
+            relay.error = exc
             if request.transport is not None:
                 request.transport.close()
+        finally:
+            await body.aclose()
+
+
+async def _lean_body(exchange: Exchange) -> AsyncGenerator[bytes, None]:
+    while chunk := await exchange.next_chunk():
+        yield chunk
+
+
+async def _aiohttp_body(upstream: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+    """The body in the chunks it arrives in (``iter_any``: see the module
+    docstring), upstream failures as UpstreamError."""
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    except TimeoutError as exc:
+        raise UpstreamTimeoutError(f"upstream went silent mid-response: {exc}") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+        raise UpstreamResetError(f"upstream failed mid-response: {exc}") from None
