@@ -61,6 +61,7 @@ class Exchange(asyncio.Protocol):
         self.complete = False
         self.got_bytes = False
         self.error: UpstreamError | None = None
+        self._interim = False
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -85,6 +86,13 @@ class Exchange(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.status and not self.complete and exc is None and self._close_delimited:
+            # No Content-Length, not chunked: the body ends where the
+            # connection does (RFC 9112 6.3, item 8).
+            self.complete = True
+            self._stop_read_timer()
+            self._wake()
+            return
         if not self.complete:
             reason = f": {exc}" if exc else ""
             self._fail(UpstreamResetError(f"upstream closed the connection{reason}"))
@@ -98,7 +106,14 @@ class Exchange(asyncio.Protocol):
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim answer (103 Early Hints, a stray 100): not the
+            # response; skip it, as aiohttp's client does.
+            self._interim = True
+            self.headers = []
+            return
+        self.status = status
         self.keep_alive = self._parser.should_keep_alive()
         if self._headers_done is not None and not self._headers_done.done():
             self._headers_done.set_result(None)
@@ -112,6 +127,9 @@ class Exchange(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self.complete = True
         self._stop_read_timer()
         self._wake()
@@ -198,6 +216,16 @@ class Exchange(asyncio.Protocol):
         self._stop_read_timer()
         if self.transport is not None:
             self.transport.close()
+
+    @property
+    def _close_delimited(self) -> bool:
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == "content-length" or (
+                lower == "transfer-encoding" and "chunked" in value.lower()
+            ):
+                return False
+        return self.status not in (204, 304)
 
     @property
     def reusable(self) -> bool:
