@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from gateway.config import parse_config
 from gateway.limiting.refill_clock import ManualRefillClock, RefillClock
 from gateway.server import Server
+from tests.helpers import base_url, free_port
 from tests.upstream_app import build_upstream_app
 
 
@@ -89,7 +91,7 @@ async def start_gateway(tmp_path: Path, upstream: TestServer) -> AsyncIterator[S
         *, manual_clock: bool = True, upstream_url: str | None = None, **overrides: Any
     ) -> RunningGateway:
         log_path = tmp_path / f"access-{len(started)}.log"
-        url = upstream_url or str(upstream.make_url("")).rstrip("/")
+        url = upstream_url or base_url(upstream)
         text = gateway_yaml(url, log_path, **overrides)
         config_path = tmp_path / f"gateway-{len(started)}.yaml"
         config_path.write_text(text)
@@ -114,14 +116,6 @@ async def start_gateway(tmp_path: Path, upstream: TestServer) -> AsyncIterator[S
     for running in started:
         if not running.server.draining:
             await running.server.stop()
-
-
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1 (for servers that
-    cannot bind port 0 and report back, like redis-server)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
@@ -170,6 +164,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def rds(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain synchronous client to look at what the gateway stored."""
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
 
 
 @pytest.fixture

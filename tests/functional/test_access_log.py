@@ -13,8 +13,9 @@ import aiohttp
 
 from gateway.access_log import FIELDS
 from tests.conftest import StartGateway
+from tests.helpers import limits
 
-BIG_BUCKET = {"default": {"refill_period": "1h", "refill_tokens": 1, "max_tokens": 100_000}}
+BIG_BUCKET = limits(100_000)
 
 
 class SlowReader:

@@ -3,50 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from aiohttp.test_utils import TestServer
 
-from tests.upstream_app import HITS
-
-VENV_BIN = Path(sys.executable).parent
-GATEWAY = str(VENV_BIN / "gateway")
-PROBLEM_LINE = re.compile(
-    r"^(?P<path>.+):(?P<line>\d+):(?P<col>\d+): (?P<key>\S+): (?P<msg>.+)$"
+from tests.helpers import (
+    CLI_TIMEOUT_SECONDS,
+    PROBLEM_LINE,
+    base_url,
+    free_port,
+    gateway_run,
+    limits,
+    run,
+    run_cli,
+    wait_healthy,
+    write_config,
 )
-CLI_TIMEOUT_SECONDS = 20
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [GATEWAY, *args],
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_SECONDS,
-        check=False,
-    )
-
-
-def write_config(path: Path, config: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+from tests.upstream_app import HITS
 
 
 def problem_lines(stderr: str, config_path: Path) -> list[re.Match[str]]:
@@ -98,32 +77,18 @@ async def test_run_serves_limits_and_drains_on_sigterm(
         {
             "listen": f"127.0.0.1:{proxy_port}",
             "admin": f"127.0.0.1:{admin_port}",
-            "upstream": {"url": str(upstream.make_url("")).rstrip("/")},
-            "limits": {"default": {"refill_period": "1h", "refill_tokens": 1, "max_tokens": 3}},
+            "upstream": {"url": base_url(upstream)},
+            "limits": limits(3),
             "access_log": {"path": str(access_log)},
             "drain_timeout": "5s",
         },
     )
-    process = await asyncio.create_subprocess_exec(
-        GATEWAY,
-        "run",
-        "--config",
-        str(config_path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with gateway_run(
+        config_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    ) as process:
         admin = f"http://127.0.0.1:{admin_port}"
         proxy = f"http://127.0.0.1:{proxy_port}"
-        for _attempt in range(200):  # up to ~10 s for the process to come up
-            assert process.returncode is None, "gateway run exited during start-up"
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                async with http.get(admin + "/healthz") as response:
-                    if response.status == 200:
-                        break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("/healthz never answered 200")
+        await wait_healthy(http, admin, process)  # up to ~10 s for the process to come up
 
         statuses = []
         for i in range(5):
@@ -135,10 +100,6 @@ async def test_run_serves_limits_and_drains_on_sigterm(
 
         process.send_signal(signal.SIGTERM)
         _stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.returncode == 0, stderr.decode(errors="replace")
     assert b"Traceback" not in stderr
 
@@ -153,22 +114,12 @@ async def test_run_serves_limits_and_drains_on_sigterm(
 async def test_run_with_invalid_config_exits_2_without_traceback(tmp_path: Path) -> None:
     config_path = tmp_path / "bad.yaml"
     config_path.write_text(INVALID_CONFIG)
-    process = await asyncio.create_subprocess_exec(
-        GATEWAY,
-        "run",
-        "--config",
-        str(config_path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with gateway_run(
+        config_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    ) as process:
         _stdout, stderr_bytes = await asyncio.wait_for(
             process.communicate(), CLI_TIMEOUT_SECONDS
         )
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     stderr = stderr_bytes.decode()
     assert process.returncode == 2, stderr
     assert "Traceback" not in stderr
@@ -228,13 +179,7 @@ def test_missing_config_file_exits_2_with_clear_message(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_gateway_help() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_SECONDS,
-        check=False,
-    )
+    result = run([sys.executable, "-m", "gateway", "--help"], timeout=CLI_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stderr
     for command in ("run", "check", "demo"):
         assert command in result.stdout

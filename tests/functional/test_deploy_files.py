@@ -18,7 +18,6 @@ import glob
 import json
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +35,19 @@ from aiohttp.test_utils import TestServer
 from gateway.config import GatewayConfig
 from gateway.config.load import parse_config
 from gateway.workers import EXIT_MARGIN_SECONDS
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
+from tests.helpers import (
+    GATEWAY,
+    POLL_INTERVAL,
+    assert_succeeded,
+    base_url,
+    bucket,
+    free_port,
+    gateway_run,
+    http_status,
+    run,
+    tool,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -50,14 +61,11 @@ EXAMPLE_CONFIG = REPO / "config" / "gateway.yaml"  # what the systemd unit's doc
 PROMETHEUS_RULES = DEPLOY / "prometheus" / "rules"
 ALERT_RULES = PROMETHEUS_RULES / "gateway-alerts.yml"
 
-VENV_BIN = Path(sys.executable).parent
-GATEWAY = str(VENV_BIN / "gateway")
 UNIT_GATEWAY = "/opt/ratelimit-gateway/.venv/bin/gateway"
 GATEWAY_SERVICES = ("gateway-a", "gateway-b")
 PROMETHEUS_JOB = "ratelimit-gateway"  # what deploy/prometheus/rules select on
 CLI_TIMEOUT_SECONDS = 30
 GUARD_SECONDS = 15.0  # a bound so that a hang fails clearly; never a timing target
-POLL_INTERVAL = 0.05
 
 YAML_FILES = sorted(
     [*COMPOSE_DIR.glob("*.y*ml"), *KUBERNETES_DIR.glob("*.y*ml")], key=lambda p: str(p)
@@ -261,25 +269,6 @@ def volume_mount(spec: str) -> tuple[str, str]:
     return source, target
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path is not None, f"{name} is not installed"
-    return path
-
-
-def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS, check=False
-    )
-
-
-def assert_succeeded(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, (
-        f"{shlex.join(result.args)} exited {result.returncode}\n"
-        f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-    )
-
-
 # -- parsing --------------------------------------------------------------------------
 
 
@@ -331,7 +320,9 @@ def container_config_file(request: pytest.FixtureRequest, tmp_path: Path) -> Pat
 
 
 def test_container_config_passes_gateway_check(container_config_file: Path) -> None:
-    result = run([GATEWAY, "check", "--config", str(container_config_file)])
+    result = run(
+        [GATEWAY, "check", "--config", str(container_config_file)], timeout=CLI_TIMEOUT_SECONDS
+    )
     assert_succeeded(result)
     assert ": ok (" in result.stdout
 
@@ -499,7 +490,11 @@ def test_compose_prometheus_scrapes_both_gateways_and_loads_the_rules(
     prometheus["rule_files"] = resolved
     config_path = tmp_path / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(prometheus))
-    assert_succeeded(run([tool("promtool"), "check", "config", str(config_path)]))
+    assert_succeeded(
+        run(
+            [tool("promtool"), "check", "config", str(config_path)], timeout=CLI_TIMEOUT_SECONDS
+        )
+    )
 
 
 # -- Kubernetes -----------------------------------------------------------------------
@@ -665,7 +660,9 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     binaries exist). It exits 0 even for unknown keys, so no line may name the unit."""
     unit = tmp_path / SYSTEMD_UNIT.name
     unit.write_text(SYSTEMD_UNIT.read_text().replace(UNIT_GATEWAY, GATEWAY))
-    result = run([tool("systemd-analyze"), "verify", "--man=no", str(unit)])
+    result = run(
+        [tool("systemd-analyze"), "verify", "--man=no", str(unit)], timeout=CLI_TIMEOUT_SECONDS
+    )
     assert_succeeded(result)
     complaints = [
         line
@@ -676,14 +673,6 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
 
 
 # -- the compose config, run: two instances, one redis --------------------------------
-
-
-async def http_status(session: aiohttp.ClientSession, url: str) -> int:
-    with contextlib.suppress(aiohttp.ClientError, OSError):
-        async with session.get(url) as response:
-            await response.read()
-            return response.status
-    return 0
 
 
 async def run_healthcheck(admin: str) -> int:
@@ -701,20 +690,15 @@ async def gateway_processes(
     configs: dict[str, dict[str, Any]], tmp_path: Path
 ) -> AsyncIterator[dict[str, asyncio.subprocess.Process]]:
     processes: dict[str, asyncio.subprocess.Process] = {}
-    try:
+    async with contextlib.AsyncExitStack() as stack:
         for name, config in configs.items():
             path = tmp_path / f"{name}.yaml"
             path.write_text(yaml.safe_dump(config))
             with (tmp_path / f"{name}.out").open("wb") as output:
-                processes[name] = await asyncio.create_subprocess_exec(
-                    GATEWAY, "run", "--config", str(path), stdout=output, stderr=output
+                processes[name] = await stack.enter_async_context(
+                    gateway_run(path, stdout=output, stderr=output)
                 )
         yield processes
-    finally:
-        for process in processes.values():
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
 
 
 def output_of(tmp_path: Path) -> Iterator[str]:
@@ -736,13 +720,9 @@ async def test_compose_config_runs_as_two_instances_sharing_one_redis(
         config = copy.deepcopy(base)
         config["listen"] = f"127.0.0.1:{free_port()}"
         config["admin"] = f"127.0.0.1:{free_port()}"
-        config["upstream"]["url"] = str(upstream.make_url("")).rstrip("/")
+        config["upstream"]["url"] = base_url(upstream)
         config["storage"]["redis_url"] = redis_server.url
-        config["limits"]["default"] = {
-            "refill_period": "1h",
-            "refill_tokens": 1,
-            "max_tokens": max_tokens,
-        }
+        config["limits"]["default"] = bucket(max_tokens)
         config["access_log"]["path"] = str(tmp_path / f"{name}-access.log")
         configs[name] = config
 

@@ -13,8 +13,6 @@ import ast
 import asyncio
 import json
 import re
-import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import RunningGateway, StartGateway
+from tests.helpers import assert_succeeded, free_port, limits, run, sequential, tool
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -68,34 +67,14 @@ GRAFANA_VARIABLES = {
     "$job": ".*",
 }
 POLL_SECONDS = 30.0
-TWO_TOKEN_LIMITS = {"default": {"refill_period": "1h", "refill_tokens": 1, "max_tokens": 2}}
+TWO_TOKEN_LIMITS = limits(2)
 
 
 # -- helpers --------------------------------------------------------------------------
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path is not None, f"{name} is not installed: run scripts/setup --test"
-    return path
-
-
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [tool("promtool"), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
-def assert_succeeded(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, (
-        f"{' '.join(result.args)} exited {result.returncode}\n"
-        f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-    )
+    return run([tool("promtool"), *args], timeout=30, cwd=REPO)
 
 
 def declared_metrics() -> dict[str, str]:
@@ -186,22 +165,6 @@ def panel_expressions(dashboard: dict[str, Any]) -> list[str]:
     annotations = dashboard["annotations"]["list"]
     exprs += [substitute_variables(a["expr"]) for a in annotations if a.get("expr")]
     return exprs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def send(http: aiohttp.ClientSession, url: str, count: int) -> list[int]:
-    statuses = []
-    for _ in range(count):
-        async with http.get(url) as response:
-            await response.read()
-            statuses.append(response.status)
-    return statuses
 
 
 # -- the contract's metric names --------------------------------------------------------
@@ -398,7 +361,7 @@ async def test_metrics_exposition_passes_promtool_check_metrics(
     start_gateway: StartGateway, http: aiohttp.ClientSession, scraper: aiohttp.ClientSession
 ) -> None:
     gw = await start_gateway(limits=TWO_TOKEN_LIMITS)
-    assert await send(http, gw.url + "/some/path", 5) == [200, 200, 429, 429, 429]
+    assert await sequential(http, gw.url + "/some/path", 5) == [200, 200, 429, 429, 429]
     async with scraper.get(gw.admin_url + "/metrics") as response:
         assert response.status == 200
         assert response.content_type == "text/plain"
@@ -425,7 +388,7 @@ async def test_metrics_are_openmetrics_when_asked(
     start_gateway: StartGateway, http: aiohttp.ClientSession, scraper: aiohttp.ClientSession
 ) -> None:
     gw = await start_gateway(limits=TWO_TOKEN_LIMITS)
-    await send(http, gw.url + "/", 3)
+    await sequential(http, gw.url + "/", 3)
     headers = {"Accept": "application/openmetrics-text; version=1.0.0"}
     async with scraper.get(gw.admin_url + "/metrics", headers=headers) as response:
         assert response.status == 200
@@ -547,16 +510,14 @@ async def test_real_prometheus_scrapes_the_gateway_and_records_the_denial_ratio(
     start_prometheus: StartPrometheus,
     http: aiohttp.ClientSession,
 ) -> None:
-    gw = await start_gateway(
-        limits={"default": {"refill_period": "1h", "refill_tokens": 1, "max_tokens": 10}}
-    )
+    gw = await start_gateway(limits=limits(10))
     prometheus = await start_prometheus(gw)
     await prometheus.wait_for('up{job="ratelimit-gateway"}', lambda v: v == 1)
 
     # One request first, so the series exist before the rest arrive and rate() sees them.
-    assert await send(http, gw.url + "/first", 1) == [200]
+    assert await sequential(http, gw.url + "/first", 1) == [200]
     await prometheus.wait_for("sum(gateway_requests_total)", lambda v: v == 1)
-    statuses = await send(http, gw.url + "/more", 29)
+    statuses = await sequential(http, gw.url + "/more", 29)
     assert statuses == [200] * 9 + [429] * 20
     assert gw.metric("gateway_requests_total", {"route": "default", "decision": "denied"}) == 20
 

@@ -10,122 +10,40 @@ would refuse to send the malformed bytes or would normalise them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDict
 
 from tests.conftest import RunningGateway, StartGateway
+from tests.helpers import (
+    GUARD_SECONDS,
+    RawResponse,
+    bucket,
+    build_request,
+    count_forwards,
+    poll,
+    raw_connection,
+    raw_exchange,
+    raw_exchange_to_close,
+    read_head,
+    read_response,
+    wait_idle,
+)
 from tests.upstream_app import HITS
 
-GUARD_SECONDS = 10.0  # a bound so a hung exchange fails clearly; never a timing target
 HIDDEN = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
-# --------------------------------------------------------------------------- raw HTTP
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-    complete: bool  # False when the connection ended before the framing said it would
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, CIMultiDict[str]]:
-    status_line = await reader.readline()
-    if not status_line:
-        raise ConnectionError("connection closed before a status line")
-    _version, status, _reason = status_line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-    headers: CIMultiDict[str] = CIMultiDict()
-    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers.add(name.strip(), value.strip())
-    return int(status), headers
-
-
-async def read_response(reader: asyncio.StreamReader) -> RawResponse:
-    status, headers = await read_head(reader)
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
-        body = bytearray()
-        while True:
-            size_line = await reader.readline()
-            if not size_line.endswith(b"\n"):
-                return RawResponse(status, headers, bytes(body), False)
-            size = int(size_line.split(b";")[0].strip(), 16)
-            if size == 0:
-                await reader.readline()
-                return RawResponse(status, headers, bytes(body), True)
-            try:
-                body += (await reader.readexactly(size + 2))[:-2]
-            except asyncio.IncompleteReadError as exc:
-                return RawResponse(status, headers, bytes(body) + exc.partial, False)
-    length = int(headers.get("Content-Length", "0"))
-    try:
-        return RawResponse(status, headers, await reader.readexactly(length), True)
-    except asyncio.IncompleteReadError as exc:
-        return RawResponse(status, headers, exc.partial, False)
-
-
-def request_bytes(
-    method: str,
-    target: str,
-    headers: list[tuple[str, str]] | None = None,
-    body: bytes = b"",
-    *,
-    host: str = "127.0.0.1",
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{name}: {value}" for name, value in headers or []]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-@contextlib.asynccontextmanager
-async def connect(
-    gw: RunningGateway,
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-async def exchange(gw: RunningGateway, data: bytes) -> tuple[RawResponse, bytes]:
-    """Send ``data`` on a fresh connection; the first response and whatever
-    follows it until the gateway closes the connection."""
-    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
-        writer.write(data)
-        await writer.drain()
-        response = await read_response(reader)
-        return response, await reader.read()
-
-
-async def exchange_one(gw: RunningGateway, data: bytes) -> RawResponse:
-    """Send ``data`` on a fresh connection and read one response."""
-    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
-        writer.write(data)
-        await writer.drain()
-        return await read_response(reader)
+# --------------------------------------------------------------------------- helpers
 
 
 async def assert_still_serving(gw: RunningGateway, path: str = "/still-serving") -> None:
-    response = await exchange_one(gw, request_bytes("GET", path))
+    response = await raw_exchange(gw, build_request("GET", path))
     assert response.status == 200
     assert response.json()["raw_path"] == path
 
@@ -143,48 +61,8 @@ def tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.WARNING and r.exc_info]
 
 
-async def wait_idle(gw: RunningGateway) -> None:
-    """Until the gateway has finished every request it accepted."""
-    async with asyncio.timeout(GUARD_SECONDS):
-        await gw.server.gateway.idle.wait()
-
-
 def rejected(gw: RunningGateway, reason: str) -> float:
     return gw.metric("gateway_rejected_requests_total", {"reason": reason})
-
-
-class ForwardCounter:
-    """Counts requests entering ``Upstream.forward``, awaitable."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._changed = asyncio.Condition()
-
-    async def entered(self) -> None:
-        async with self._changed:
-            self.count += 1
-            self._changed.notify_all()
-
-    async def wait_for(self, count: int) -> None:
-        async with asyncio.timeout(GUARD_SECONDS), self._changed:
-            await self._changed.wait_for(lambda: self.count >= count)
-
-
-def count_forwards(gw: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> ForwardCounter:
-    counter = ForwardCounter()
-    upstream = gw.server.upstream
-    original: Callable[..., Awaitable[None]] = upstream.forward
-
-    async def forward(*args: Any, **kwargs: Any) -> None:
-        await counter.entered()
-        await original(*args, **kwargs)
-
-    monkeypatch.setattr(upstream, "forward", forward)
-    return counter
-
-
-def bucket(max_tokens: int) -> dict[str, Any]:
-    return {"refill_period": "1h", "refill_tokens": 1, "max_tokens": max_tokens}
 
 
 # --------------------------------------------------------------------------- slow clients
@@ -252,9 +130,9 @@ async def test_stalled_request_body_gets_408_and_the_connection_closed(
     start_gateway: StartGateway,
 ) -> None:
     gw = await start_gateway(server={"body_timeout": "300ms"})
-    head = request_bytes("POST", "/upload", [("Content-Length", "100")])
+    head = build_request("POST", "/upload", [("Content-Length", "100")])
     started = time.monotonic()
-    response, rest = await exchange(gw, head + b"abc")
+    response, rest = await raw_exchange_to_close(gw, head + b"abc")
     elapsed = time.monotonic() - started
     assert_json_error(response, 408, "body_timeout")
     assert rest == b"", "the connection must be closed after a 408"
@@ -269,9 +147,9 @@ async def test_stalled_request_body_gets_408_and_the_connection_closed(
 @pytest.mark.parametrize(
     ("case", "request_data"),
     [
-        ("request_line", request_bytes("GET", "/" + "a" * 2000)),
-        ("header_value", request_bytes("GET", "/x", [("X-Big", "b" * 2000)])),
-        ("header_name", request_bytes("GET", "/x", [("X-" + "n" * 2000, "v")])),
+        ("request_line", build_request("GET", "/" + "a" * 2000)),
+        ("header_value", build_request("GET", "/x", [("X-Big", "b" * 2000)])),
+        ("header_name", build_request("GET", "/x", [("X-" + "n" * 2000, "v")])),
     ],
 )
 async def test_oversized_head_is_431_json_without_traceback(
@@ -283,7 +161,7 @@ async def test_oversized_head_is_431_json_without_traceback(
 ) -> None:
     caplog.set_level(logging.WARNING)
     gw = await start_gateway(server={"max_line_size": 1024, "max_field_size": 1024})
-    response, rest = await exchange(gw, request_data)
+    response, rest = await raw_exchange_to_close(gw, request_data)
     assert_json_error(response, 431, "headers_too_large")
     assert rest == b"", f"{case}: the connection must be closed"
     assert rejected(gw, "headers_too_large") == 1
@@ -298,13 +176,13 @@ async def test_too_many_headers_is_431(
     caplog.set_level(logging.WARNING)
     gw = await start_gateway(server={"max_headers": 20})
     headers = [(f"X-H{i}", "v") for i in range(40)]
-    response, rest = await exchange(gw, request_bytes("GET", "/many", headers))
+    response, rest = await raw_exchange_to_close(gw, build_request("GET", "/many", headers))
     assert_json_error(response, 431, "headers_too_large")
     assert rest == b""
     assert upstream.app[HITS] == []
     assert tracebacks(caplog) == []
     # Within the bound is fine.
-    ok = await exchange_one(gw, request_bytes("GET", "/few", headers[:10]))
+    ok = await raw_exchange(gw, build_request("GET", "/few", headers[:10]))
     assert ok.status == 200
 
 
@@ -315,9 +193,9 @@ async def test_declared_body_over_max_body_size_is_413_at_once(
     start_gateway: StartGateway, upstream: TestServer
 ) -> None:
     gw = await start_gateway(max_body_size=1000)
-    head = request_bytes("POST", "/too-big", [("Content-Length", "5000")])
+    head = build_request("POST", "/too-big", [("Content-Length", "5000")])
     started = time.monotonic()
-    response, rest = await exchange(gw, head)  # the body is never sent
+    response, rest = await raw_exchange_to_close(gw, head)  # the body is never sent
     elapsed = time.monotonic() - started
     assert_json_error(response, 413, "body_too_large")
     assert rest == b"", "the connection must be closed after a 413"
@@ -325,8 +203,8 @@ async def test_declared_body_over_max_body_size_is_413_at_once(
     assert upstream.app[HITS] == []
     assert rejected(gw, "body_too_large") == 1
     # At the limit is fine.
-    ok = await exchange_one(
-        gw, request_bytes("POST", "/fits", [("Content-Length", "1000")], b"z" * 1000)
+    ok = await raw_exchange(
+        gw, build_request("POST", "/fits", [("Content-Length", "1000")], b"z" * 1000)
     )
     assert ok.status == 200
     assert ok.json()["body_length"] == 1000
@@ -335,8 +213,8 @@ async def test_declared_body_over_max_body_size_is_413_at_once(
 async def test_chunked_body_over_max_body_size_is_413(start_gateway: StartGateway) -> None:
     gw = await start_gateway(max_body_size=1000)
     chunks = b"".join(b"1f4\r\n" + b"c" * 500 + b"\r\n" for _ in range(4)) + b"0\r\n\r\n"
-    head = request_bytes("POST", "/chunked-big", [("Transfer-Encoding", "chunked")])
-    response, rest = await exchange(gw, head + chunks)
+    head = build_request("POST", "/chunked-big", [("Transfer-Encoding", "chunked")])
+    response, rest = await raw_exchange_to_close(gw, head + chunks)
     assert_json_error(response, 413, "body_too_large")
     assert rest == b""
     await assert_still_serving(gw)
@@ -399,9 +277,9 @@ async def test_smuggling_shapes_never_reach_the_upstream_as_two_requests(
 ) -> None:
     gw = await start_gateway()
     headers, body = SMUGGLING_CASES[case]
-    attack = request_bytes("POST", f"/attack-{case}", _with_length(headers, body), body)
+    attack = build_request("POST", f"/attack-{case}", _with_length(headers, body), body)
 
-    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
+    async with asyncio.timeout(GUARD_SECONDS), raw_connection(gw) as (reader, writer):
         writer.write(attack)
         await writer.drain()
         first = await read_response(reader)
@@ -415,7 +293,7 @@ async def test_smuggling_shapes_never_reach_the_upstream_as_two_requests(
             echoed = first.json()
             assert echoed["raw_path"] == f"/attack-{case}"
             # The next response on this connection must answer the next request.
-            writer.write(request_bytes("GET", "/sentinel"))
+            writer.write(build_request("GET", "/sentinel"))
             await writer.drain()
             second = await read_response(reader)
             assert second.status == 200
@@ -436,8 +314,8 @@ async def test_absolute_form_target_goes_to_the_configured_upstream_only(
     start_gateway: StartGateway, upstream: TestServer
 ) -> None:
     gw = await start_gateway()
-    data = request_bytes("GET", "http://evil.example/x?y=1", host="evil.example")
-    response = await exchange_one(gw, data)
+    data = build_request("GET", "http://evil.example/x?y=1", host="evil.example")
+    response = await raw_exchange(gw, data)
     assert response.status == 200
     assert response.json()["raw_path"] == "/x?y=1"
     assert upstream.app[HITS] == ["/x?y=1"]
@@ -450,11 +328,8 @@ async def test_connect_is_405_and_nothing_is_proxied(
     start_gateway: StartGateway, upstream: TestServer
 ) -> None:
     gw = await start_gateway()
-    data = request_bytes("CONNECT", "evil.example:443", host="evil.example:443")
-    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
-        writer.write(data)
-        await writer.drain()
-        response = await read_response(reader)
+    data = build_request("CONNECT", "evil.example:443", host="evil.example:443")
+    response = await raw_exchange(gw, data)
     assert_json_error(response, 405, "bad_target")
     assert upstream.app[HITS] == []
     await assert_still_serving(gw)
@@ -529,8 +404,8 @@ async def test_client_disconnect_mid_response_leaks_nothing(
     size = 50_000_000
     async with asyncio.timeout(GUARD_SECONDS):
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
-        writer.write(request_bytes("GET", f"/download?size={size}"))
-        status, headers = await read_head(reader)
+        writer.write(build_request("GET", f"/download?size={size}"))
+        _, status, _, headers = await read_head(reader)
         assert status == 200
         assert headers["Content-Length"] == str(size)
         await reader.readexactly(64 * 1024)
@@ -544,12 +419,12 @@ async def test_client_disconnect_mid_response_leaks_nothing(
     assert upstream.runner is not None
     upstream_server = upstream.runner.server
     assert isinstance(upstream_server, web.Server)
-    for _attempt in range(100):  # bounded: the upstream notices the close
-        if not upstream_server.connections:
-            break
-        await asyncio.sleep(0.02)
-    else:
-        raise AssertionError("the gateway kept the upstream download connection open")
+    await poll(  # bounded: the upstream notices the close
+        lambda: not upstream_server.connections,
+        "the gateway kept the upstream download connection open",
+        attempts=100,
+        interval=0.02,
+    )
     assert (
         gw.metric("gateway_upstream_errors_total", {"route": "default", "kind": "reset"}) == 0
     )
@@ -566,11 +441,8 @@ async def test_upstream_reset_mid_response_cuts_the_client_and_is_counted(
 ) -> None:
     caplog.set_level(logging.WARNING)
     gw = await start_gateway()
-    async with asyncio.timeout(GUARD_SECONDS), connect(gw) as (reader, writer):
-        writer.write(request_bytes("GET", "/reset"))
-        await writer.drain()
-        response = await read_response(reader)
-        assert await reader.read() == b"", "the client connection must be closed"
+    response, rest = await raw_exchange_to_close(gw, build_request("GET", "/reset"))
+    assert rest == b"", "the client connection must be closed"
     assert response.status == 200
     assert response.headers["Content-Length"] == "1000000"
     assert not response.complete

@@ -7,15 +7,22 @@ import asyncio
 import json
 import math
 import time
-from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDictProxy
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.limiting.refill_clock import ManualRefillClock
 from tests.conftest import RunningGateway, StartGateway, gather_statuses
+from tests.helpers import (
+    admin_buckets,
+    bucket,
+    fetch,
+    limits,
+    metric_samples,
+    metrics_text,
+    poll,
+    sequential,
+)
 from tests.upstream_app import HITS
 
 ACCESS_LOG_FIELDS = {
@@ -35,43 +42,9 @@ ACCESS_LOG_FIELDS = {
 }
 
 
-def bucket(
-    max_tokens: int, refill_tokens: int = 1, refill_period: str = "1h"
-) -> dict[str, Any]:
-    return {
-        "refill_period": refill_period,
-        "refill_tokens": refill_tokens,
-        "max_tokens": max_tokens,
-    }
-
-
-def limits(
-    max_tokens: int, refill_tokens: int = 1, refill_period: str = "1h"
-) -> dict[str, Any]:
-    return {"default": bucket(max_tokens, refill_tokens, refill_period)}
-
-
 def manual(gw: RunningGateway) -> ManualRefillClock:
     assert isinstance(gw.clock, ManualRefillClock)
     return gw.clock
-
-
-async def fetch(
-    http: aiohttp.ClientSession, url: str, **kwargs: Any
-) -> tuple[int, CIMultiDictProxy[str], bytes]:
-    async with http.get(url, **kwargs) as response:
-        body = await response.read()
-        return response.status, response.headers, body
-
-
-async def sequential(
-    http: aiohttp.ClientSession, url: str, count: int, **kwargs: Any
-) -> list[int]:
-    statuses = []
-    for _ in range(count):
-        status, _headers, _body = await fetch(http, url, **kwargs)
-        statuses.append(status)
-    return statuses
 
 
 def requests_metric(gw: RunningGateway, route: str, decision: str) -> float:
@@ -214,11 +187,8 @@ async def test_trusted_proxy_rightmost_untrusted_hop_is_the_client(
         http, url, 1, headers={"X-Forwarded-For": "203.0.113.6, 10.1.2.3"}
     ) == [200]
 
-    async with http.get(gw.admin_url + "/admin/clients/203.0.113.5") as response:
-        assert response.status == 200
-        body = await response.json()
-    tokens = {b["route"]: b["tokens"] for b in body["buckets"]}
-    assert tokens["default"] == 0
+    buckets = await admin_buckets(http, gw.admin_url, "203.0.113.5")
+    assert buckets["default"]["tokens"] == 0
 
     await gw.server.stop()
     clients = [r["client"] for r in gw.access_records()]
@@ -481,15 +451,7 @@ async def test_metrics_add_up_exactly(
     assert gw.metric("gateway_request_duration_seconds_count", {"route": "default"}) == 30
 
     # The same numbers over the admin listener, in the Prometheus text format.
-    metrics_url = gw.admin_url + "/metrics"
-    async with http.get(metrics_url, headers={"Accept-Encoding": "identity"}) as response:
-        assert response.status == 200
-        text = await response.text()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    samples = metric_samples(await metrics_text(http, gw.admin_url))
     key = ("gateway_requests_total", (("decision", "denied"), ("route", "default")))
     assert samples[key] == 20
     key = ("gateway_requests_total", (("decision", "allowed"), ("route", "default")))
@@ -561,11 +523,7 @@ async def test_admin_client_shows_tokens(
     await sequential(http, gw.url + "/login", 1, headers=headers)
     manual(gw).advance(15)
 
-    async with http.get(gw.admin_url + "/admin/clients/acct-42") as response:
-        assert response.status == 200
-        body = await response.json()
-    assert body["client"] == "acct-42"
-    by_route = {b["route"]: b for b in body["buckets"]}
+    by_route = await admin_buckets(http, gw.admin_url, "acct-42")
     assert by_route["default"]["tokens"] == 7
     assert by_route["default"]["max_tokens"] == 10
     assert math.isclose(by_route["default"]["next_refill_seconds"], 45, abs_tol=0.01)
@@ -573,10 +531,8 @@ async def test_admin_client_shows_tokens(
     assert by_route["/login"]["max_tokens"] == 5
 
     # An unseen client has full buckets.
-    async with http.get(gw.admin_url + "/admin/clients/nobody") as response:
-        assert response.status == 200
-        body = await response.json()
-    assert {b["route"]: b["tokens"] for b in body["buckets"]} == {"default": 10, "/login": 5}
+    unseen = await admin_buckets(http, gw.admin_url, "nobody")
+    assert {route: b["tokens"] for route, b in unseen.items()} == {"default": 10, "/login": 5}
 
 
 async def test_admin_health_and_readiness(
@@ -645,12 +601,12 @@ async def test_max_concurrent_denies_the_third_request_at_once(
     key = {"X-API-Key": "busy"}
     slow_url = gw.url + "/slow?delay=1.5"
     slow = [asyncio.create_task(fetch(http, slow_url, headers=key)) for _ in range(2)]
-    for _attempt in range(200):  # both are in flight once the upstream saw them
-        if len(upstream.app[HITS]) == 2:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("the two slow requests never reached the upstream")
+    await poll(  # both are in flight once the upstream saw them
+        lambda: len(upstream.app[HITS]) == 2,
+        "the two slow requests never reached the upstream",
+        attempts=200,
+        interval=0.01,
+    )
 
     started = time.monotonic()
     status, headers, _body = await fetch(http, gw.url + "/slow?delay=1.5", headers=key)

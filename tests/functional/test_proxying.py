@@ -18,7 +18,6 @@ import io
 import json
 import os
 import resource
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,117 +30,26 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.conftest import RunningGateway, StartGateway
+from tests.conftest import StartGateway
+from tests.helpers import (
+    GUARD_SECONDS,
+    base_url,
+    build_request,
+    free_port,
+    limits,
+    raw_connection,
+    raw_exchange,
+    raw_exchange_to_close,
+    read_head,
+    read_response,
+    wait_idle,
+)
 from tests.upstream_app import HITS
 
 MiB = 1024 * 1024
-RAW_TIMEOUT = 10.0  # seconds; a guard so a hung exchange fails clearly, not a budget
 
 
-# --------------------------------------------------------------------------- raw HTTP
-
-
-@dataclass
-class RawResponse:
-    status: int
-    reason: str
-    version: str
-    headers: CIMultiDict[str]
-    body: bytes
-    complete: bool  # False when the connection ended before the framing said it would
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[str, int, str, CIMultiDict[str]]:
-    status_line = await reader.readline()
-    if not status_line:
-        raise ConnectionError("connection closed before a status line")
-    version, status, reason = status_line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-    headers: CIMultiDict[str] = CIMultiDict()
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers.add(name.strip(), value.strip())
-    return version, int(status), reason, headers
-
-
-async def read_body(
-    reader: asyncio.StreamReader, status: int, headers: CIMultiDict[str], *, head: bool
-) -> tuple[bytes, bool]:
-    if head or status in (204, 304) or 100 <= status < 200:
-        return b"", True
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
-        body = bytearray()
-        while True:
-            size_line = await reader.readline()
-            if not size_line.endswith(b"\n"):
-                return bytes(body), False
-            size = int(size_line.split(b";")[0].strip(), 16)
-            if size == 0:
-                while await reader.readline() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return bytes(body), True
-            try:
-                chunk = await reader.readexactly(size + 2)
-            except asyncio.IncompleteReadError as exc:
-                body += exc.partial[:size]
-                return bytes(body), False
-            body += chunk[:-2]
-    length = headers.get("Content-Length")
-    if length is not None:
-        try:
-            return await reader.readexactly(int(length)), True
-        except asyncio.IncompleteReadError as exc:
-            return exc.partial, False
-    return await reader.read(), True  # delimited by the connection's end
-
-
-async def read_response(reader: asyncio.StreamReader, *, head: bool = False) -> RawResponse:
-    version, status, reason, headers = await read_head(reader)
-    body, complete = await read_body(reader, status, headers, head=head)
-    return RawResponse(status, reason, version, headers, body, complete)
-
-
-@contextlib.asynccontextmanager
-async def raw_connection(
-    url: str,
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    port = URL(url).port
-    assert port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-def build_request(
-    method: str,
-    target: str,
-    headers: list[tuple[str, str]] | None = None,
-    body: bytes | None = None,
-    *,
-    host: str = "127.0.0.1",
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{name}: {value}" for name, value in headers or []]
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
-
-
-async def raw_exchange(url: str, request: bytes, *, head: bool = False) -> RawResponse:
-    """Send one request on a fresh connection and read one response."""
-    async with asyncio.timeout(RAW_TIMEOUT), raw_connection(url) as (reader, writer):
-        writer.write(request)
-        await writer.drain()
-        return await read_response(reader, head=head)
+# --------------------------------------------------------------------------- helpers
 
 
 def upstream_saw(echo: Any) -> CIMultiDict[str]:
@@ -239,22 +147,9 @@ async def extra() -> AsyncIterator[ExtraUpstream]:
     # auto_decompress=False: /raw-body must see the bytes the gateway sent.
     server = TestServer(state.build(), host="127.0.0.1")
     await server.start_server(auto_decompress=False)
-    state.url = str(server.make_url("")).rstrip("/")
+    state.url = base_url(server)
     yield state
     await server.close()
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def wait_idle(gw: RunningGateway) -> None:
-    """Until the gateway has finished every request it accepted."""
-    async with asyncio.timeout(RAW_TIMEOUT):
-        await gw.server.gateway.idle.wait()
 
 
 # --------------------------------------------------------------------------- methods & targets
@@ -307,7 +202,7 @@ async def test_target_forwarded_byte_for_byte(
     start_gateway: StartGateway, upstream: TestServer, target: str
 ) -> None:
     gw = await start_gateway()
-    response = await raw_exchange(gw.url, build_request("GET", target))
+    response = await raw_exchange(gw, build_request("GET", target))
     assert response.status == 200
     assert response.json()["raw_path"] == target
     assert upstream.app[HITS] == [target]
@@ -329,7 +224,7 @@ async def test_duplicate_request_headers_forwarded(start_gateway: StartGateway) 
     request = build_request(
         "GET", "/dup", [("X-Dup", "one"), ("X-Dup", "two"), ("Accept", "text/a, text/b")]
     )
-    echo = (await raw_exchange(gw.url, request)).json()
+    echo = (await raw_exchange(gw, request)).json()
     seen = upstream_saw(echo)
     assert seen.getall("X-Dup") == ["one", "two"]
     assert seen.getall("Accept") == ["text/a, text/b"]
@@ -385,7 +280,7 @@ async def test_chunked_request_body_is_streamed_as_chunks(
         b"Transfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
     )
-    echo = (await raw_exchange(gw.url, request)).json()
+    echo = (await raw_exchange(gw, request)).json()
     assert echo["body_length"] == 11
     assert echo["body_sha256"] == hashlib.sha256(b"hello world").hexdigest()
     seen = upstream_saw(echo)
@@ -402,7 +297,7 @@ async def test_request_body_reaches_upstream_before_the_client_finishes(
 
     async def body() -> AsyncIterator[bytes]:
         yield b"first-chunk"
-        async with asyncio.timeout(RAW_TIMEOUT):
+        async with asyncio.timeout(GUARD_SECONDS):
             first = await asyncio.shield(extra.first_chunk)
         assert first.startswith(b"first")
         yield b"-the-rest"
@@ -478,7 +373,7 @@ async def test_empty_statuses_have_no_body_and_keep_the_connection_usable(
     """Twice on one keep-alive connection (and a third request after): a
     stray body byte or a hang on the second empty body (aiohttp#7616) shows."""
     gw = await start_gateway()
-    async with asyncio.timeout(RAW_TIMEOUT), raw_connection(gw.url) as (reader, writer):
+    async with asyncio.timeout(GUARD_SECONDS), raw_connection(gw) as (reader, writer):
         for _ in range(2):
             writer.write(build_request("GET", f"/status/{code}"))
             response = await read_response(reader)
@@ -497,7 +392,7 @@ async def test_head_keeps_content_length_and_sends_no_body(
     start_gateway: StartGateway,
 ) -> None:
     gw = await start_gateway()
-    async with asyncio.timeout(RAW_TIMEOUT), raw_connection(gw.url) as (reader, writer):
+    async with asyncio.timeout(GUARD_SECONDS), raw_connection(gw) as (reader, writer):
         writer.write(build_request("HEAD", "/status/200"))
         head = await read_response(reader, head=True)
         # Any body byte after a HEAD response would corrupt this next response.
@@ -513,7 +408,7 @@ async def test_head_keeps_content_length_and_sends_no_body(
 async def test_http10_client_gets_an_unchunked_stream(start_gateway: StartGateway) -> None:
     gw = await start_gateway()
     request = b"GET /stream?n=3&delay=0 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
-    response = await raw_exchange(gw.url, request)
+    response = await raw_exchange(gw, request)
     assert response.status == 200
     assert "chunked" not in response.headers.get("Transfer-Encoding", "")
     assert response.body == b"part 0\npart 1\npart 2\n"
@@ -525,8 +420,10 @@ async def test_expect_100_continue_is_answered(start_gateway: StartGateway) -> N
     10.1.1: a proxy must answer 417 or forward, and forward 1xx, 15.2)."""
     gw = await start_gateway()
     body = b"12345"
-    head = build_request("POST", "/upload", [("Expect", "100-continue")], body)[: -len(body)]
-    async with asyncio.timeout(RAW_TIMEOUT), raw_connection(gw.url) as (reader, writer):
+    head = build_request(
+        "POST", "/upload", [("Expect", "100-continue"), ("Content-Length", str(len(body)))]
+    )
+    async with asyncio.timeout(GUARD_SECONDS), raw_connection(gw) as (reader, writer):
         writer.write(head)
         try:
             async with asyncio.timeout(3):
@@ -572,7 +469,7 @@ async def test_headers_named_in_several_connection_fields_dropped_from_response(
     start_gateway: StartGateway, extra: ExtraUpstream
 ) -> None:
     gw = await start_gateway(upstream_url=extra.url)
-    response = await raw_exchange(gw.url, build_request("GET", "/multi-connection"))
+    response = await raw_exchange(gw, build_request("GET", "/multi-connection"))
     assert response.status == 200
     assert response.headers["X-C"] == "3"
     for name in ("X-A", "X-B", "Trailer"):
@@ -602,7 +499,7 @@ async def test_hop_by_hop_request_headers_dropped(start_gateway: StartGateway) -
             ("Authorization", "Bearer end-to-end"),
         ],
     )
-    echo = (await raw_exchange(gw.url, request)).json()
+    echo = (await raw_exchange(gw, request)).json()
     seen = upstream_saw(echo)
     assert seen["X-Bar"] == "kept"
     assert seen["Authorization"] == "Bearer end-to-end"
@@ -622,7 +519,7 @@ async def test_forwarding_headers_set(
 ) -> None:
     gw = await start_gateway()
     request = build_request("GET", "/fwd", host="api.example.test")
-    response = await raw_exchange(gw.url, request)
+    response = await raw_exchange(gw, request)
     seen = upstream_saw(response.json())
     assert seen.getall("X-Forwarded-For") == ["127.0.0.1"]
     assert seen.getall("X-Forwarded-Proto") == ["http"]
@@ -716,7 +613,7 @@ async def test_gzip_passes_through_undecoded(
 
 async def test_no_accept_encoding_or_user_agent_added(start_gateway: StartGateway) -> None:
     gw = await start_gateway()
-    echo = (await raw_exchange(gw.url, build_request("GET", "/bare"))).json()
+    echo = (await raw_exchange(gw, build_request("GET", "/bare"))).json()
     seen = upstream_saw(echo)
     for name in ("Accept-Encoding", "User-Agent", "Accept"):
         assert name not in seen, name
@@ -725,7 +622,7 @@ async def test_no_accept_encoding_or_user_agent_added(start_gateway: StartGatewa
     request = build_request(
         "GET", "/bare", [("Accept-Encoding", "identity"), ("User-Agent", "curl/8.0")]
     )
-    seen = upstream_saw((await raw_exchange(gw.url, request)).json())
+    seen = upstream_saw((await raw_exchange(gw, request)).json())
     assert seen.getall("Accept-Encoding") == ["identity"]
     assert seen.getall("User-Agent") == ["curl/8.0"]
 
@@ -733,9 +630,7 @@ async def test_no_accept_encoding_or_user_agent_added(start_gateway: StartGatewa
 async def test_rate_limit_headers_on_allowed_responses(
     start_gateway: StartGateway, http: aiohttp.ClientSession
 ) -> None:
-    gw = await start_gateway(
-        limits={"default": {"refill_period": "10s", "refill_tokens": 1, "max_tokens": 5}}
-    )
+    gw = await start_gateway(limits=limits(5, refill_period="10s"))
     expected_remaining = 4
     for path in ("/echo", "/stream?n=2&delay=0", "/status/204", "/download?size=10"):
         async with http.get(gw.url + path) as response:
@@ -757,7 +652,7 @@ async def test_upstream_failure_responses_carry_rate_limit_headers(
     still needs its quota to pace itself ("every proxied response")."""
     gw = await start_gateway(
         upstream_url=f"http://127.0.0.1:{free_port()}",
-        limits={"default": {"refill_period": "10s", "refill_tokens": 1, "max_tokens": 5}},
+        limits=limits(5, refill_period="10s"),
     )
     async with http.get(gw.url + "/x") as response:
         await response.read()
@@ -776,7 +671,7 @@ async def test_chunked_stream_arrives_incrementally(
     """The upstream writes part i+1 only after the client has read part i
     through the gateway; any buffering deadlocks (and times out)."""
     gw = await start_gateway(upstream_url=extra.url)
-    async with asyncio.timeout(RAW_TIMEOUT), http.get(gw.url + "/lockstep?n=4") as response:
+    async with asyncio.timeout(GUARD_SECONDS), http.get(gw.url + "/lockstep?n=4") as response:
         assert response.status == 200
         assert response.headers.get("Transfer-Encoding", "").lower() == "chunked"
         for i in range(4):
@@ -803,7 +698,7 @@ async def test_websocket_proxied_both_ways(
 ) -> None:
     gw = await start_gateway()
     async with (
-        asyncio.timeout(RAW_TIMEOUT),
+        asyncio.timeout(GUARD_SECONDS),
         http.ws_connect(gw.url + "/ws", protocols=("chat",)) as ws,
     ):
         assert ws.protocol == "chat"
@@ -823,7 +718,7 @@ async def test_websocket_close_reason_forwarded(
 ) -> None:
     gw = await start_gateway()
     async with (
-        asyncio.timeout(RAW_TIMEOUT),
+        asyncio.timeout(GUARD_SECONDS),
         http.ws_connect(gw.url + "/ws", protocols=("chat",)) as ws,
     ):
         await ws.send_str("close")
@@ -836,7 +731,7 @@ async def test_websocket_client_close_code_and_ping_reach_upstream(
     start_gateway: StartGateway, extra: ExtraUpstream, http: aiohttp.ClientSession
 ) -> None:
     gw = await start_gateway(upstream_url=extra.url)
-    async with asyncio.timeout(RAW_TIMEOUT):
+    async with asyncio.timeout(GUARD_SECONDS):
         ws = await http.ws_connect(gw.url + "/ws-record", autoping=False)
         await ws.ping(b"p1")
         pong = await ws.receive()
@@ -930,16 +825,14 @@ async def test_upstream_reset_mid_response_truncates_and_gateway_keeps_serving(
     start_gateway: StartGateway,
 ) -> None:
     gw = await start_gateway()
-    async with asyncio.timeout(RAW_TIMEOUT), raw_connection(gw.url) as (reader, writer):
-        writer.write(build_request("GET", "/reset"))
-        response = await read_response(reader)
-        assert await reader.read() == b""  # and the connection is closed
+    response, rest = await raw_exchange_to_close(gw, build_request("GET", "/reset"))
+    assert rest == b""  # and the connection is closed
     assert response.status == 200
     assert not response.complete, "a cut upstream response must not look complete"
     assert len(response.body) < 1_000_000
     await wait_idle(gw)
 
-    after = await raw_exchange(gw.url, build_request("GET", "/after-reset"))
+    after = await raw_exchange(gw, build_request("GET", "/after-reset"))
     assert after.status == 200
     assert after.json()["raw_path"] == "/after-reset"
     labels = {"route": "default", "kind": "reset"}
@@ -950,7 +843,7 @@ async def test_client_disconnect_mid_download_leaves_gateway_serving(
     start_gateway: StartGateway,
 ) -> None:
     gw = await start_gateway()
-    async with asyncio.timeout(RAW_TIMEOUT):
+    async with asyncio.timeout(GUARD_SECONDS):
         reader, writer = await asyncio.open_connection("127.0.0.1", URL(gw.url).port)
         writer.write(build_request("GET", f"/download?size={64 * MiB}"))
         _, status, _, headers = await read_head(reader)
@@ -961,7 +854,7 @@ async def test_client_disconnect_mid_download_leaves_gateway_serving(
         await wait_idle(gw)
     assert gw.metric("gateway_inflight_requests") == 0
 
-    after = await raw_exchange(gw.url, build_request("GET", "/after-abort"))
+    after = await raw_exchange(gw, build_request("GET", "/after-abort"))
     assert after.status == 200
     assert after.json()["raw_path"] == "/after-abort"
     assert (

@@ -15,19 +15,27 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 import redis
-from multidict import CIMultiDictProxy
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.limiting.redis_store import BREAKER_OPEN_SECONDS
 from tests.conftest import RedisServer, RunningGateway, StartGateway
+from tests.helpers import (
+    POLL_INTERVAL,
+    admin_buckets,
+    bucket,
+    clear_of_hour_boundary,
+    fetch,
+    limits,
+    readyz,
+    redis_now_ms,
+    scrape_sum,
+)
 
-HOUR_MS = 3_600_000
 # Where Redis is healthy, a generous storage.timeout: a slow CI box must not
 # turn into on_error decisions that would spoil an exact count.
 HEALTHY_TIMEOUT_SECONDS = 1.0
@@ -37,27 +45,10 @@ SILENT_TIMEOUT_SECONDS = 0.05
 # plus the proxying itself.
 OUTAGE_LATENCY_BOUND = OUTAGE_TIMEOUT_SECONDS + 0.2
 SILENT_REDIS_LATENCY_BOUND = 0.3
-POLL_INTERVAL = 0.05
 DEFAULT_KEY = "rl:{127.0.0.1}:default"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def bucket(
-    max_tokens: int, refill_tokens: int = 1, refill_period: str = "1h"
-) -> dict[str, Any]:
-    return {
-        "refill_period": refill_period,
-        "refill_tokens": refill_tokens,
-        "max_tokens": max_tokens,
-    }
-
-
-def limits(
-    max_tokens: int, refill_tokens: int = 1, refill_period: str = "1h"
-) -> dict[str, Any]:
-    return {"default": bucket(max_tokens, refill_tokens, refill_period)}
 
 
 def redis_storage(
@@ -71,38 +62,8 @@ def redis_storage(
     }
 
 
-@pytest.fixture
-def rds(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    """A plain synchronous client to look at what the gateway stored."""
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
-
-
 def bucket_keys(client: redis.Redis) -> list[str]:
     return sorted(k.decode() if isinstance(k, bytes) else k for k in client.keys("rl:*"))
-
-
-def redis_now_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
-async def clear_of_hour_boundary(client: redis.Redis, needed_seconds: float = 10.0) -> None:
-    """Limits with refill_period 1h refill at whole hours of the Redis clock.
-    A test that counts exactly must not straddle one: if the next boundary is
-    less than ``needed_seconds`` away, wait until it has passed."""
-    to_boundary_ms = HOUR_MS - redis_now_ms(client) % HOUR_MS
-    if to_boundary_ms < needed_seconds * 1000:
-        await asyncio.sleep(to_boundary_ms / 1000 + 0.05)
-
-
-async def fetch(
-    http: aiohttp.ClientSession, url: str, **kwargs: Any
-) -> tuple[int, CIMultiDictProxy[str], bytes]:
-    async with http.get(url, **kwargs) as response:
-        body = await response.read()
-        return response.status, response.headers, body
 
 
 async def timed_fetch(
@@ -113,36 +74,9 @@ async def timed_fetch(
     return status, time.perf_counter() - started
 
 
-async def metric_sum(
-    http: aiohttp.ClientSession, gw: RunningGateway, sample: str, **labels: str
-) -> float:
-    """The sum of ``sample`` over every series matching ``labels``, as the
-    admin listener's /metrics shows it."""
-    headers = {"Accept-Encoding": "identity"}  # the http fixture does not inflate
-    async with http.get(gw.admin_url + "/metrics", headers=headers) as response:
-        assert response.status == 200
-        text = await response.text()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
-async def readyz(http: aiohttp.ClientSession, gw: RunningGateway) -> tuple[int, Any]:
-    async with http.get(gw.admin_url + "/readyz") as response:
-        return response.status, await response.json()
-
-
-async def admin_buckets(
-    http: aiohttp.ClientSession, gw: RunningGateway, client: str
-) -> dict[str, dict[str, Any]]:
-    async with http.get(f"{gw.admin_url}/admin/clients/{client}") as response:
-        assert response.status == 200
-        body = await response.json()
-    assert body["client"] == client
-    return {b["route"]: b for b in body["buckets"]}
+async def storage_errors(http: aiohttp.ClientSession, gw: RunningGateway) -> float:
+    """gateway_storage_errors_total of the redis backend, as /metrics shows it."""
+    return await scrape_sum(http, gw.admin_url, "gateway_storage_errors_total", backend="redis")
 
 
 async def wait_until_redis_decides(
@@ -352,7 +286,7 @@ async def test_refill_follows_the_redis_clock(
         assert json.loads(body) == {"error": "rate_limited", "retry_after": 1}
 
         drained_tick = redis_now_ms(rds) // period_ms
-        bucket_now = (await admin_buckets(http, gw, "127.0.0.1"))["default"]
+        bucket_now = (await admin_buckets(http, gw.admin_url, "127.0.0.1"))["default"]
         if bucket_now["tokens"] != 0:
             continue  # a boundary passed since the 429
         to_next = bucket_now["next_refill_seconds"]
@@ -419,12 +353,14 @@ async def test_keys_expire_when_the_bucket_would_be_full(
     assert now_ms >= full_at_ms - 2, "the key vanished before the bucket was full"
 
     # A missing key is a full bucket: nothing was lost by removing it.
-    assert (await admin_buckets(http, gw, "127.0.0.1"))["default"]["tokens"] == max_tokens
+    buckets = await admin_buckets(http, gw.admin_url, "127.0.0.1")
+    assert buckets["default"]["tokens"] == max_tokens
     status, headers, _body = await fetch(http, gw.url + "/k")
     assert (status, headers["X-RateLimit-Remaining"]) == (200, str(max_tokens - 1))
     # Reading a full bucket, or an unlimited route, leaves no key behind.
     rds.flushall()
-    assert (await admin_buckets(http, gw, "10.9.9.9"))["default"]["tokens"] == max_tokens
+    buckets = await admin_buckets(http, gw.admin_url, "10.9.9.9")
+    assert buckets["default"]["tokens"] == max_tokens
     status, _headers, _body = await fetch(http, gw.url + "/healthz")
     assert status == 200
     assert bucket_keys(rds) == []
@@ -469,7 +405,7 @@ async def test_redis_outage_on_error_deny(
     gw_b = await start_gateway(limits=limits(5), storage=storage)
     await clear_of_hour_boundary(rds, needed_seconds=20)
     assert (await fetch(http, gw_a.url + "/"))[0] == 200
-    assert (await readyz(http, gw_a))[0] == 200
+    assert (await readyz(http, gw_a.admin_url))[0] == 200
 
     redis_server.stop()
     statuses = await outage_requests(http, gw_a, 12)
@@ -478,15 +414,15 @@ async def test_redis_outage_on_error_deny(
     assert status == 429
     assert int(headers["Retry-After"]) >= 1
     assert b"rate_limited" in body
-    errors = await metric_sum(http, gw_a, "gateway_storage_errors_total", backend="redis")
+    errors = await storage_errors(http, gw_a)
     assert errors > 0
-    status, body = await readyz(http, gw_a)
+    status, body = await readyz(http, gw_a.admin_url)
     assert status == 503
     assert body["checks"]["storage_reachable"] is False
 
     redis_server.start()
     await assert_shared_again(http, [gw_a, gw_b], rds, 5)
-    status, body = await readyz(http, gw_a)
+    status, body = await readyz(http, gw_a.admin_url)
     assert status == 200, body
 
 
@@ -506,8 +442,8 @@ async def test_redis_outage_on_error_allow(
     # The shared bucket was empty; with Redis gone, everything is let through.
     statuses = await outage_requests(http, gw_a, 12)
     assert statuses == [200] * 12
-    assert await metric_sum(http, gw_a, "gateway_storage_errors_total", backend="redis") > 0
-    status, body = await readyz(http, gw_a)
+    assert await storage_errors(http, gw_a) > 0
+    status, body = await readyz(http, gw_a.admin_url)
     assert status == 200, body
 
     redis_server.start()
@@ -530,8 +466,8 @@ async def test_redis_outage_on_error_local(
     # In-process buckets: each instance enforces max_tokens on its own.
     assert await outage_requests(http, gw_a, 9) == [200] * 5 + [429] * 4
     assert await outage_requests(http, gw_b, 7) == [200] * 5 + [429] * 2
-    assert await metric_sum(http, gw_a, "gateway_storage_errors_total", backend="redis") > 0
-    status, body = await readyz(http, gw_a)
+    assert await storage_errors(http, gw_a) > 0
+    status, body = await readyz(http, gw_a.admin_url)
     assert status == 200, body
 
     redis_server.start()
@@ -594,7 +530,7 @@ async def test_silent_redis_never_hangs_a_request(
     assert concurrent == {200 if on_error == "allow" else 429}
     assert max(latency for _status, latency in results) < SILENT_REDIS_LATENCY_BOUND * 2
     assert gw.metric("gateway_storage_errors_total", {"backend": "redis"}) > 0
-    status, _body = await readyz(http, gw)
+    status, _body = await readyz(http, gw.admin_url)
     assert status == (503 if on_error == "deny" else 200)
 
 
@@ -617,7 +553,7 @@ async def test_admin_shows_the_shared_tokens(
     gw_b = await start_gateway(**config)
     await clear_of_hour_boundary(rds)
 
-    before = await admin_buckets(http, gw_a, "127.0.0.1")
+    before = await admin_buckets(http, gw_a.admin_url, "127.0.0.1")
     assert before["default"]["tokens"] == 10
     assert before["/login"]["tokens"] == 4
 
@@ -625,7 +561,7 @@ async def test_admin_shows_the_shared_tokens(
         assert (await fetch(http, f"{gw_b.url}/x/{i}"))[0] == 200
     assert (await fetch(http, f"{gw_b.url}/login"))[0] == 200
 
-    seen_by_a = await admin_buckets(http, gw_a, "127.0.0.1")
+    seen_by_a = await admin_buckets(http, gw_a.admin_url, "127.0.0.1")
     assert seen_by_a["default"]["tokens"] == 6
     assert seen_by_a["default"]["max_tokens"] == 10
     assert seen_by_a["default"]["refill_tokens"] == 1
@@ -633,6 +569,22 @@ async def test_admin_shows_the_shared_tokens(
     assert seen_by_a["/login"]["tokens"] == 3
 
     assert (await fetch(http, f"{gw_a.url}/y"))[0] == 200
-    seen_by_b = await admin_buckets(http, gw_b, "127.0.0.1")
+    seen_by_b = await admin_buckets(http, gw_b.admin_url, "127.0.0.1")
     assert seen_by_b["default"]["tokens"] == 5
     assert seen_by_b["/login"]["tokens"] == 3
+
+
+async def test_flushed_script_is_reloaded_without_an_error(
+    start_gateway: StartGateway,
+    redis_server: RedisServer,
+    rds: redis.Redis,
+    http: aiohttp.ClientSession,
+) -> None:
+    """EVALSHA answers NOSCRIPT after SCRIPT FLUSH (or a Redis restart or
+    failover): the script is loaded again and the decision still counts."""
+    gw = await start_gateway(limits=limits(10), storage=redis_storage(redis_server.url))
+    await clear_of_hour_boundary(rds)
+    assert await alternate(http, [gw], 3) == [200] * 3
+    rds.script_flush()
+    assert await alternate(http, [gw], 9) == [200] * 7 + [429] * 2
+    assert gw.metric("gateway_storage_errors_total", {"backend": "redis"}) == 0

@@ -10,90 +10,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
-import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp.test_utils import TestServer
-from prometheus_client.parser import text_string_to_metric_families
+from multidict import CIMultiDictProxy
 
 from tests.conftest import RunningGateway, StartGateway, gateway_yaml
+from tests.helpers import (
+    GUARD_SECONDS,
+    POLL_ATTEMPTS,
+    POLL_INTERVAL,
+    GatewayProcess,
+    admin_buckets,
+    base_url,
+    bucket,
+    config_yaml,
+    count_forwards,
+    fetch,
+    free_port,
+    gateway_run,
+    metric_samples,
+    metrics_text,
+    poll,
+    readyz,
+    wait_healthy,
+    write_config,
+)
 from tests.upstream_app import HITS
 
-VENV_BIN = Path(sys.executable).parent
-GATEWAY = str(VENV_BIN / "gateway")
-GUARD_SECONDS = 10.0  # a bound so a hang fails clearly; never a timing target
-POLL_INTERVAL = 0.05
-POLL_ATTEMPTS = 200  # x POLL_INTERVAL = 10 s at most
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def bucket(
-    max_tokens: int, *, refill_tokens: int = 1, refill_period: str = "1h"
-) -> dict[str, Any]:
-    return {
-        "refill_period": refill_period,
-        "refill_tokens": refill_tokens,
-        "max_tokens": max_tokens,
-    }
-
-
-class ForwardCounter:
-    """Counts requests entering ``Upstream.forward`` (they are in flight at the
-    gateway) and lets a test await a count instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._changed = asyncio.Condition()
-
-    async def entered(self) -> None:
-        async with self._changed:
-            self.count += 1
-            self._changed.notify_all()
-
-    async def wait_for(self, count: int) -> None:
-        async with asyncio.timeout(GUARD_SECONDS), self._changed:
-            await self._changed.wait_for(lambda: self.count >= count)
-
-
-def count_forwards(gw: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> ForwardCounter:
-    counter = ForwardCounter()
-    upstream = gw.server.upstream
-    original: Callable[..., Awaitable[None]] = upstream.forward
-
-    async def forward(*args: Any, **kwargs: Any) -> None:
-        await counter.entered()
-        await original(*args, **kwargs)
-
-    monkeypatch.setattr(upstream, "forward", forward)
-    return counter
-
-
-async def fetch(
-    http: aiohttp.ClientSession, url: str, **kwargs: Any
-) -> tuple[int, dict[str, str], bytes]:
-    async with http.get(url, **kwargs) as response:
-        body = await response.read()
-        return response.status, dict(response.headers), body
 
 
 async def admitted_until_denied(http: aiohttp.ClientSession, url: str, limit: int = 200) -> int:
@@ -107,11 +59,7 @@ async def admitted_until_denied(http: aiohttp.ClientSession, url: str, limit: in
 
 
 async def default_tokens(gw: RunningGateway, http: aiohttp.ClientSession, client: str) -> int:
-    async with http.get(f"{gw.admin_url}/admin/clients/{client}") as response:
-        assert response.status == 200
-        body = await response.json()
-    by_route = {b["route"]: b for b in body["buckets"]}
-    tokens: int = by_route["default"]["tokens"]
+    tokens: int = (await admin_buckets(http, gw.admin_url, client))["default"]["tokens"]
     return tokens
 
 
@@ -125,31 +73,11 @@ def rewrite_config(gw: RunningGateway, **overrides: Any) -> None:
 # -- a real `gateway run` process --
 
 
-@dataclass
-class GatewayProcess:
-    process: asyncio.subprocess.Process
-    proxy: str
-    admin: str
-    config_path: Path
-    access_log: Path
-    config: dict[str, Any]
-
-    def write(self, config: dict[str, Any]) -> None:
-        self.config = config
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-    async def finish(self) -> tuple[int, str]:
-        """Wait for the process to exit (after a signal); its code and stderr."""
-        _stdout, stderr = await asyncio.wait_for(self.process.communicate(), GUARD_SECONDS)
-        assert self.process.returncode is not None
-        return self.process.returncode, stderr.decode(errors="replace")
-
-
 def process_config(upstream: TestServer, access_log: Path, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{free_port()}",
         "admin": f"127.0.0.1:{free_port()}",
-        "upstream": {"url": str(upstream.make_url("")).rstrip("/"), "read_timeout": "10s"},
+        "upstream": {"url": base_url(upstream), "read_timeout": "10s"},
         "limits": {"default": bucket(100)},
         "access_log": {"path": str(access_log)},
         "drain_timeout": "5s",
@@ -162,55 +90,21 @@ def process_config(upstream: TestServer, access_log: Path, **overrides: Any) -> 
 async def gateway_process(
     tmp_path: Path, http: aiohttp.ClientSession, config: dict[str, Any]
 ) -> AsyncIterator[GatewayProcess]:
-    config_path = tmp_path / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    process = await asyncio.create_subprocess_exec(
-        GATEWAY,
-        "run",
-        "--config",
-        str(config_path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    running = GatewayProcess(
-        process=process,
-        proxy=f"http://{config['listen']}",
-        admin=f"http://{config['admin']}",
-        config_path=config_path,
-        access_log=Path(config["access_log"]["path"]),
-        config=config,
-    )
-    try:
-        for _attempt in range(POLL_ATTEMPTS):
-            assert process.returncode is None, "gateway run exited during start-up"
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                async with http.get(running.admin + "/healthz") as response:
-                    if response.status == 200:
-                        break
-            await asyncio.sleep(POLL_INTERVAL)
-        else:
-            raise AssertionError("/healthz never answered 200")
+    config_path = write_config(tmp_path / "gateway.yaml", config)
+    async with gateway_run(
+        config_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    ) as process:
+        running = GatewayProcess.of(process, config_path, config)
+        await wait_healthy(http, running.admin, process)
         yield running
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def scrape(
     http: aiohttp.ClientSession, admin: str, name: str, labels: dict[str, str]
 ) -> float:
-    # `http` does not decompress; ask for the plain text.
-    async with http.get(
-        admin + "/metrics", headers={"Accept-Encoding": "identity"}
-    ) as response:
-        assert response.status == 200
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
+    """The sample of ``name`` with exactly ``labels`` (0.0 when there is none)."""
+    samples = metric_samples(await metrics_text(http, admin))
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def wait_for_metric(
@@ -221,27 +115,27 @@ async def wait_for_metric(
     expected: float,
 ) -> None:
     value = 0.0
-    for _attempt in range(POLL_ATTEMPTS):
+
+    async def reached() -> bool:
+        nonlocal value
         value = await scrape(http, admin, name, labels)
-        if value == expected:
-            return
-        await asyncio.sleep(POLL_INTERVAL)
-    raise AssertionError(f"{name}{labels} stayed {value}, expected {expected}")
+        return value == expected
+
+    await poll(
+        reached,
+        lambda: f"{name}{labels} stayed {value}, expected {expected}",
+        attempts=POLL_ATTEMPTS,
+    )
 
 
 async def wait_for_hits(upstream: TestServer, path: str, count: int) -> None:
     """Until the upstream saw ``path`` ``count`` times (sent by a subprocess)."""
-    for _attempt in range(POLL_ATTEMPTS):
-        if upstream.app[HITS].count(path) >= count:
-            return
-        await asyncio.sleep(POLL_INTERVAL / 5)
-    raise AssertionError(f"the upstream never saw {path!r} x{count}: {upstream.app[HITS]}")
-
-
-async def readyz(http: aiohttp.ClientSession, admin: str) -> tuple[int, dict[str, Any]]:
-    async with http.get(admin + "/readyz") as response:
-        body: dict[str, Any] = await response.json()
-        return response.status, body
+    await poll(
+        lambda: upstream.app[HITS].count(path) >= count,
+        lambda: f"the upstream never saw {path!r} x{count}: {upstream.app[HITS]}",
+        attempts=POLL_ATTEMPTS,
+        interval=POLL_INTERVAL / 5,
+    )
 
 
 # --------------------------------------------------------------------------- in-process drain
@@ -307,7 +201,7 @@ async def test_stop_gives_up_on_stuck_requests_after_drain_timeout(
     assert elapsed < 3.0, f"stop() took {elapsed:.2f}s with drain_timeout 300ms"
 
     # The stuck request was cut, not answered as if it had completed.
-    outcome: tuple[int, dict[str, str], bytes] | BaseException
+    outcome: tuple[int, CIMultiDictProxy[str], bytes] | BaseException
     try:
         outcome = await asyncio.wait_for(stuck, GUARD_SECONDS)
     except aiohttp.ClientError as exc:
@@ -432,7 +326,7 @@ async def test_sigterm_lets_the_in_flight_request_finish_and_logs_it(
     assert (status, body) == (200, b"slow")
     assert code == 0, stderr
     assert "Traceback" not in stderr
-    records = [json.loads(line) for line in gp.access_log.read_text().splitlines()]
+    records = gp.access_records()
     assert [(r["path"], r["status"]) for r in records] == [(path, 200)]
 
 
@@ -466,7 +360,7 @@ async def test_sighup_applies_a_changed_limit(
 
 
 def config_text(config: dict[str, Any]) -> list[str]:
-    return yaml.safe_dump(config, sort_keys=False).splitlines()
+    return config_yaml(config).splitlines()
 
 
 async def test_sighup_with_an_invalid_file_keeps_the_old_config(
@@ -528,13 +422,12 @@ async def test_second_sigterm_during_drain_exits_at_once(
         in_flight = asyncio.create_task(fetch(http, gp.proxy + path))
         await wait_for_hits(upstream, path, 1)
         gp.process.send_signal(signal.SIGTERM)
-        for _attempt in range(POLL_ATTEMPTS):  # draining: /readyz turns 503
+
+        async def draining() -> bool:  # draining: /readyz turns 503
             status, _body = await readyz(http, gp.admin)
-            if status == 503:
-                break
-            await asyncio.sleep(POLL_INTERVAL)
-        else:
-            raise AssertionError("/readyz never reported draining")
+            return status == 503
+
+        await poll(draining, "/readyz never reported draining", attempts=POLL_ATTEMPTS)
         assert gp.process.returncode is None
         # Let the drain settle into waiting for the in-flight request (nothing
         # observable marks that moment), as with an operator's second Ctrl-C.

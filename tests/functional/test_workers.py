@@ -11,52 +11,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import redis
-import yaml
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RedisServer, free_port
-
-VENV_BIN = Path(sys.executable).parent
-GATEWAY = str(VENV_BIN / "gateway")
-CLI_TIMEOUT_SECONDS = 20
-GUARD_SECONDS = 15.0  # a bound so a hang fails clearly; never a timing target
-POLL_INTERVAL = 0.05
-HOUR_MS = 3_600_000
-PROBLEM_LINE = re.compile(
-    r"^(?P<path>.+):(?P<line>\d+):(?P<col>\d+): (?P<key>\S+): (?P<msg>.+)$"
+from tests.conftest import RedisServer
+from tests.helpers import (
+    PROBLEM_LINE,
+    GatewayProcess,
+    base_url,
+    bucket,
+    clear_of_hour_boundary,
+    free_port,
+    poll,
+    run_cli,
+    spawn_gateway,
+    write_config,
 )
+
+GUARD_SECONDS = 15.0  # a bound so a hang fails clearly; never a timing target
 # A worker's own reload line (logger "gateway"); the supervisor logs as
 # "gateway.workers: supervisor: config reloaded ...".
 WORKER_RELOADED = re.compile(r" gateway: config reloaded from ")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def bucket(
-    max_tokens: int, refill_tokens: int = 1, refill_period: str = "1h"
-) -> dict[str, Any]:
-    return {
-        "refill_period": refill_period,
-        "refill_tokens": refill_tokens,
-        "max_tokens": max_tokens,
-    }
 
 
 def workers_config(
@@ -66,7 +53,7 @@ def workers_config(
         "listen": f"127.0.0.1:{free_port()}",
         "admin": f"127.0.0.1:{free_port()}",
         "workers": 2,
-        "upstream": {"url": str(upstream.make_url("")).rstrip("/"), "read_timeout": "5s"},
+        "upstream": {"url": base_url(upstream), "read_timeout": "5s"},
         "limits": {"default": bucket(30)},
         # A generous timeout: a busy box must not turn into on_error: deny 429s.
         "storage": {
@@ -82,41 +69,15 @@ def workers_config(
     return config
 
 
-def write_config(path: Path, config: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def redis_now_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
-async def clear_of_hour_boundary(url: str, needed_seconds: float = 20.0) -> None:
-    """refill_period 1h refills at whole hours of the Redis clock; an exact
-    count must not straddle one, so wait past a boundary that is too close."""
-    client = redis.Redis.from_url(url)
-    try:
-        to_boundary_ms = HOUR_MS - redis_now_ms(client) % HOUR_MS
-    finally:
-        client.close()
-    if to_boundary_ms < needed_seconds * 1000:
-        await asyncio.sleep(to_boundary_ms / 1000 + 0.05)
-
-
-async def poll(
-    condition: Callable[[], Awaitable[bool]],
-    what: str,
-    seconds: float = GUARD_SECONDS,
-    detail: Callable[[], str] = str,
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], what: str, detail: Callable[[], str] = str
 ) -> None:
-    deadline = time.monotonic() + seconds
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {seconds:.0f}s waiting for {what}\n{detail()}"
-            )
-        await asyncio.sleep(POLL_INTERVAL)
+    """Bounded (GUARD_SECONDS) polling of a subprocess's state."""
+    await poll(
+        condition,
+        lambda: f"timed out after {GUARD_SECONDS:.0f}s waiting for {what}\n{detail()}",
+        seconds=GUARD_SECONDS,
+    )
 
 
 def children(pid: int) -> set[int]:
@@ -155,44 +116,6 @@ def only_serving(supervisor: int, serving: int, workers: set[int]) -> Iterator[N
                 os.kill(pid, signal.SIGCONT)
 
 
-@dataclass
-class GatewayProcess:
-    process: asyncio.subprocess.Process
-    proxy: str
-    admin: str
-    config_path: Path
-    output_path: Path
-    access_log: Path
-
-    def output(self) -> str:
-        return self.output_path.read_text(errors="replace")
-
-    async def metric(self, sample: str, **labels: str) -> float:
-        """The sum over every series of ``sample`` matching ``labels`` on the
-        supervisor's /metrics (every worker's values added up)."""
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(self.admin + "/metrics") as response,
-        ):
-            assert response.status == 200
-            text = await response.text()
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
-
-    async def status(self, path: str) -> int:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(self.admin + path) as response,
-            ):
-                return response.status
-        return 0
-
-
 @contextlib.asynccontextmanager
 async def running_gateway(
     tmp_path: Path, config: dict[str, Any]
@@ -202,17 +125,8 @@ async def running_gateway(
     config_path = write_config(tmp_path / "gateway.yaml", config)
     output_path = tmp_path / "gateway.out"
     with output_path.open("wb") as output:
-        process = await asyncio.create_subprocess_exec(
-            GATEWAY, "run", "--config", str(config_path), stdout=output, stderr=output
-        )
-    gw = GatewayProcess(
-        process=process,
-        proxy=f"http://{config['listen']}",
-        admin=f"http://{config['admin']}",
-        config_path=config_path,
-        output_path=output_path,
-        access_log=Path(config["access_log"]["path"]),
-    )
+        process = await spawn_gateway(config_path, stdout=output, stderr=output)
+    gw = GatewayProcess.of(process, config_path, config, output_path)
     workers: set[int] = set()
     try:
 
@@ -220,7 +134,7 @@ async def running_gateway(
             assert process.returncode is None, f"gateway run exited:\n{gw.output()}"
             return await gw.status("/readyz") == 200
 
-        await poll(ready, "/readyz 200")
+        await wait_until(ready, "/readyz 200")
         workers = children(process.pid)
         yield gw
     finally:
@@ -279,14 +193,14 @@ def statuses_of(results: list[tuple[int, CIMultiDict[str]]]) -> list[int]:
 
 
 async def test_workers_share_one_limit_and_metrics_add_up(
-    tmp_path: Path, upstream: TestServer, redis_server: RedisServer
+    tmp_path: Path, upstream: TestServer, redis_server: RedisServer, rds: redis.Redis
 ) -> None:
     config = workers_config(upstream, redis_server, tmp_path)
     async with running_gateway(tmp_path, config) as gw:
         workers = children(gw.process.pid)
         assert len(workers) == 2
         first, second = sorted(workers)
-        await clear_of_hour_boundary(redis_server.url)
+        await clear_of_hour_boundary(rds, needed_seconds=20.0)
         # Each worker on its own first, then both at once; one shared bucket.
         with only_serving(gw.process.pid, first, workers):
             one = await spread_requests(gw.proxy, connections=4, per_connection=5)
@@ -317,13 +231,7 @@ def test_check_rejects_workers_with_memory_storage(tmp_path: Path) -> None:
             "storage": {"backend": "memory"},
         },
     )
-    result = subprocess.run(
-        [GATEWAY, "check", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_SECONDS,
-        check=False,
-    )
+    result = run_cli("check", "--config", str(config_path))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     problems = [
@@ -355,18 +263,18 @@ async def test_a_killed_worker_is_restarted_and_counted(
         async def restarted() -> bool:
             return await gw.metric("gateway_workers_restarted_total") == 1
 
-        await poll(restarted, "gateway_workers_restarted_total == 1", detail=gw.output)
+        await wait_until(restarted, "gateway_workers_restarted_total == 1", detail=gw.output)
 
         async def replaced() -> bool:
             now = children(gw.process.pid)
             return len(now) == 2 and victim not in now
 
-        await poll(replaced, "a second worker again", detail=gw.output)
+        await wait_until(replaced, "a second worker again", detail=gw.output)
 
         async def ready() -> bool:
             return await gw.status("/readyz") == 200
 
-        await poll(ready, "/readyz 200 with both workers running", detail=gw.output)
+        await wait_until(ready, "/readyz 200 with both workers running", detail=gw.output)
         assert await gw.status("/healthz") == 200
         # The replacement serves too (the survivor paused meanwhile).
         workers = children(gw.process.pid)
@@ -382,14 +290,14 @@ async def test_a_killed_worker_is_restarted_and_counted(
 
 
 async def test_sighup_reaches_the_workers_and_sigterm_drains(
-    tmp_path: Path, upstream: TestServer, redis_server: RedisServer
+    tmp_path: Path, upstream: TestServer, redis_server: RedisServer, rds: redis.Redis
 ) -> None:
     config = workers_config(upstream, redis_server, tmp_path)
     answered: list[int] = []
     async with running_gateway(tmp_path, config) as gw:
         workers = children(gw.process.pid)
         assert len(workers) == 2
-        await clear_of_hour_boundary(redis_server.url)
+        await clear_of_hour_boundary(rds, needed_seconds=20.0)
         # No /tight route yet: the default bucket (30). Each worker answers
         # once, so both are serving (their SIGHUP handlers are in place).
         for pid in sorted(workers):
@@ -406,7 +314,9 @@ async def test_sighup_reaches_the_workers_and_sigterm_drains(
         async def both_workers_reloaded() -> bool:
             return len(WORKER_RELOADED.findall(gw.output())) == 2
 
-        await poll(both_workers_reloaded, "both workers to log the reload", detail=gw.output)
+        await wait_until(
+            both_workers_reloaded, "both workers to log the reload", detail=gw.output
+        )
         assert await gw.metric("gateway_config_reloads_total", result="success") == 1
 
         # The new route's own bucket (2), on each worker, then on both.
@@ -434,7 +344,7 @@ async def test_sighup_reaches_the_workers_and_sigterm_drains(
     assert gw.process.returncode == 0, gw.output()
     assert "Traceback" not in gw.output()
 
-    records = [json.loads(line) for line in gw.access_log.read_text().splitlines()]
+    records = gw.access_records()
     assert len(records) == len(answered)
     assert sorted(r["status"] for r in records) == sorted(answered)
     by_route = [(r["route"], r["decision"]) for r in records]
@@ -461,7 +371,9 @@ async def test_sighup_as_soon_as_ready_reloads_every_worker_without_killing_one(
         async def both_workers_reloaded() -> bool:
             return len(WORKER_RELOADED.findall(gw.output())) >= 2
 
-        await poll(both_workers_reloaded, "both workers to log the reload", detail=gw.output)
+        await wait_until(
+            both_workers_reloaded, "both workers to log the reload", detail=gw.output
+        )
         for pid in sorted(workers):
             assert pid in children(gw.process.pid), f"worker {pid} died:\n{gw.output()}"
             with only_serving(gw.process.pid, pid, workers):
