@@ -575,6 +575,12 @@ def _build(r: _Reader, root: yaml.Node, values: dict[str, yaml.Node]) -> Gateway
     d = GatewayConfig(upstream=UpstreamConfig(url="http://127.0.0.1:8000"))
     listen = r.field(values, "", "listen", parse_hostport, (d.listen_host, d.listen_port))
     admin = r.field(values, "", "admin", parse_hostport, (d.admin_host, d.admin_port))
+    if listen[1] != 0 and listen[1] == admin[1] and _same_host(listen[0], admin[0]):
+        r.problem(
+            values.get("admin", root),
+            "admin",
+            f"port {admin[1]} is the proxy listener's too; the admin listener needs its own",
+        )
     limits = _limits(r, values.get("limits"))
     storage = _storage(r, values.get("storage"))
     workers = r.field(values, "", "workers", _workers, d.workers)
@@ -605,6 +611,11 @@ def _build(r: _Reader, root: yaml.Node, values: dict[str, yaml.Node]) -> Gateway
         access_log=_access_log(r, values.get("access_log")),
         server=_server(r, values.get("server")),
     )
+
+
+def _same_host(a: str, b: str) -> bool:
+    wildcard = ("0.0.0.0", "::")
+    return a == b or a in wildcard or b in wildcard
 
 
 def load_config(path: str) -> GatewayConfig:

@@ -55,6 +55,13 @@ def _text_problems(text: str) -> list[str]:
             id="unknown-top-level-key",
         ),
         pytest.param(
+            "admin_port_clash.yaml",
+            [
+                "2:8: admin: port 8080 is the proxy listener's too; the admin listener needs its own"
+            ],
+            id="admin-port-clash",
+        ),
+        pytest.param(
             "unknown_nested_key.yaml",
             [
                 "6:5: limits.default.refil_tokens: unknown key; expected one of: "
