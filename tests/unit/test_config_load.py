@@ -57,7 +57,8 @@ def _text_problems(text: str) -> list[str]:
         pytest.param(
             "admin_port_clash.yaml",
             [
-                "2:8: admin: port 8080 is the proxy listener's too; the admin listener needs its own"
+                "2:8: admin: port 8080 is the proxy listener's too; "
+                "the admin listener needs its own"
             ],
             id="admin-port-clash",
         ),
