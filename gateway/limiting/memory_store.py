@@ -19,7 +19,7 @@ from itertools import islice
 from typing import Final
 
 from gateway.config.model import BucketSpec
-from gateway.limiting.bucket import Bucket, is_full, refill
+from gateway.limiting.bucket import Bucket, is_full, refill, take
 from gateway.limiting.policy import Limit
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketKey, BucketSnapshot, TakeResult
@@ -76,10 +76,7 @@ class MemoryStore:
                 self._respec(bucket, spec, tick)
             bucket.seen = self._clock.seconds
         buckets[key] = bucket
-        refill(bucket, tick, spec.refill_tokens, spec.max_tokens)
-        admitted = bucket.tokens > 0
-        if admitted:
-            bucket.tokens -= 1
+        admitted = take(bucket, tick, spec.refill_tokens, spec.max_tokens)
         return self._result(admitted, bucket.tokens, limit)
 
     def _result(self, admitted: bool, tokens: int, limit: Limit) -> TakeResult:
@@ -148,6 +145,3 @@ class MemoryStore:
             refill_period_seconds=spec.refill_period_seconds,
             next_refill_seconds=round(self._clock.seconds_to_next(limit.ticker), 3),
         )
-
-    def forget_all(self) -> None:
-        self._buckets.clear()

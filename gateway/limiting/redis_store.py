@@ -133,14 +133,6 @@ class RedisStore:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
 
-    async def ping(self) -> bool:
-        try:
-            async with asyncio.timeout(self.config.timeout_seconds):
-                await self._client.ping()
-        except (RedisError, OSError, TimeoutError):
-            return False
-        return True
-
     async def take(self, key: BucketKey, limit: Limit) -> TakeResult:
         if self._breaker_open:
             return self._fallback(key, limit)
