@@ -154,7 +154,12 @@ class Gateway:
                 decision = await limiter.decide(route, client)
                 route_metrics.decisions[decision.outcome].inc()
                 if decision.outcome is DENIED:
-                    response = rate_limited(decision)
+                    try:
+                        relay.response = rate_limited(request, decision, request_id)
+                        relay.status = 429
+                        relay.bytes_out = relay.response.body_length
+                    except ConnectionError:
+                        relay.client_gone = True
                 else:
                     response = await self._forward(
                         request, snapshot, peer, request_id, decision, relay

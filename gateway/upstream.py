@@ -31,6 +31,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.headers import downstream_response_headers
+from gateway.raw_response import write_whole_response
 from gateway.upstream_pool import LEAN_METHODS, Exchange, UpstreamPool
 
 __all__ = ["BodyTimeoutError", "BodyTooLargeError", "ClientBodyError", "Relay", "Upstream"]
@@ -273,22 +274,19 @@ class Upstream:
         try:
             if exchange.complete:
                 # The whole answer is here: one write for head and body.
-                response_headers = downstream_response_headers(
-                    CIMultiDict(exchange.headers), extra_headers
-                )
                 body = exchange.take_buffered()
-                response = web.Response(
-                    status=exchange.status, reason=exchange.reason,
-                    headers=response_headers, body=body,
-                )  # fmt: skip
                 relay.status = exchange.status
-                relay.response = response
                 try:
-                    await response.prepare(request)
-                    await response.write_eof()
+                    relay.response = write_whole_response(
+                        request, exchange.status, exchange.reason,
+                        downstream_response_headers(
+                            CIMultiDict(exchange.headers), extra_headers
+                        ).items(),
+                        body,
+                    )  # fmt: skip
+                    relay.bytes_out = relay.response.body_length
                 except ConnectionError:
                     relay.client_gone = True
-                relay.bytes_out = len(body)
                 return
             await self._stream(
                 request, exchange.status, exchange.reason, CIMultiDict(exchange.headers),
