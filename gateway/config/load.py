@@ -449,7 +449,10 @@ def _storage(r: _Reader, node: yaml.Node | None) -> StorageConfig:
     d = StorageConfig()
     if node is None:
         return d
-    values = r.mapping(node, "storage", ("backend", "redis_url", "on_error", "timeout")) or {}
+    values = (
+        r.mapping(node, "storage", ("backend", "redis_url", "on_error", "timeout", "cluster"))
+        or {}
+    )
     return StorageConfig(
         backend=r.field(values, "storage", "backend", _choice("memory", "redis"), d.backend),
         redis_url=r.field(values, "storage", "redis_url", _redis_url, d.redis_url),
@@ -459,6 +462,7 @@ def _storage(r: _Reader, node: yaml.Node | None) -> StorageConfig:
         timeout_seconds=r.field(
             values, "storage", "timeout", _positive_duration, d.timeout_seconds
         ),
+        cluster=r.field(values, "storage", "cluster", _boolean, d.cluster),
     )
 
 

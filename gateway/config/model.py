@@ -114,6 +114,9 @@ class StorageConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     on_error: str = "allow"
     timeout_seconds: float = 0.050
+    # Not in the contract (an addition): redis_url names a node of a Redis
+    # Cluster; batches are then split by hash slot.
+    cluster: bool = False
 
 
 @dataclass(frozen=True, slots=True)

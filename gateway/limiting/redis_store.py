@@ -6,9 +6,9 @@ are sent as one EVALSHA carrying all their keys (one round trip for the
 batch, not one per request; research notes section 5 measured 5k sequential
 calls/s vs 45-142k decisions/s batched), with at most
 ``MAX_BATCHES_IN_FLIGHT`` calls outstanding. Keys are hash-tagged by client
-(``rl:{client}:route``), so a client's buckets share a Cluster slot; this
-client speaks to one Redis endpoint (standalone, or a cluster proxy), where a
-multi-key script may span slots.
+(``rl:{client}:route``), so a client's buckets share a Cluster slot; with
+``storage.cluster: true`` batches are split by slot (a script's keys must
+share one there) and sent through redis-py's cluster client.
 
 Failure handling: every call is bounded by ``storage.timeout`` (no client
 retries: redis-py's default of 10 retries made a down Redis cost 4.6 s per
@@ -26,10 +26,11 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Final
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from gateway.config.model import StorageConfig
@@ -99,16 +100,32 @@ class RedisStore:
         self.config = config
         self._local = local
         self._count_error = count_error
-        self._client = Redis.from_url(
-            config.redis_url,
-            socket_timeout=config.timeout_seconds,
-            socket_connect_timeout=config.timeout_seconds,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        self._client: Redis | RedisCluster
+        if config.cluster:
+            self._client = RedisCluster.from_url(
+                config.redis_url,
+                socket_timeout=config.timeout_seconds,
+                socket_connect_timeout=config.timeout_seconds,
+                # One retry: a MOVED/ASK redirect during a reshard is followed
+                # (the whole call stays inside storage.timeout).
+                retry=Retry(NoBackoff(), 1),
+            )
+        else:
+            self._client = Redis.from_url(
+                config.redis_url,
+                socket_timeout=config.timeout_seconds,
+                socket_connect_timeout=config.timeout_seconds,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+            )
         script = resources.files("gateway.limiting").joinpath("bucket.lua").read_text()
         self._take_script: AsyncScript = self._client.register_script(script)
         self._peek_script: AsyncScript = self._client.register_script(_PEEK_SCRIPT)
+        # redis-py's cluster client set up lazily by several tasks at once
+        # corrupts its connections (seen: "Connection closed by server",
+        # AttributeError in connect): one task initialises, others wait.
+        self._cluster_init = asyncio.Lock() if config.cluster else None
+        self._cluster_ready = False
         self._pending: list[_Pending] = []
         self._flush_scheduled = False
         self._failures = 0
@@ -157,9 +174,26 @@ class RedisStore:
         while self._pending and len(self._tasks) < MAX_BATCHES_IN_FLIGHT:
             batch = self._pending[:MAX_BATCH_KEYS]
             del self._pending[:MAX_BATCH_KEYS]
-            task = loop.create_task(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._batch_done)
+            if self.config.cluster:
+                # A script's keys must share a hash slot on a Cluster.
+                by_slot: dict[int, list[_Pending]] = {}
+                for item in batch:
+                    by_slot.setdefault(key_slot(item.key.encode()), []).append(item)
+                batches = list(by_slot.values())
+            else:
+                batches = [batch]
+            for one in batches:
+                task = loop.create_task(self._send(one))
+                self._tasks.add(task)
+                task.add_done_callback(self._batch_done)
+
+    async def _initialize_cluster(self) -> None:
+        assert self._cluster_init is not None
+        assert isinstance(self._client, RedisCluster)
+        async with self._cluster_init:
+            if not self._cluster_ready:
+                await self._client.initialize()
+                self._cluster_ready = True
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -179,8 +213,14 @@ class RedisStore:
             )
         try:
             async with asyncio.timeout(self.config.timeout_seconds):
+                if self._cluster_init is not None and not self._cluster_ready:
+                    await self._initialize_cluster()
                 reply = await self._take_script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:
+            # RedisError, OSError and TimeoutError are the expected ones; a
+            # client-library bug must not leave requests waiting forever.
+            if not isinstance(exc, RedisError | OSError | TimeoutError):
+                log.exception("redis: unexpected error from the client library")
             self._record_failure(exc)
             for item in batch:
                 if not item.future.done():
