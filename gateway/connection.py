@@ -29,22 +29,15 @@ log = logging.getLogger("gateway.connection")
 
 
 class GuardedRequestHandler(RequestHandler):
-    def __init__(
-        self,
-        *args: Any,
-        header_timeout_seconds: float,
-        on_rejected: Callable[[str], None],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._header_timeout_seconds = header_timeout_seconds
-        self._on_rejected = on_rejected
-        self._header_deadline: asyncio.TimerHandle | None = None
+    # Set by GuardedServer on each handler it makes.
+    header_timeout_seconds: float = 60.0
+    on_rejected: Callable[[str], None] = staticmethod(lambda reason: None)
+    _header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._header_deadline = self._loop.call_later(
-            self._header_timeout_seconds, self._header_timeout_passed
+            self.header_timeout_seconds, self._header_timeout_passed
         )
 
     def data_received(self, data: bytes) -> None:
@@ -62,7 +55,7 @@ class GuardedRequestHandler(RequestHandler):
     def _header_timeout_passed(self) -> None:
         self._header_deadline = None
         if self._request_count == 0:
-            self._on_rejected("header_timeout")
+            self.on_rejected("header_timeout")
             self.force_close()
 
     def handle_error(
@@ -80,7 +73,7 @@ class GuardedRequestHandler(RequestHandler):
         reason = "bad_request"
         if isinstance(exc, LineTooLong) or (message and "Too many headers" in message):
             status, reason = 431, "headers_too_large"
-        self._on_rejected(reason)
+        self.on_rejected(reason)
         log.debug("rejected request from %s: %s", request.remote, message or exc)
         detail = str(getattr(exc, "message", None) or message or HTTPStatus(status).phrase)
         response = web.Response(
@@ -107,10 +100,7 @@ class GuardedServer(web.Server):
         self._on_rejected = on_rejected
 
     def __call__(self) -> RequestHandler:
-        return GuardedRequestHandler(
-            self,
-            loop=self._loop,
-            header_timeout_seconds=self._header_timeout_seconds,
-            on_rejected=self._on_rejected,
-            **self._kwargs,
-        )
+        handler = GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.header_timeout_seconds = self._header_timeout_seconds
+        handler.on_rejected = self._on_rejected
+        return handler
