@@ -164,6 +164,10 @@ class Supervisor:
             start_new_session=True,
         )  # fmt: skip
         os.close(ready_write)
+        if self._stopping:
+            # A stop signal arrived while this worker was being started: it
+            # missed the forwarded SIGTERM.
+            worker.process.send_signal(signal.SIGTERM)
         worker.started = time.monotonic()
         loop = asyncio.get_running_loop()
         for coroutine in (self._watch(worker), self._await_ready(worker, ready_read)):
