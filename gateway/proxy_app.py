@@ -148,8 +148,6 @@ class Gateway:
             )
             response.headers["Retry-After"] = "1"
         else:
-            inflight = self.metrics.inflight
-            inflight.inc()
             try:
                 decision = await limiter.decide(route, client)
                 route_metrics.decisions[decision.outcome].inc()
@@ -165,7 +163,6 @@ class Gateway:
                         request, snapshot, peer, request_id, decision, relay
                     )
             finally:
-                inflight.dec()
                 self._leave(client, max_concurrent)
 
         if response is not None:

@@ -82,6 +82,8 @@ class Server:
             self.metrics.access_log_dropped,
         )
         self.metrics.track(self.metrics.access_log_queue_depth, self.access_log.depth)
+        # Read at scrape time: no gauge operation on the request path.
+        self.metrics.track(self.metrics.inflight, lambda: self.gateway.inflight)
         self.clock.on_second(self.metrics.refresh)
         self.upstream = Upstream(config.upstream, config.server)
         self.gateway = Gateway(

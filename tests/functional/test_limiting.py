@@ -623,3 +623,23 @@ async def test_max_concurrent_denies_the_third_request_at_once(
     # The cap is released when the slow requests finish.
     status, _headers, _body = await fetch(http, gw.url + "/again", headers=key)
     assert status == 200
+
+
+async def test_inflight_gauge_counts_requests_being_handled(
+    start_gateway: StartGateway, upstream: TestServer, http: aiohttp.ClientSession
+) -> None:
+    gw = await start_gateway()
+
+    async def slow() -> int:
+        async with http.get(gw.url + "/slow?delay=0.5") as response:
+            await response.read()
+            return response.status
+
+    in_flight = [asyncio.create_task(slow()) for _ in range(3)]
+    # The upstream records each /slow request as it starts: once it has all
+    # three, all three are in flight in the gateway.
+    await poll(lambda: upstream.app[HITS].count("/slow?delay=0.5") == 3, "3 slow hits",
+               seconds=5)  # fmt: skip
+    assert gw.metric("gateway_inflight_requests") == 3
+    assert await asyncio.gather(*in_flight) == [200, 200, 200]
+    assert gw.metric("gateway_inflight_requests") == 0
