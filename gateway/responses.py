@@ -40,9 +40,8 @@ _UPSTREAM_MESSAGES = {
 
 def upstream_failed(error: UpstreamError) -> web.Response:
     """502 (refused, reset) or 504 (silent past read_timeout)."""
-    body = {"error": _UPSTREAM_MESSAGES[error.kind], "detail": str(error) or error.kind}
-    return web.Response(
-        status=error.status, text=json.dumps(body), content_type="application/json"
+    return error_response(
+        error.status, _UPSTREAM_MESSAGES[error.kind], str(error) or error.kind
     )
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
@@ -34,7 +34,7 @@ from gateway.metrics import Metrics
 from gateway.proxy_app import Gateway, Snapshot
 from gateway.upstream import Upstream
 
-__all__ = ["Server", "bound_port"]
+__all__ = ["Server", "bound_port", "load_for_reload"]
 
 log = logging.getLogger("gateway")
 
@@ -229,13 +229,10 @@ class Server:
         if self.config_path is None:
             log.warning("reload requested but no config file to read")
             return False
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload rejected: %s", problem)
-            if self._serve_admin:  # under a Supervisor, it counts reloads once
-                self.metrics.config_reloads.labels("failure").inc()
+        # Under a Supervisor, it counts reloads once; this worker does not.
+        failures = self.metrics.config_reloads.labels("failure") if self._serve_admin else None
+        new = load_for_reload(self.config_path, failures)
+        if new is None:
             return False
         self.apply(new)
         return True
@@ -257,6 +254,19 @@ class Server:
         if self._serve_admin:
             self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded from %s", new.source)
+
+
+def load_for_reload(path: str, failures: Counter | None) -> GatewayConfig | None:
+    """The new config, or None after logging every problem (``file:line:col``)
+    and counting the failure: the caller keeps serving the old one."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload rejected: %s", problem)
+        if failures is not None:
+            failures.inc()
+        return None
 
 
 def bound_port(site: web.BaseSite) -> int:

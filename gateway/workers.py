@@ -35,14 +35,13 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 
 from gateway.admin_app import build_admin_app
 from gateway.config import GatewayConfig, load_config
-from gateway.errors import ConfigError
 from gateway.limiting.limiter import Limiter
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.redis_store import RedisStore
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketSnapshot
 from gateway.metrics import Metrics
-from gateway.server import Server, bound_port
+from gateway.server import Server, bound_port, load_for_reload
 
 __all__ = ["Supervisor", "run_worker"]
 
@@ -241,12 +240,8 @@ class Supervisor:
             await asyncio.gather(*self._watchers, return_exceptions=True)
 
     def _on_reload_signal(self) -> None:
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload rejected: %s", problem)
-            self.metrics.config_reloads.labels("failure").inc()
+        new = load_for_reload(self.config_path, self.metrics.config_reloads.labels("failure"))
+        if new is None:
             return
         if new.workers != self.config.workers:
             log.warning("reload: workers changed; it takes effect only after a restart")
