@@ -1,4 +1,7 @@
-"""⓪ Accept: connection-level guards in front of the proxy handler.
+"""⓪ Accept, for the connections front.py hands over: aiohttp's guards.
+
+Connections start in ``front.FrontConnection``; those that send anything but
+a plain request are handed to a ``GuardedRequestHandler`` made here.
 
 aiohttp's RequestHandler already closes a keep-alive connection whose next
 request's headers are not complete within ``keepalive_timeout`` (its timer is
@@ -15,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
+
+from gateway.config.model import ServerConfig
+from gateway.front import FrontConnection, PlainHandler
 
 __all__ = ["GuardedServer"]
 
@@ -29,15 +35,16 @@ log = logging.getLogger("gateway.connection")
 
 
 class GuardedRequestHandler(RequestHandler):
-    # Set by GuardedServer on each handler it makes.
-    header_timeout_seconds: float = 60.0
+    # Set by GuardedServer on each handler it makes: when (loop time) the
+    # first request's head must be complete.
+    header_deadline_at: float = 0.0
     on_rejected: Callable[[str], None] = staticmethod(lambda reason: None)
     _header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._header_deadline = self._loop.call_later(
-            self.header_timeout_seconds, self._header_timeout_passed
+        self._header_deadline = self._loop.call_at(
+            self.header_deadline_at, self._header_timeout_passed
         )
 
     def data_received(self, data: bytes) -> None:
@@ -86,21 +93,32 @@ class GuardedRequestHandler(RequestHandler):
 
 
 class GuardedServer(web.Server):
-    """``web.Server`` whose connections get a ``GuardedRequestHandler``."""
+    """``web.Server`` whose connections start as a ``FrontConnection`` (plain
+    requests) and become a ``GuardedRequestHandler`` (everything else). Both
+    are in ``_connections``, so aiohttp's drain (``pre_shutdown``,
+    ``shutdown``) closes and waits for either."""
 
     def __init__(
         self,
-        *args: Any,
-        header_timeout_seconds: float,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        handle_plain: PlainHandler,
+        limits: ServerConfig,
         on_rejected: Callable[[str], None],
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self._header_timeout_seconds = header_timeout_seconds
+        super().__init__(handler, **kwargs)
+        self._handle_plain = handle_plain
+        self._limits = limits
         self._on_rejected = on_rejected
 
     def __call__(self) -> RequestHandler:
+        # aiohttp's sites take the server as the protocol factory.
+        front = FrontConnection(self, self._handle_plain, self._limits, self._on_rejected)
+        return cast(RequestHandler, front)
+
+    def make_handler(self, header_deadline_at: float) -> GuardedRequestHandler:
         handler = GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
-        handler.header_timeout_seconds = self._header_timeout_seconds
+        handler.header_deadline_at = header_deadline_at
         handler.on_rejected = self._on_rejected
         return handler

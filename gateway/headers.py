@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable
 from typing import Final
 
-from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, MultiMapping
 
 from gateway.limiting.limiter import Decision
 
@@ -54,7 +54,7 @@ def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     return frozenset(token.strip().lower() for value in values for token in value.split(","))
 
 
-def forwarded_for(headers: CIMultiDictProxy[str]) -> str | None:
+def forwarded_for(headers: MultiMapping[str]) -> str | None:
     """Every X-Forwarded-For line as one list (RFC 9110 5.3): a client must
     not hide a trusted proxy's hop behind a first line of its own."""
     lines = headers.getall("X-Forwarded-For", ())
@@ -64,7 +64,7 @@ def forwarded_for(headers: CIMultiDictProxy[str]) -> str | None:
 
 
 def upstream_request_headers(
-    incoming: CIMultiDictProxy[str],
+    incoming: MultiMapping[str],
     *,
     peer: str,
     scheme: str,

@@ -2,6 +2,9 @@
 
     identify ① -> route ② -> decide ③ -> (429 ⑤ | forward ④) -> metrics + log ⑥
 
+Twice: ``serve_plain`` for the plain requests front.py parsed itself (written
+straight to the connection), ``handle`` for the requests aiohttp parsed.
+
 One handler, no middleware chain: each middleware costs a coroutine frame per
 request (8-19 % for three no-ops, research notes section 2) and here they
 would only pass state to each other.
@@ -17,16 +20,20 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from aiohttp import HttpVersion11, web
+from multidict import MultiMapping
+from yarl import URL
 
 from gateway.access_log import AccessLog
 from gateway.clients import ClientIdentifier
 from gateway.config.model import GatewayConfig
+from gateway.front import FrontConnection, PlainRequest
 from gateway.headers import forwarded_for, rate_limit_headers, upstream_request_headers
 from gateway.limiting.limiter import DENIED, Decision, Limiter
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketStore
-from gateway.metrics import Metrics
-from gateway.responses import error_response, rate_limited, upstream_failed
+from gateway.metrics import Metrics, RouteMetrics
+from gateway.raw_response import whole_response, write_whole_response
+from gateway.responses import Answer, error_answer, rate_limited, to_aiohttp, upstream_failed
 from gateway.upstream import ClientBodyError, Relay, Upstream
 from gateway.websocket import is_websocket_upgrade, proxy_websocket
 
@@ -117,7 +124,86 @@ class Gateway:
         if self.inflight == 0:
             self.idle.set()
 
+    def _identify(
+        self, snapshot: Snapshot, peer: str, headers: MultiMapping[str]
+    ) -> tuple[str, str]:
+        """The client id and the request id."""
+        identifier = snapshot.identifier
+        api_header = identifier.header
+        client = identifier.identify(
+            peer,
+            forwarded_for(headers),
+            headers.get(api_header) if api_header else None,
+        )
+        return client, headers.get("X-Request-ID") or self._new_request_id()
+
+    async def serve_plain(self, conn: FrontConnection, request: PlainRequest) -> bool:
+        """A plain request (front.py): the same steps as ``handle``, written
+        straight to the connection. True when the connection may be reused."""
+        started = time.perf_counter()
+        snapshot = self.snapshot
+        config = snapshot.config
+        headers = request.headers
+        limiter = snapshot.limiter
+        target = request.target
+        route = limiter.routes.match(_decoded_path(target))
+        route_metrics = self.metrics.route(route.label)
+        peer = request.peer
+        client, request_id = self._identify(snapshot, peer, headers)
+        relay = Relay()
+        reusable = True
+        answer: Answer | None = None
+        max_concurrent = config.clients.max_concurrent
+        if not self._enter(client, max_concurrent):
+            decision = _CONCURRENCY_DENIED
+            route_metrics.decisions[DENIED].inc()
+            answer = self._concurrency_answer(max_concurrent)
+        else:
+            try:
+                decision = await limiter.decide(route, client)
+                route_metrics.decisions[decision.outcome].inc()
+                if decision.outcome is DENIED:
+                    answer = rate_limited(decision)
+                else:
+                    upstream_headers = upstream_request_headers(
+                        headers,
+                        peer=peer,
+                        scheme="http",
+                        request_id=request_id,
+                        peer_is_trusted=snapshot.identifier.is_trusted_peer(peer),
+                        preserve_host=config.upstream.preserve_host,
+                    )
+                    extra = rate_limit_headers(decision)
+                    extra.append(("X-Request-ID", request_id))
+                    reusable = await self.upstream.forward_plain(
+                        conn, request, upstream_headers, extra, relay
+                    )
+                    if relay.error is not None and relay.status == 0:
+                        answer = upstream_failed(relay.error)
+                        # Our own answer still cost the client a token.
+                        answer.headers += rate_limit_headers(decision)
+            finally:
+                self._leave(client, max_concurrent)
+        if answer is not None:
+            answer.headers.append(("X-Request-ID", request_id))
+            relay.status = answer.status
+            try:
+                conn.write(
+                    whole_response(
+                        answer.status, answer.reason, answer.headers, answer.body,
+                        keep_alive=request.keep_alive, http10=request.http10, head_only=False,
+                    )
+                )  # fmt: skip
+                relay.bytes_out = len(answer.body)
+            except ConnectionError:
+                relay.client_gone = True
+        self._record(
+            route_metrics, relay, decision, started, request_id, client, request.method, target
+        )
+        return reusable and not relay.client_gone
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request front.py handed to aiohttp: bodies, HEAD, upgrades."""
         started = time.perf_counter()
         snapshot = self.snapshot
         config = snapshot.config
@@ -126,14 +212,7 @@ class Gateway:
         route = limiter.routes.match(request.path)
         route_metrics = self.metrics.route(route.label)
         peer = request.remote or "-"
-        identifier = snapshot.identifier
-        api_header = identifier.header
-        client = identifier.identify(
-            peer,
-            forwarded_for(headers),
-            headers.get(api_header) if api_header else None,
-        )
-        request_id = headers.get("X-Request-ID") or self._new_request_id()
+        client, request_id = self._identify(snapshot, peer, headers)
         relay = Relay()
         response: web.StreamResponse | None = None
         max_concurrent = config.clients.max_concurrent
@@ -143,17 +222,18 @@ class Gateway:
         if not self._enter(client, max_concurrent):
             decision = _CONCURRENCY_DENIED
             route_metrics.decisions[DENIED].inc()
-            response = self._reject(
-                429, "concurrency", f"at most {max_concurrent} requests in flight per client"
-            )
-            response.headers["Retry-After"] = "1"
+            response = to_aiohttp(self._concurrency_answer(max_concurrent))
         else:
             try:
                 decision = await limiter.decide(route, client)
                 route_metrics.decisions[decision.outcome].inc()
                 if decision.outcome is DENIED:
+                    answer = rate_limited(decision)
+                    answer.headers.append(("X-Request-ID", request_id))
                     try:
-                        relay.response = rate_limited(request, decision, request_id)
+                        relay.response = write_whole_response(
+                            request, 429, answer.reason, answer.headers, answer.body
+                        )
                         relay.status = 429
                         relay.bytes_out = relay.response.body_length
                     except ConnectionError:
@@ -188,6 +268,24 @@ class Gateway:
         else:  # the client left before anything was sent
             relay.client_gone = True
             response = web.Response(status=CLIENT_CLOSED_STATUS)
+        self._record(
+            route_metrics, relay, decision, started, request_id, client, request.method,
+            request.raw_path,
+        )  # fmt: skip
+        return response
+
+    def _record(
+        self,
+        route_metrics: RouteMetrics,
+        relay: Relay,
+        decision: Decision,
+        started: float,
+        request_id: str,
+        client: str,
+        method: str,
+        target: str,
+    ) -> None:
+        """Metrics and the access-log record of one answered request."""
         if relay.error is not None:
             route_metrics.upstream_errors[relay.error.kind].inc()
         if relay.upstream_seconds is not None:
@@ -197,17 +295,23 @@ class Gateway:
         duration = time.perf_counter() - started
         route_metrics.duration.observe(duration)
         self.access_log.put((
-            time.time(), request_id, client, request.method, request.raw_path,
-            route.label, decision.outcome, status,
+            time.time(), request_id, client, method, target,
+            route_metrics.label, decision.outcome, status,
             decision.tokens_left if decision.limit is not None else None,
             relay.upstream_seconds * 1000 if relay.upstream_seconds is not None else None,
             duration * 1000, relay.bytes_in, relay.bytes_out,
         ))  # fmt: skip
-        return response
 
-    def _reject(self, status: int, reason: str, detail: str) -> web.Response:
+    def _concurrency_answer(self, max_concurrent: int) -> Answer:
+        answer = self._reject(
+            429, "concurrency", f"at most {max_concurrent} requests in flight per client"
+        )
+        answer.headers.append(("Retry-After", "1"))
+        return answer
+
+    def _reject(self, status: int, reason: str, detail: str) -> Answer:
         self.metrics.count_rejected(reason)
-        return error_response(status, reason, detail)
+        return error_answer(status, reason, detail)
 
     async def _forward(
         self,
@@ -222,15 +326,19 @@ class Gateway:
         config = snapshot.config
         max_body = config.max_body_size
         if max_body and (request.content_length or 0) > max_body:
-            return self._reject(
-                413, "body_too_large", f"request bodies are limited to {max_body} bytes"
+            return to_aiohttp(
+                self._reject(
+                    413, "body_too_large", f"request bodies are limited to {max_body} bytes"
+                )
             )
         target = request_target(request)
         if target is None:
-            return self._reject(
-                405 if request.method == "CONNECT" else 400,
-                "bad_target",
-                "only origin-form and absolute-form targets are proxied",
+            return to_aiohttp(
+                self._reject(
+                    405 if request.method == "CONNECT" else 400,
+                    "bad_target",
+                    "only origin-form and absolute-form targets are proxied",
+                )
             )
         upstream_headers = upstream_request_headers(
             request.headers,
@@ -258,7 +366,16 @@ class Gateway:
                     request, target, upstream_headers, extra, max_body, relay
                 )
         except ClientBodyError as exc:
-            return self._reject(exc.status, exc.reason, str(exc))
+            return to_aiohttp(self._reject(exc.status, exc.reason, str(exc)))
         if relay.error is not None and relay.status == 0:
-            return upstream_failed(relay.error)
+            return to_aiohttp(upstream_failed(relay.error))
         return None
+
+
+def _decoded_path(target: str) -> str:
+    """The path of an origin-form target, percent-decoded as aiohttp's
+    ``request.path`` is (routes match on it)."""
+    path = target.partition("?")[0]
+    if "%" not in path:
+        return path
+    return URL(path, encoded=True).path

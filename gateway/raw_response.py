@@ -17,9 +17,9 @@ from typing import Final
 
 from aiohttp import HttpVersion11, web
 
-__all__ = ["write_whole_response"]
+__all__ = ["NO_BODY_STATUSES", "response_head", "whole_response", "write_whole_response"]
 
-_NO_BODY_STATUSES: Final = frozenset({204, 304})
+NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
 class _DateHeader:
@@ -56,11 +56,59 @@ def write_whole_response(
     headers: Iterable[tuple[str, str]],
     body: bytes,
 ) -> web.StreamResponse:
-    """Write status line, ``headers`` (Content-Length and Date added when
-    missing, Connection as the request needs) and ``body`` in one write.
-    ``headers`` must not carry framing headers (Content-Length,
-    Transfer-Encoding, Connection)."""
+    """Write ``whole_response`` for an aiohttp request, and tell aiohttp's
+    request loop it is sent."""
     keep_alive = request.keep_alive
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client closed the connection")
+    head_only = request.method == "HEAD"
+    transport.write(
+        whole_response(
+            status, reason, headers, body,
+            keep_alive=keep_alive, http10=request.version < HttpVersion11, head_only=head_only,
+        )
+    )  # fmt: skip
+    sent = 0 if head_only or status in NO_BODY_STATUSES else len(body)
+    return _SentResponse(status, reason, sent, keep_alive)
+
+
+def whole_response(
+    status: int,
+    reason: str,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+    *,
+    keep_alive: bool,
+    http10: bool,
+    head_only: bool,
+) -> bytes:
+    """Status line, ``headers`` and ``body`` as the bytes to write, with
+    Content-Length (none for 1xx/204/304)."""
+    no_body = status in NO_BODY_STATUSES or 100 <= status < 200
+    head = response_head(
+        status, reason, headers,
+        content_length=None if no_body else len(body), chunked=False,
+        keep_alive=keep_alive, http10=http10,
+    )  # fmt: skip
+    if no_body or head_only or not body:
+        return head
+    return head + body
+
+
+def response_head(
+    status: int,
+    reason: str,
+    headers: Iterable[tuple[str, str]],
+    *,
+    content_length: int | None,
+    chunked: bool,
+    keep_alive: bool,
+    http10: bool,
+) -> bytes:
+    """A response head: ``headers`` (which must carry no framing headers:
+    Content-Length, Transfer-Encoding, Connection), Date when missing, the
+    framing asked for, and Connection as the request needs."""
     lines = [f"HTTP/1.1 {status} {reason}"]
     has_date = False
     for name, value in headers:
@@ -69,18 +117,12 @@ def write_whole_response(
         lines.append(f"{name}: {value}")
     if not has_date:
         lines.append(f"Date: {_DateHeader.now()}")
-    no_body = status in _NO_BODY_STATUSES or 100 <= status < 200
-    if not no_body:
-        lines.append(f"Content-Length: {len(body)}")
+    if content_length is not None:
+        lines.append(f"Content-Length: {content_length}")
+    elif chunked:
+        lines.append("Transfer-Encoding: chunked")
     if not keep_alive:
         lines.append("Connection: close")
-    elif request.version < HttpVersion11:
+    elif http10:
         lines.append("Connection: keep-alive")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    if no_body or request.method == "HEAD":
-        body = b""
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("the client closed the connection")
-    transport.write(head + body if body else head)
-    return _SentResponse(status, reason, len(body), keep_alive)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -1,34 +1,48 @@
-"""⑤ The answers the gateway makes itself. Short JSON, never a traceback."""
+"""⑤ The answers the gateway makes itself. Short JSON, never a traceback.
+
+Each is an ``Answer`` (status, headers, body) that either listener writes:
+the plain path serialises it with ``raw_response.whole_response``, the aiohttp
+path turns it into a ``web.Response`` (``to_aiohttp``).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from http import HTTPStatus
+from typing import Final
 
 from aiohttp import web
 
 from gateway.errors import UpstreamError
 from gateway.headers import rate_limit_headers
 from gateway.limiting.limiter import Decision
-from gateway.raw_response import write_whole_response
 
-__all__ = ["error_response", "rate_limited", "upstream_failed"]
+__all__ = ["Answer", "error_answer", "rate_limited", "to_aiohttp", "upstream_failed"]
+
+_JSON: Final = "application/json; charset=utf-8"
 
 
-def rate_limited(
-    request: web.BaseRequest, decision: Decision, request_id: str
-) -> web.StreamResponse:
-    """429 with Retry-After: whole seconds until the next refill, at least 1.
-    Written in one piece: the denied path is the one a flood hits."""
+class Answer:
+    __slots__ = ("body", "headers", "reason", "status")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.reason = HTTPStatus(status).phrase
+        self.headers = headers
+        self.body = body
+
+
+def rate_limited(decision: Decision) -> Answer:
+    """429 with Retry-After: whole seconds until the next refill, at least 1."""
     retry_after = max(1, math.ceil(decision.retry_after_seconds))
     body = b'{"error": "rate_limited", "retry_after": %d}' % retry_after
     headers = [
-        ("Content-Type", "application/json; charset=utf-8"),
+        ("Content-Type", _JSON),
         ("Retry-After", str(retry_after)),
         *rate_limit_headers(decision),
-        ("X-Request-ID", request_id),
     ]
-    return write_whole_response(request, 429, "Too Many Requests", headers, body)
+    return Answer(429, headers, body)
 
 
 _UPSTREAM_MESSAGES = {
@@ -38,16 +52,18 @@ _UPSTREAM_MESSAGES = {
 }
 
 
-def upstream_failed(error: UpstreamError) -> web.Response:
+def upstream_failed(error: UpstreamError) -> Answer:
     """502 (refused, reset) or 504 (silent past read_timeout)."""
-    return error_response(
-        error.status, _UPSTREAM_MESSAGES[error.kind], str(error) or error.kind
-    )
+    return error_answer(error.status, _UPSTREAM_MESSAGES[error.kind], str(error) or error.kind)
 
 
-def error_response(status: int, error: str, detail: str) -> web.Response:
-    return web.Response(
-        status=status,
-        text=json.dumps({"error": error, "detail": detail}),
-        content_type="application/json",
-    )
+def error_answer(status: int, error: str, detail: str) -> Answer:
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    return Answer(status, [("Content-Type", _JSON)], body)
+
+
+def to_aiohttp(answer: Answer) -> web.Response:
+    response = web.Response(status=answer.status, body=answer.body)
+    for name, value in answer.headers:
+        response.headers.add(name, value)
+    return response

@@ -133,7 +133,8 @@ class Server:
         limits = config.server
         proxy = GuardedServer(
             self.gateway.handle,
-            header_timeout_seconds=limits.header_timeout_seconds,
+            handle_plain=self.gateway.serve_plain,
+            limits=limits,
             on_rejected=self.metrics.count_rejected,
             access_log=None,
             handler_cancellation=False,

@@ -30,8 +30,14 @@ from gateway.errors import (
     UpstreamResetError,
     UpstreamTimeoutError,
 )
+from gateway.front import FrontConnection, PlainRequest
 from gateway.headers import downstream_response_headers
-from gateway.raw_response import write_whole_response
+from gateway.raw_response import (
+    NO_BODY_STATUSES,
+    response_head,
+    whole_response,
+    write_whole_response,
+)
 from gateway.upstream_pool import LEAN_METHODS, Exchange, UpstreamPool
 
 __all__ = ["BodyTimeoutError", "BodyTooLargeError", "ClientBodyError", "Relay", "Upstream"]
@@ -295,6 +301,56 @@ class Upstream:
         finally:
             pool.release(exchange)
 
+    async def forward_plain(
+        self,
+        conn: FrontConnection,
+        request: PlainRequest,
+        headers: CIMultiDict[str],
+        extra_headers: list[tuple[str, str]],
+        relay: Relay,
+    ) -> bool:
+        """A plain request (front.py) through the lean pool, answered straight
+        to ``conn``. The same outcomes in ``relay`` as ``forward``; True when
+        the client connection may be reused."""
+        pool = self._pool
+        assert pool is not None, "Upstream.start() was not awaited"
+        if "Host" not in headers:
+            headers["Host"] = self._default_host
+        started = time.perf_counter()
+        try:
+            exchange = await pool.open(
+                pool.request_head(request.method, request.target, headers.items())
+            )
+        except UpstreamError as exc:
+            relay.error = exc
+            return True
+        relay.upstream_seconds = time.perf_counter() - started
+        try:
+            status = exchange.status
+            relay.status = status
+            upstream_headers = CIMultiDict(exchange.headers)
+            response_headers = downstream_response_headers(upstream_headers, extra_headers)
+            if exchange.complete:
+                body = exchange.take_buffered()
+                try:
+                    conn.write(
+                        whole_response(
+                            status, exchange.reason, response_headers.items(), body,
+                            keep_alive=request.keep_alive, http10=request.http10,
+                            head_only=False,
+                        )
+                    )  # fmt: skip
+                except ConnectionError:
+                    relay.client_gone = True
+                    return False
+                relay.bytes_out = 0 if status in NO_BODY_STATUSES else len(body)
+                return True
+            return await _stream_plain(
+                conn, request, exchange, upstream_headers, response_headers, relay
+            )
+        finally:
+            pool.release(exchange)
+
     async def _stream(
         self,
         request: web.BaseRequest,
@@ -332,6 +388,54 @@ class Upstream:
                 request.transport.close()
         finally:
             await body.aclose()
+
+
+async def _stream_plain(
+    conn: FrontConnection,
+    request: PlainRequest,
+    exchange: Exchange,
+    upstream_headers: CIMultiDict[str],
+    response_headers: CIMultiDict[str],
+    relay: Relay,
+) -> bool:
+    """Relay a body still arriving: with the upstream's Content-Length, else
+    chunked, else (an HTTP/1.0 client) delimited by closing the connection.
+    True when the connection may be reused."""
+    length = upstream_headers.get("Content-Length")
+    content_length = None
+    if length is not None and "Transfer-Encoding" not in upstream_headers:
+        content_length = int(length)
+    chunked = content_length is None and not request.http10
+    keep_alive = request.keep_alive and (content_length is not None or chunked)
+    try:
+        conn.write(
+            response_head(
+                exchange.status, exchange.reason, response_headers.items(),
+                content_length=content_length, chunked=chunked,
+                keep_alive=keep_alive, http10=request.http10,
+            )
+        )  # fmt: skip
+        while chunk := await exchange.next_chunk():
+            if chunked:
+                conn.write(b"%x\r\n" % len(chunk))
+                conn.write(chunk)
+                conn.write(b"\r\n")
+            else:
+                conn.write(chunk)
+            relay.bytes_out += len(chunk)
+            await conn.drain()
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+    except ConnectionError:
+        relay.client_gone = True
+        return False
+    except UpstreamError as exc:
+        # The head is gone already: cut the connection so the client sees a
+        # truncated response.
+        relay.error = exc
+        conn.abort()
+        return False
+    return keep_alive
 
 
 async def _lean_body(exchange: Exchange) -> AsyncGenerator[bytes, None]:

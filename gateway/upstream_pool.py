@@ -258,7 +258,9 @@ class UpstreamPool:
         lines = [f"{method} {self.path_prefix}{target} HTTP/1.1"]
         lines += [f"{name}: {value}" for name, value in headers]
         lines.append("\r\n")
-        return "\r\n".join(lines).encode("latin-1")
+        # Values were decoded as aiohttp does (UTF-8, surrogateescape): the
+        # upstream gets the client's bytes back unchanged.
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
     async def _connect(self) -> Exchange:
         try:

@@ -354,15 +354,18 @@ class ForwardCounter:
 
 
 def count_forwards(gw: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> ForwardCounter:
+    """Counts requests reaching the upstream step, on either path: plain
+    requests (``forward_plain``) and the ones aiohttp parsed (``forward``)."""
     counter = ForwardCounter()
     upstream = gw.server.upstream
-    original: Callable[..., Awaitable[None]] = upstream.forward
+    for name in ("forward", "forward_plain"):
+        original: Callable[..., Awaitable[Any]] = getattr(upstream, name)
 
-    async def forward(*args: Any, **kwargs: Any) -> None:
-        await counter.entered()
-        await original(*args, **kwargs)
+        async def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            await counter.entered()
+            return await _original(*args, **kwargs)
 
-    monkeypatch.setattr(upstream, "forward", forward)
+        monkeypatch.setattr(upstream, name, counted)
     return counter
 
 

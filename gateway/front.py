@@ -1,0 +1,360 @@
+"""⓪ Accept: each client connection starts here, on llhttp.
+
+aiohttp's server costs about 25 µs of Python per request (a request object,
+a header multidict proxy, a response object, a writer) before our handler
+runs; a bare uvloop + httptools proxy moves 2.5x the requests on the same
+machine (docs/performance.md). So the common request is parsed here and
+served without those objects: a *plain* request is GET or OPTIONS with an
+origin-form target, no body, no upgrade and no Expect, inside the header
+limits. That is what a rate-limited API sees most, and what a flood is made
+of.
+
+The first request that is anything else (a body, HEAD, a WebSocket upgrade,
+an absolute-form target, bytes llhttp rejects, a head past the limits) hands
+the connection to aiohttp's RequestHandler for the rest of its life, with
+every byte not yet served: its parser, limits, 400/431 answers, body
+streaming and 100-continue apply unchanged. A connection is handed over only
+between requests, so responses keep their order.
+
+The connection also keeps the guards aiohttp would: the first request's head
+must be complete within ``server.header_timeout`` (slowloris), an idle
+keep-alive connection is closed after ``server.keepalive_timeout``,
+pipelined bytes are buffered up to a bound while a request is served, and a
+drain closes idle connections and waits for busy ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final, cast
+
+import httptools
+from multidict import CIMultiDict
+
+from gateway.config.model import ServerConfig
+
+if TYPE_CHECKING:
+    from gateway.connection import GuardedServer
+
+__all__ = ["FrontConnection", "PlainRequest"]
+
+log = logging.getLogger("gateway.connection")
+
+_PLAIN_METHODS: Final = frozenset({b"GET", b"OPTIONS"})
+# Bytes read ahead (pipelined requests) while a request is served, before
+# the socket stops being read.
+PIPELINE_BUFFER_BYTES: Final = 64 * 1024
+
+
+class PlainRequest:
+    """A parsed plain request: what the handler needs, nothing more."""
+
+    __slots__ = ("headers", "http10", "keep_alive", "method", "peer", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        *,
+        http10: bool,
+        keep_alive: bool,
+        peer: str,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self.peer = peer
+
+
+# Serves one plain request on a connection; True when it may stay open.
+PlainHandler = Callable[["FrontConnection", PlainRequest], Awaitable[bool]]
+
+
+class FrontConnection(asyncio.Protocol):
+    def __init__(
+        self,
+        server: GuardedServer,
+        handle: PlainHandler,
+        limits: ServerConfig,
+        on_rejected: Callable[[str], None],
+    ) -> None:
+        self._server = server
+        self._handle = handle
+        self._limits = limits
+        self._on_rejected = on_rejected
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self._parser = httptools.HttpRequestParser(self)
+        self._buffer = b""
+        self._busy = False
+        self._closing = False
+        self._requests = 0
+        self._read_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._served: asyncio.Future[None] | None = None
+        # One timer: the first head's deadline, then the keep-alive idle
+        # deadline; re-armed lazily instead of per request.
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        # Bounds a head must keep to be served here (aiohttp checks the exact ones).
+        self._max_url = limits.max_line_size - len(b"OPTIONS  HTTP/1.1")
+        self._max_field = limits.max_field_size
+        self._max_head = limits.max_line_size + limits.max_field_size * 4
+        # the head being parsed
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._complete = False
+        self._unsuitable = False
+        self._keep_alive = False
+        self._http10 = False
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = str(peer[0])
+        self._server.connection_made(self, self.transport)  # type: ignore[arg-type]
+        self._arm(self._loop.time() + self._limits.header_timeout_seconds)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer = self._buffer + data if self._buffer else data
+        if not self._busy:
+            self._next()
+        elif len(self._buffer) > PIPELINE_BUFFER_BYTES and not self._read_paused:
+            self._read_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server._connections.pop(self, None)  # type: ignore[call-overload]
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    # -- httptools callbacks (one head at a time) --
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._max_url:
+            self._unsuitable = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        if len(name) + len(value) > self._max_field or len(headers) >= self._limits.max_headers:
+            self._unsuitable = True
+        # As aiohttp decodes them: the same client id and log line on either path.
+        headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        # Read here: llhttp resets its flags once the message is complete.
+        parser = self._parser
+        self._keep_alive = parser.should_keep_alive()
+        self._http10 = parser.get_http_version() == "1.0"
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+
+    # -- reading requests --
+
+    def _next(self) -> None:
+        """Serve the next buffered request, or hand the connection over."""
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if (
+                len(buffer) > self._max_head
+                or b"\n\n" in buffer
+                or b"\n\r\n" in buffer  # bare-LF line endings: aiohttp's rules
+            ):
+                self._hand_off()
+            return
+        if buffer.startswith(b"\r\n"):  # empty lines before the request line
+            self._hand_off()
+            return
+        head_length = end + 4
+        self._url = b""
+        self._headers = []
+        self._complete = False
+        self._unsuitable = False
+        parser = self._parser
+        try:
+            parser.feed_data(buffer if head_length == len(buffer) else buffer[:head_length])
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._hand_off()
+            return
+        if (
+            not self._complete
+            or self._unsuitable
+            or parser.get_method() not in _PLAIN_METHODS
+            or not self._url.startswith(b"/")
+        ):
+            self._hand_off()
+            return
+        headers: CIMultiDict[str] = CIMultiDict(self._headers)
+        if "Expect" in headers:
+            self._hand_off()
+            return
+        self._buffer = buffer[head_length:]
+        self._requests += 1
+        self._busy = True
+        request = PlainRequest(
+            parser.get_method().decode(),
+            self._url.decode("utf-8", "surrogateescape"),
+            headers,
+            http10=self._http10,
+            keep_alive=self._keep_alive,
+            peer=self.peer,
+        )
+        self._task = self._loop.create_task(self._serve(request))
+
+    async def _serve(self, request: PlainRequest) -> None:
+        keep_alive = False
+        try:
+            keep_alive = await self._handle(self, request) and request.keep_alive
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("error serving %s %s", request.method, request.target)
+        finally:
+            self._task = None
+            self._busy = False
+            served = self._served
+            if served is not None and not served.done():
+                served.set_result(None)
+            transport = self.transport
+            assert transport is not None
+            if not keep_alive or self._closing or transport.is_closing():
+                self._closing = True
+                transport.close()
+            else:
+                self._arm(self._loop.time() + self._limits.keepalive_timeout_seconds)
+                if self._read_paused:
+                    self._read_paused = False
+                    transport.resume_reading()
+                if self._buffer:
+                    self._next()
+
+    def _hand_off(self) -> None:
+        """Give the connection, and every byte not served, to aiohttp."""
+        transport = self.transport
+        assert transport is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server._connections.pop(self, None)  # type: ignore[call-overload]
+        # The head being read gets what is left of the first head's deadline,
+        # or a fresh one after served requests.
+        if self._requests:
+            header_deadline = self._loop.time() + self._limits.header_timeout_seconds
+        else:
+            header_deadline = self._deadline
+        handler = self._server.make_handler(header_deadline)
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        if self._write_paused:
+            handler.pause_writing()
+        data, self._buffer = self._buffer, b""
+        if data:
+            handler.data_received(data)
+
+    # -- timers --
+
+    def _arm(self, deadline: float) -> None:
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        if self._busy or self._closing:
+            return  # re-armed when the request is answered
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._deadline_passed)
+            return
+        if self._requests == 0:
+            self._on_rejected("header_timeout")
+        self._closing = True
+        assert self.transport is not None
+        self.transport.close()
+
+    # -- writing responses (used by the handler) --
+
+    def write(self, data: bytes) -> None:
+        """Raises ConnectionResetError once the client is gone."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the client reads slower than we write."""
+        while self._write_paused:
+            if self.transport is None or self.transport.is_closing():
+                raise ConnectionResetError("the client closed the connection")
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def _wake_writer(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def abort(self) -> None:
+        """Cut the connection: the response cannot be completed."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- drain (called by aiohttp's web.Server, like its own handlers) --
+
+    def close(self) -> None:
+        """Stop after the request being served; close now when idle."""
+        self._closing = True
+        if not self._busy and self.transport is not None:
+            self.transport.close()
+
+    async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 (aiohttp calls it so)
+        """Wait up to ``timeout`` for the request being served, then cut it."""
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            self._served = self._loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._served
+            except TimeoutError:
+                task.cancel()
+        if self.transport is not None:
+            if self._busy:
+                self.transport.abort()
+            else:
+                self.transport.close()
