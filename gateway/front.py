@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, cast
+import re
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -38,11 +39,12 @@ from gateway.config.model import ServerConfig
 if TYPE_CHECKING:
     from gateway.connection import GuardedServer
 
-__all__ = ["FrontConnection", "PlainRequest"]
+__all__ = ["PENDING", "FrontConnection", "PlainOutcome", "PlainRequest"]
 
 log = logging.getLogger("gateway.connection")
 
 _PLAIN_METHODS: Final = frozenset({b"GET", b"OPTIONS"})
+_LONE_CR: Final = re.compile(rb"\r[^\n]")
 # Bytes read ahead (pipelined requests) while a request is served, before
 # the socket stops being read.
 PIPELINE_BUFFER_BYTES: Final = 64 * 1024
@@ -71,8 +73,15 @@ class PlainRequest:
         self.peer = peer
 
 
-# Serves one plain request on a connection; True when it may stay open.
-PlainHandler = Callable[["FrontConnection", PlainRequest], Awaitable[bool]]
+class _Pending:
+    """The handler will call ``FrontConnection.finish`` itself."""
+
+
+PENDING: Final = _Pending()
+# Serving one plain request: True/False when it was answered at once (may the
+# connection stay open?), the coroutine that answers it, or PENDING.
+PlainOutcome = bool | Coroutine[Any, Any, bool] | _Pending
+PlainHandler = Callable[["FrontConnection", PlainRequest], PlainOutcome]
 
 
 class FrontConnection(asyncio.Protocol):
@@ -99,6 +108,7 @@ class FrontConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._request: PlainRequest  # the one being served while _busy
         self._served: asyncio.Future[None] | None = None
         # One timer: the first head's deadline, then the keep-alive idle
         # deadline; re-armed lazily instead of per request.
@@ -177,7 +187,28 @@ class FrontConnection(asyncio.Protocol):
     # -- reading requests --
 
     def _next(self) -> None:
-        """Serve the next buffered request, or hand the connection over."""
+        """Serve the buffered requests until one needs to wait."""
+        while self._buffer and not self._busy and not self._closing:
+            request = self._parse()
+            if request is None:
+                return
+            try:
+                outcome = self._handle(self, request)
+            except Exception:  # a bug of ours: this connection ends, the process serves on
+                log.exception("error serving %s %s", request.method, request.target)
+                self.abort()
+                return
+            if outcome is True or outcome is False:
+                self._answered(outcome and request.keep_alive)
+                continue
+            self._busy = True
+            self._request = request
+            if outcome is not PENDING:
+                self.continue_with(cast(Coroutine[Any, Any, bool], outcome))
+
+    def _parse(self) -> PlainRequest | None:
+        """The next plain request, or None: its head is incomplete, or it is
+        not plain and the connection was handed to aiohttp."""
         buffer = self._buffer
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -185,12 +216,13 @@ class FrontConnection(asyncio.Protocol):
                 len(buffer) > self._max_head
                 or b"\n\n" in buffer
                 or b"\n\r\n" in buffer  # bare-LF line endings: aiohttp's rules
+                or _LONE_CR.search(buffer) is not None  # bare CR: aiohttp's 400
             ):
                 self._hand_off()
-            return
+            return None
         if buffer.startswith(b"\r\n"):  # empty lines before the request line
             self._hand_off()
-            return
+            return None
         head_length = end + 4
         self._url = b""
         self._headers = []
@@ -201,58 +233,75 @@ class FrontConnection(asyncio.Protocol):
             parser.feed_data(buffer if head_length == len(buffer) else buffer[:head_length])
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._hand_off()
-            return
+            return None
+        method = parser.get_method()
         if (
             not self._complete
             or self._unsuitable
-            or parser.get_method() not in _PLAIN_METHODS
+            or method not in _PLAIN_METHODS
             or not self._url.startswith(b"/")
         ):
             self._hand_off()
-            return
+            return None
         headers: CIMultiDict[str] = CIMultiDict(self._headers)
-        if "Expect" in headers:
+        hosts = len(headers.getall("Host", ()))
+        if "Expect" in headers or hosts > 1 or (hosts == 0 and not self._http10):
+            # 100-continue, and a repeated or (HTTP/1.1) missing Host, which
+            # aiohttp answers with 400: its rules, on its path.
             self._hand_off()
-            return
+            return None
         self._buffer = buffer[head_length:]
         self._requests += 1
-        self._busy = True
-        request = PlainRequest(
-            parser.get_method().decode(),
+        return PlainRequest(
+            method.decode(),
             self._url.decode("utf-8", "surrogateescape"),
             headers,
             http10=self._http10,
             keep_alive=self._keep_alive,
             peer=self.peer,
         )
-        self._task = self._loop.create_task(self._serve(request))
 
-    async def _serve(self, request: PlainRequest) -> None:
-        keep_alive = False
+    def continue_with(self, answering: Coroutine[Any, Any, bool]) -> None:
+        """Finish the request being served in a task running ``answering``."""
+        self._task = self._loop.create_task(self._serve(answering))
+
+    async def _serve(self, answering: Coroutine[Any, Any, bool]) -> None:
+        reusable = False
         try:
-            keep_alive = await self._handle(self, request) and request.keep_alive
+            reusable = await answering
         except asyncio.CancelledError:
+            self._task = None
+            self.finish(False)
             raise
         except Exception:
+            request = self._request
             log.exception("error serving %s %s", request.method, request.target)
-        finally:
-            self._task = None
-            self._busy = False
-            served = self._served
-            if served is not None and not served.done():
-                served.set_result(None)
-            transport = self.transport
-            assert transport is not None
-            if not keep_alive or self._closing or transport.is_closing():
-                self._closing = True
-                transport.close()
-            else:
-                self._arm(self._loop.time() + self._limits.keepalive_timeout_seconds)
-                if self._read_paused:
-                    self._read_paused = False
-                    transport.resume_reading()
-                if self._buffer:
-                    self._next()
+        self._task = None
+        self.finish(reusable)
+
+    def finish(self, reusable: bool) -> None:
+        """The request being served is answered; ``reusable``: the
+        connection may carry the next one."""
+        self._busy = False
+        served = self._served
+        if served is not None and not served.done():
+            served.set_result(None)
+        self._answered(reusable and self._request.keep_alive)
+        if self._read_paused and not self._closing:
+            self._read_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        self._next()
+
+    def _answered(self, keep_alive: bool) -> None:
+        """A response is written: close, or wait for the next request."""
+        transport = self.transport
+        assert transport is not None
+        if not keep_alive or self._closing or transport.is_closing():
+            self._closing = True
+            transport.close()
+        else:
+            self._arm(self._loop.time() + self._limits.keepalive_timeout_seconds)
 
     def _hand_off(self) -> None:
         """Give the connection, and every byte not served, to aiohttp."""
@@ -345,14 +394,14 @@ class FrontConnection(asyncio.Protocol):
     async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 (aiohttp calls it so)
         """Wait up to ``timeout`` for the request being served, then cut it."""
         self._closing = True
-        task = self._task
-        if task is not None and not task.done():
+        if self._busy:
             self._served = self._loop.create_future()
             try:
                 async with asyncio.timeout(timeout):
                     await self._served
             except TimeoutError:
-                task.cancel()
+                if self._task is not None:
+                    self._task.cancel()
         if self.transport is not None:
             if self._busy:
                 self.transport.abort()

@@ -17,6 +17,8 @@ from gateway.limiting.limiter import Decision
 
 __all__ = [
     "HOP_BY_HOP",
+    "OUR_RESPONSE_FIELDS",
+    "OUR_UNLIMITED_RESPONSE_FIELDS",
     "VIA",
     "downstream_response_headers",
     "forwarded_for",
@@ -118,6 +120,15 @@ def downstream_response_headers(
     for name, value in ours:  # ours win over an upstream's own copies
         out[name] = value
     return out
+
+
+# The lower-case names of the fields we add to a relayed response: the
+# rate-limit fields (when the route is limited) and X-Request-ID.
+OUR_RESPONSE_FIELDS: Final = frozenset(
+    {b"ratelimit-policy", b"ratelimit", b"x-ratelimit-limit", b"x-ratelimit-remaining",
+     b"x-ratelimit-reset", b"x-request-id"}
+)  # fmt: skip
+OUR_UNLIMITED_RESPONSE_FIELDS: Final = frozenset({b"x-request-id"})
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:

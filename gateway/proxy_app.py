@@ -26,15 +26,23 @@ from yarl import URL
 from gateway.access_log import AccessLog
 from gateway.clients import ClientIdentifier
 from gateway.config.model import GatewayConfig
-from gateway.front import FrontConnection, PlainRequest
-from gateway.headers import forwarded_for, rate_limit_headers, upstream_request_headers
+from gateway.front import PENDING, FrontConnection, PlainOutcome, PlainRequest
+from gateway.headers import (
+    OUR_RESPONSE_FIELDS,
+    OUR_UNLIMITED_RESPONSE_FIELDS,
+    forwarded_for,
+    rate_limit_headers,
+    upstream_request_headers,
+)
 from gateway.limiting.limiter import DENIED, Decision, Limiter
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketStore
-from gateway.metrics import Metrics, RouteMetrics
+from gateway.metrics import Metrics
 from gateway.raw_response import whole_response, write_whole_response
 from gateway.responses import Answer, error_answer, rate_limited, to_aiohttp, upstream_failed
-from gateway.upstream import ClientBodyError, Relay, Upstream
+from gateway.routes import Route
+from gateway.upstream import ClientBodyError, Relay, Upstream, relay_whole, stream_plain
+from gateway.upstream_pool import Exchange
 from gateway.websocket import is_websocket_upgrade, proxy_websocket
 
 __all__ = ["Gateway", "Snapshot"]
@@ -137,70 +145,31 @@ class Gateway:
         )
         return client, headers.get("X-Request-ID") or self._new_request_id()
 
-    async def serve_plain(self, conn: FrontConnection, request: PlainRequest) -> bool:
+    def serve_plain(self, conn: FrontConnection, request: PlainRequest) -> PlainOutcome:
         """A plain request (front.py): the same steps as ``handle``, written
-        straight to the connection. True when the connection may be reused."""
-        started = time.perf_counter()
+        straight to the connection. What can be done at once is, without a
+        task: a memory-store decision, its 429, and sending the request on an
+        idle pooled upstream connection (the answer then comes back through a
+        callback, ``_PlainCall.on_head``). Otherwise the coroutine that
+        finishes the request is returned."""
         snapshot = self.snapshot
-        config = snapshot.config
-        headers = request.headers
         limiter = snapshot.limiter
-        target = request.target
-        route = limiter.routes.match(_decoded_path(target))
-        route_metrics = self.metrics.route(route.label)
-        peer = request.peer
-        client, request_id = self._identify(snapshot, peer, headers)
-        relay = Relay()
-        reusable = True
-        answer: Answer | None = None
-        max_concurrent = config.clients.max_concurrent
-        if not self._enter(client, max_concurrent):
-            decision = _CONCURRENCY_DENIED
-            route_metrics.decisions[DENIED].inc()
-            answer = self._concurrency_answer(max_concurrent)
-        else:
-            try:
-                decision = await limiter.decide(route, client)
-                route_metrics.decisions[decision.outcome].inc()
-                if decision.outcome is DENIED:
-                    answer = rate_limited(decision)
-                else:
-                    upstream_headers = upstream_request_headers(
-                        headers,
-                        peer=peer,
-                        scheme="http",
-                        request_id=request_id,
-                        peer_is_trusted=snapshot.identifier.is_trusted_peer(peer),
-                        preserve_host=config.upstream.preserve_host,
-                    )
-                    extra = rate_limit_headers(decision)
-                    extra.append(("X-Request-ID", request_id))
-                    reusable = await self.upstream.forward_plain(
-                        conn, request, upstream_headers, extra, relay
-                    )
-                    if relay.error is not None and relay.status == 0:
-                        answer = upstream_failed(relay.error)
-                        # Our own answer still cost the client a token.
-                        answer.headers += rate_limit_headers(decision)
-            finally:
-                self._leave(client, max_concurrent)
-        if answer is not None:
-            answer.headers.append(("X-Request-ID", request_id))
-            relay.status = answer.status
-            try:
-                conn.write(
-                    whole_response(
-                        answer.status, answer.reason, answer.headers, answer.body,
-                        keep_alive=request.keep_alive, http10=request.http10, head_only=False,
-                    )
-                )  # fmt: skip
-                relay.bytes_out = len(answer.body)
-            except ConnectionError:
-                relay.client_gone = True
-        self._record(
-            route_metrics, relay, decision, started, request_id, client, request.method, target
-        )
-        return reusable and not relay.client_gone
+        route = limiter.routes.match(_decoded_path(request.target))
+        call = _PlainCall(self, conn, request, snapshot, route)
+        client = call.client
+        if not self._enter(client, call.max_concurrent):
+            self.metrics.route(route.label).decisions[DENIED].inc()
+            call.decision = _CONCURRENCY_DENIED
+            return call.answer(self._concurrency_answer(call.max_concurrent))
+        call.holds_slot = True
+        decision = limiter.decide_now(route, client)
+        if decision is None:  # the store is remote: await its answer
+            return call.decide_and_forward()
+        call.decision = decision
+        self.metrics.route(route.label).decisions[decision.outcome].inc()
+        if decision.outcome is DENIED:
+            return call.answer(rate_limited(decision))
+        return call.forward()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every request front.py handed to aiohttp: bodies, HEAD, upgrades."""
@@ -268,24 +237,22 @@ class Gateway:
         else:  # the client left before anything was sent
             relay.client_gone = True
             response = web.Response(status=CLIENT_CLOSED_STATUS)
-        self._record(
-            route_metrics, relay, decision, started, request_id, client, request.method,
-            request.raw_path,
-        )  # fmt: skip
+        self._record(relay, decision, started, request_id, client, route, request)
         return response
 
     def _record(
         self,
-        route_metrics: RouteMetrics,
         relay: Relay,
         decision: Decision,
         started: float,
         request_id: str,
         client: str,
-        method: str,
-        target: str,
+        route: Route,
+        request: web.BaseRequest | PlainRequest,
     ) -> None:
         """Metrics and the access-log record of one answered request."""
+        route_metrics = self.metrics.route(route.label)
+        target = request.target if isinstance(request, PlainRequest) else request.raw_path
         if relay.error is not None:
             route_metrics.upstream_errors[relay.error.kind].inc()
         if relay.upstream_seconds is not None:
@@ -295,7 +262,7 @@ class Gateway:
         duration = time.perf_counter() - started
         route_metrics.duration.observe(duration)
         self.access_log.put((
-            time.time(), request_id, client, method, target,
+            time.time(), request_id, client, request.method, target,
             route_metrics.label, decision.outcome, status,
             decision.tokens_left if decision.limit is not None else None,
             relay.upstream_seconds * 1000 if relay.upstream_seconds is not None else None,
@@ -370,6 +337,179 @@ class Gateway:
         if relay.error is not None and relay.status == 0:
             return to_aiohttp(upstream_failed(relay.error))
         return None
+
+
+class _PlainCall:
+    """One plain request on its way through ``Gateway.serve_plain``: what its
+    steps share, whether they run at once, in a callback or in a task."""
+
+    __slots__ = ("client", "conn", "decision", "extra", "gateway", "head", "holds_slot",
+                 "max_concurrent", "relay", "replaced", "request", "request_id", "route",
+                 "sent", "snapshot", "started")  # fmt: skip
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        conn: FrontConnection,
+        request: PlainRequest,
+        snapshot: Snapshot,
+        route: Route,
+    ) -> None:
+        self.started = time.perf_counter()
+        self.gateway = gateway
+        self.conn = conn
+        self.request = request
+        self.snapshot = snapshot
+        self.route = route
+        self.client, self.request_id = gateway._identify(
+            snapshot, request.peer, request.headers
+        )
+        self.max_concurrent = snapshot.config.clients.max_concurrent
+        self.holds_slot = False
+        self.decision: Decision | None = None
+        self.relay = Relay()
+        self.extra: list[tuple[str, str]] = []
+        self.head = b""
+        self.replaced: frozenset[bytes] | None = None
+        self.sent = 0.0
+
+    def forward(self) -> PlainOutcome:
+        """Send upstream: at once on an idle pooled connection (PENDING; the
+        answer comes to ``on_head``), else in a task."""
+        self.prepare()
+        if self.gateway.upstream.send_plain(self.head, self.on_head) is not None:
+            return PENDING
+        return self.forward_in_task()
+
+    def prepare(self) -> None:
+        """The request head for the upstream, and our response headers."""
+        decision = self.decision
+        assert decision is not None
+        request = self.request
+        snapshot = self.snapshot
+        peer = request.peer
+        upstream = self.gateway.upstream
+        self.head = upstream.plain_head(
+            request,
+            upstream_request_headers(
+                request.headers,
+                peer=peer,
+                scheme="http",
+                request_id=self.request_id,
+                peer_is_trusted=snapshot.identifier.is_trusted_peer(peer),
+                preserve_host=snapshot.config.upstream.preserve_host,
+            ),
+        )
+        extra = self.extra = rate_limit_headers(decision)
+        extra.append(("X-Request-ID", self.request_id))
+        self.replaced = (
+            OUR_RESPONSE_FIELDS if decision.limit is not None else OUR_UNLIMITED_RESPONSE_FIELDS
+        )
+        self.sent = time.perf_counter()
+
+    def on_head(self, exchange: Exchange) -> None:
+        """The upstream's answer arrived (or the exchange failed)."""
+        upstream = self.gateway.upstream
+        conn = self.conn
+        relay = self.relay
+        if exchange.error is not None and not exchange.got_bytes:
+            # The upstream had closed this kept-alive connection: once more,
+            # on another (the pool retries once more on a fresh one).
+            upstream.release(exchange)
+            conn.continue_with(self.forward_in_task())
+            return
+        relay.upstream_seconds = time.perf_counter() - self.sent
+        if exchange.error is not None:
+            upstream.release(exchange)
+            relay.error = exchange.error
+            conn.finish(self.answer(self.failed()))
+        elif exchange.complete:
+            reusable = relay_whole(
+                conn, self.request, exchange, self.extra, relay, self.replaced
+            )
+            upstream.release(exchange)
+            conn.finish(self.end(reusable))
+        else:
+            conn.continue_with(self.stream(exchange))
+
+    async def stream(self, exchange: Exchange) -> bool:
+        reusable = False
+        try:
+            reusable = await stream_plain(
+                self.conn, self.request, exchange, self.extra, self.relay, self.replaced
+            )
+        finally:
+            self.gateway.upstream.release(exchange)
+            reusable = self.end(reusable)
+        return reusable
+
+    async def forward_in_task(self) -> bool:
+        reusable = False
+        relay = self.relay
+        try:
+            reusable = await self.gateway.upstream.forward_plain(
+                self.conn, self.request, self.head, self.extra, relay
+            )
+        except BaseException:
+            self.end(False)
+            raise
+        if relay.error is not None and relay.status == 0:
+            return self.answer(self.failed())
+        return self.end(reusable)
+
+    async def decide_and_forward(self) -> bool:
+        try:
+            decision = await self.snapshot.limiter.decide(self.route, self.client)
+        except BaseException:
+            self.end(False)
+            raise
+        self.decision = decision
+        self.gateway.metrics.route(self.route.label).decisions[decision.outcome].inc()
+        if decision.outcome is DENIED:
+            return self.answer(rate_limited(decision))
+        self.prepare()
+        return await self.forward_in_task()
+
+    def failed(self) -> Answer:
+        """502/504 for an upstream that failed before answering; it still
+        cost the client a token."""
+        assert self.relay.error is not None
+        assert self.decision is not None
+        answer = upstream_failed(self.relay.error)
+        answer.headers += rate_limit_headers(self.decision)
+        return answer
+
+    def answer(self, answer: Answer) -> bool:
+        """Write one of our own answers; the request is done."""
+        request = self.request
+        relay = self.relay
+        answer.headers.append(("X-Request-ID", self.request_id))
+        relay.status = answer.status
+        try:
+            self.conn.write(
+                whole_response(
+                    answer.status, answer.reason, answer.headers, answer.body,
+                    keep_alive=request.keep_alive, http10=request.http10, head_only=False,
+                )
+            )  # fmt: skip
+            relay.bytes_out = len(answer.body)
+        except ConnectionError:
+            relay.client_gone = True
+        return self.end(True)
+
+    def end(self, reusable: bool) -> bool:
+        """Free the client's in-flight slot, count and log the request.
+        True when the client connection may carry the next request."""
+        gateway = self.gateway
+        if self.holds_slot:
+            self.holds_slot = False
+            gateway._leave(self.client, self.max_concurrent)
+        if self.decision is not None:
+            gateway._record(
+                self.relay, self.decision, self.started, self.request_id, self.client,
+                self.route, self.request,
+            )  # fmt: skip
+        return reusable and not self.relay.client_gone
 
 
 def _decoded_path(target: str) -> str:

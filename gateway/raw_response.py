@@ -17,7 +17,16 @@ from typing import Final
 
 from aiohttp import HttpVersion11, web
 
-__all__ = ["NO_BODY_STATUSES", "response_head", "whole_response", "write_whole_response"]
+from gateway.headers import HOP_BY_HOP
+
+__all__ = [
+    "NO_BODY_STATUSES",
+    "relayed_head",
+    "response_head",
+    "whole_response",
+    "write_prepared",
+    "write_whole_response",
+]
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 
@@ -56,21 +65,27 @@ def write_whole_response(
     headers: Iterable[tuple[str, str]],
     body: bytes,
 ) -> web.StreamResponse:
-    """Write ``whole_response`` for an aiohttp request, and tell aiohttp's
-    request loop it is sent."""
-    keep_alive = request.keep_alive
+    """Write ``whole_response`` (our own fields only) for an aiohttp
+    request, and tell aiohttp's request loop it is sent."""
+    head_only = request.method == "HEAD"
+    data = whole_response(
+        status, reason, headers, body, keep_alive=request.keep_alive,
+        http10=request.version < HttpVersion11, head_only=head_only,
+    )  # fmt: skip
+    sent = 0 if head_only or status in NO_BODY_STATUSES else len(body)
+    return write_prepared(request, data, status, reason, sent)
+
+
+def write_prepared(
+    request: web.BaseRequest, data: bytes, status: int, reason: str, body_length: int
+) -> web.StreamResponse:
+    """Write a whole response already serialised, and tell aiohttp's request
+    loop it is sent."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client closed the connection")
-    head_only = request.method == "HEAD"
-    transport.write(
-        whole_response(
-            status, reason, headers, body,
-            keep_alive=keep_alive, http10=request.version < HttpVersion11, head_only=head_only,
-        )
-    )  # fmt: skip
-    sent = 0 if head_only or status in NO_BODY_STATUSES else len(body)
-    return _SentResponse(status, reason, sent, keep_alive)
+    transport.write(data)
+    return _SentResponse(status, reason, body_length, request.keep_alive)
 
 
 def whole_response(
@@ -125,4 +140,70 @@ def response_head(
         lines.append("Connection: close")
     elif http10:
         lines.append("Connection: keep-alive")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    # Our own fields only (see relayed_head for the encoding).
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+# Upstream response fields never copied to the client: hop-by-hop ones and
+# framing (set by the relay), as lower-case bytes.
+_NOT_RELAYED: Final = frozenset(name.encode() for name in (*HOP_BY_HOP, "content-length"))
+
+
+def relayed_head(
+    status: int,
+    reason: bytes,
+    upstream: list[tuple[bytes, bytes]],
+    ours: list[tuple[str, str]],
+    *,
+    replaced: frozenset[bytes] | None = None,
+    content_length: int | None,
+    chunked: bool,
+    keep_alive: bool,
+    http10: bool,
+) -> bytes:
+    """The head of an upstream response as the client gets it, built from
+    the header bytes as received: ``headers.downstream_response_headers``'s
+    rules (hop-by-hop and framing fields and any field named in Connection
+    dropped; ``ours`` replace the upstream's copies) without decoding them
+    into a multidict and back. ``replaced``: the lower-case names of
+    ``ours``, when the caller knows them already."""
+    if replaced is None:
+        replaced = frozenset(name.lower().encode() for name, _ in ours)
+    lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+    has_date = False
+    connection: list[bytes] = []
+    for name, value in upstream:
+        lower = name.lower()
+        if lower in _NOT_RELAYED or lower in replaced:
+            if lower == b"connection":
+                connection.append(value)
+            continue
+        if lower == b"date":
+            has_date = True
+        lines.append(name + b": " + value)
+    if connection and connection[0].lower() not in _NOT_RELAYED:
+        named = {t.strip().lower() for v in connection for t in v.split(b",")} - _NOT_RELAYED
+        if named:  # rare: a field named in Connection is hop-by-hop too
+            lines = [lines[0]] + [
+                name + b": " + value
+                for name, value in upstream
+                if (lower := name.lower()) not in _NOT_RELAYED
+                and lower not in replaced
+                and lower not in named
+            ]
+    for our_name, our_value in ours:
+        # X-Request-ID may be the client's, decoded as UTF-8 with
+        # surrogateescape: encoded back the same way, it is its own bytes.
+        lines.append(f"{our_name}: {our_value}".encode("utf-8", "surrogateescape"))
+    if not has_date:
+        lines.append(b"Date: " + _DateHeader.now().encode())
+    if content_length is not None:
+        lines.append(b"Content-Length: %d" % content_length)
+    elif chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    elif http10:
+        lines.append(b"Connection: keep-alive")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Final
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
@@ -32,12 +32,7 @@ from gateway.errors import (
 )
 from gateway.front import FrontConnection, PlainRequest
 from gateway.headers import downstream_response_headers
-from gateway.raw_response import (
-    NO_BODY_STATUSES,
-    response_head,
-    whole_response,
-    write_whole_response,
-)
+from gateway.raw_response import NO_BODY_STATUSES, relayed_head, write_prepared
 from gateway.upstream_pool import LEAN_METHODS, Exchange, UpstreamPool
 
 __all__ = ["BodyTimeoutError", "BodyTooLargeError", "ClientBodyError", "Relay", "Upstream"]
@@ -281,16 +276,20 @@ class Upstream:
             if exchange.complete:
                 # The whole answer is here: one write for head and body.
                 body = exchange.take_buffered()
-                relay.status = exchange.status
+                status = relay.status = exchange.status
+                no_body = status in NO_BODY_STATUSES
+                if no_body:
+                    body = b""
+                data = relayed_head(
+                    status, exchange.raw_reason, exchange.raw_headers, extra_headers,
+                    content_length=None if no_body else len(body), chunked=False,
+                    keep_alive=request.keep_alive, http10=request.version < HttpVersion11,
+                )  # fmt: skip
                 try:
-                    relay.response = write_whole_response(
-                        request, exchange.status, exchange.reason,
-                        downstream_response_headers(
-                            CIMultiDict(exchange.headers), extra_headers
-                        ).items(),
-                        body,
-                    )  # fmt: skip
-                    relay.bytes_out = relay.response.body_length
+                    relay.response = write_prepared(
+                        request, data + body, status, exchange.reason, len(body)
+                    )
+                    relay.bytes_out = len(body)
                 except ConnectionError:
                     relay.client_gone = True
                 return
@@ -301,11 +300,29 @@ class Upstream:
         finally:
             pool.release(exchange)
 
+    def plain_head(self, request: PlainRequest, headers: CIMultiDict[str]) -> bytes:
+        """The request head a plain request is sent upstream with."""
+        pool = self._pool
+        assert pool is not None, "Upstream.start() was not awaited"
+        if "Host" not in headers:
+            headers["Host"] = self._default_host
+        return pool.request_head(request.method, request.target, headers.items())
+
+    def send_plain(self, head: bytes, on_head: Callable[[Exchange], None]) -> Exchange | None:
+        """Send at once on an idle pooled connection (``UpstreamPool.try_send``);
+        None when there is none: then ``forward_plain``."""
+        assert self._pool is not None, "Upstream.start() was not awaited"
+        return self._pool.try_send(head, on_head)
+
+    def release(self, exchange: Exchange) -> None:
+        assert self._pool is not None
+        self._pool.release(exchange)
+
     async def forward_plain(
         self,
         conn: FrontConnection,
         request: PlainRequest,
-        headers: CIMultiDict[str],
+        head: bytes,
         extra_headers: list[tuple[str, str]],
         relay: Relay,
     ) -> bool:
@@ -314,40 +331,17 @@ class Upstream:
         the client connection may be reused."""
         pool = self._pool
         assert pool is not None, "Upstream.start() was not awaited"
-        if "Host" not in headers:
-            headers["Host"] = self._default_host
         started = time.perf_counter()
         try:
-            exchange = await pool.open(
-                pool.request_head(request.method, request.target, headers.items())
-            )
+            exchange = await pool.open(head)
         except UpstreamError as exc:
             relay.error = exc
             return True
         relay.upstream_seconds = time.perf_counter() - started
         try:
-            status = exchange.status
-            relay.status = status
-            upstream_headers = CIMultiDict(exchange.headers)
-            response_headers = downstream_response_headers(upstream_headers, extra_headers)
             if exchange.complete:
-                body = exchange.take_buffered()
-                try:
-                    conn.write(
-                        whole_response(
-                            status, exchange.reason, response_headers.items(), body,
-                            keep_alive=request.keep_alive, http10=request.http10,
-                            head_only=False,
-                        )
-                    )  # fmt: skip
-                except ConnectionError:
-                    relay.client_gone = True
-                    return False
-                relay.bytes_out = 0 if status in NO_BODY_STATUSES else len(body)
-                return True
-            return await _stream_plain(
-                conn, request, exchange, upstream_headers, response_headers, relay
-            )
+                return relay_whole(conn, request, exchange, extra_headers, relay)
+            return await stream_plain(conn, request, exchange, extra_headers, relay)
         finally:
             pool.release(exchange)
 
@@ -390,28 +384,63 @@ class Upstream:
             await body.aclose()
 
 
-async def _stream_plain(
+def relay_whole(
     conn: FrontConnection,
     request: PlainRequest,
     exchange: Exchange,
-    upstream_headers: CIMultiDict[str],
-    response_headers: CIMultiDict[str],
+    extra_headers: list[tuple[str, str]],
     relay: Relay,
+    replaced: frozenset[bytes] | None = None,
+) -> bool:
+    """Write a complete upstream answer, head and body, in one write. True
+    when the connection may be reused."""
+    status = exchange.status
+    relay.status = status
+    body = exchange.take_buffered()
+    no_body = status in NO_BODY_STATUSES
+    try:
+        conn.write(
+            relayed_head(
+                status, exchange.raw_reason, exchange.raw_headers, extra_headers,
+                replaced=replaced, content_length=None if no_body else len(body),
+                chunked=False, keep_alive=request.keep_alive, http10=request.http10,
+            )
+            + (b"" if no_body else body)
+        )  # fmt: skip
+    except ConnectionError:
+        relay.client_gone = True
+        return False
+    relay.bytes_out = 0 if no_body else len(body)
+    return True
+
+
+async def stream_plain(
+    conn: FrontConnection,
+    request: PlainRequest,
+    exchange: Exchange,
+    extra_headers: list[tuple[str, str]],
+    relay: Relay,
+    replaced: frozenset[bytes] | None = None,
 ) -> bool:
     """Relay a body still arriving: with the upstream's Content-Length, else
     chunked, else (an HTTP/1.0 client) delimited by closing the connection.
     True when the connection may be reused."""
-    length = upstream_headers.get("Content-Length")
+    relay.status = exchange.status
     content_length = None
-    if length is not None and "Transfer-Encoding" not in upstream_headers:
-        content_length = int(length)
+    framed = False
+    for name, value in exchange.raw_headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            framed, content_length = True, None
+        elif lower == b"content-length" and not framed:
+            content_length = int(value)
     chunked = content_length is None and not request.http10
     keep_alive = request.keep_alive and (content_length is not None or chunked)
     try:
         conn.write(
-            response_head(
-                exchange.status, exchange.reason, response_headers.items(),
-                content_length=content_length, chunked=chunked,
+            relayed_head(
+                exchange.status, exchange.raw_reason, exchange.raw_headers, extra_headers,
+                replaced=replaced, content_length=content_length, chunked=chunked,
                 keep_alive=keep_alive, http10=request.http10,
             )
         )  # fmt: skip

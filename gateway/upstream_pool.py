@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, cast
 from urllib.parse import urlsplit
 
@@ -53,10 +53,11 @@ class Exchange(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.used = False
-        # per response
-        self.headers: list[tuple[str, str]] = []
+        # per response; header bytes as received (the plain path copies them
+        # to the client without decoding)
+        self.raw_headers: list[tuple[bytes, bytes]] = []
         self.status = 0
-        self.reason = ""
+        self.raw_reason = b""
         self.keep_alive = False
         self.complete = False
         self.got_bytes = False
@@ -66,9 +67,21 @@ class Exchange(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._headers_done: asyncio.Future[None] | None = None
+        self._on_head: Callable[[Exchange], None] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # The read timeout: one timer, re-armed lazily when it fires early,
+        # instead of a call_at and a cancel per response.
+        self._reading = False
         self._last_data = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw_headers]
+
+    @property
+    def reason(self) -> str:
+        return self.raw_reason.decode("latin-1")
 
     # -- asyncio.Protocol --
 
@@ -83,6 +96,8 @@ class Exchange(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamResetError(f"invalid HTTP from upstream: {exc}"))
+        if self._on_head is not None and self.status:
+            self._head_arrived()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -90,7 +105,7 @@ class Exchange(asyncio.Protocol):
             # No Content-Length, not chunked: the body ends where the
             # connection does (RFC 9112 6.3, item 8).
             self.complete = True
-            self._stop_read_timer()
+            self._reading = False
             self._wake()
             return
         if not self.complete:
@@ -100,10 +115,10 @@ class Exchange(asyncio.Protocol):
     # -- httptools callbacks --
 
     def on_status(self, status: bytes) -> None:
-        self.reason = status.decode("latin-1")
+        self.raw_reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -111,7 +126,7 @@ class Exchange(asyncio.Protocol):
             # An interim answer (103 Early Hints, a stray 100): not the
             # response; skip it, as aiohttp's client does.
             self._interim = True
-            self.headers = []
+            self.raw_headers = []
             return
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
@@ -131,10 +146,17 @@ class Exchange(asyncio.Protocol):
             self._interim = False
             return
         self.complete = True
-        self._stop_read_timer()
+        self._reading = False
         self._wake()
 
     # -- used by the relay --
+
+    def _head_arrived(self) -> None:
+        """Tell a ``send`` caller: the head is here, or the exchange failed."""
+        on_head = self._on_head
+        self._on_head = None
+        if on_head is not None:
+            on_head(self)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -145,46 +167,57 @@ class Exchange(asyncio.Protocol):
         if self.error is None:
             self.error = error
         self.closed = True
-        self._stop_read_timer()
+        self._reading = False
         if self.transport is not None:
             self.transport.abort()
         if self._headers_done is not None and not self._headers_done.done():
             self._headers_done.set_result(None)
         self._wake()
+        self._head_arrived()
 
     def _check_read_timeout(self) -> None:
-        idle = self._loop.time() - self._last_data
+        self._read_timer = None
+        if not self._reading:
+            return
         timeout = self._pool.read_timeout
-        if idle >= timeout:
-            self._read_timer = None
+        deadline = self._last_data + timeout
+        if self._loop.time() >= deadline:
             self._fail(UpstreamTimeoutError(f"no response from upstream within {timeout:g}s"))
         else:
-            self._read_timer = self._loop.call_at(
-                self._last_data + timeout, self._check_read_timeout
-            )
+            self._read_timer = self._loop.call_at(deadline, self._check_read_timeout)
 
     def _stop_read_timer(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
+        self._reading = False
 
-    def start(self, head: bytes) -> asyncio.Future[None]:
-        """Send a request head; the future resolves when the response head
-        arrived (or ``error`` is set)."""
+    def _begin(self, head: bytes) -> None:
         assert self.transport is not None
         self.used = True
-        self.headers = []
+        self.raw_headers = []
         self.status = 0
         self.complete = False
         self.got_bytes = False
         self.error = None
-        self._headers_done = self._loop.create_future()
+        self._reading = True
         self._last_data = self._loop.time()
-        self._read_timer = self._loop.call_at(
-            self._last_data + self._pool.read_timeout, self._check_read_timeout
-        )
+        if self._read_timer is None:
+            self._read_timer = self._loop.call_at(
+                self._last_data + self._pool.read_timeout, self._check_read_timeout
+            )
         self.transport.write(head)
+
+    def start(self, head: bytes) -> asyncio.Future[None]:
+        """Send a request head; the future resolves when the response head
+        arrived (or ``error`` is set)."""
+        self._headers_done = self._loop.create_future()
+        self._begin(head)
         return self._headers_done
+
+    def send(self, head: bytes, on_head: Callable[[Exchange], None]) -> None:
+        """Send a request head; ``on_head(self)`` is called once, when the
+        response head arrived (with as much of the body as came with it) or
+        ``error`` is set. No future, no task: the plain path's callback."""
+        self._on_head = on_head
+        self._begin(head)
 
     def take_buffered(self) -> bytes:
         """Every body byte received so far (resuming a paused socket)."""
@@ -213,16 +246,16 @@ class Exchange(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        self._stop_read_timer()
+        self._reading = False
         if self.transport is not None:
             self.transport.close()
 
     @property
     def _close_delimited(self) -> bool:
-        for name, value in self.headers:
+        for name, value in self.raw_headers:
             lower = name.lower()
-            if lower == "content-length" or (
-                lower == "transfer-encoding" and "chunked" in value.lower()
+            if lower == b"content-length" or (
+                lower == b"transfer-encoding" and b"chunked" in value.lower()
             ):
                 return False
         return self.status not in (204, 304)
@@ -249,8 +282,54 @@ class UpstreamPool:
         self.read_timeout = read_timeout
         self._connect_timeout = connect_timeout
         self._idle: list[Exchange] = []
-        self._slots = asyncio.Semaphore(max_connections)
+        # Connection slots: a counter and a FIFO of waiters rather than an
+        # asyncio.Semaphore, so ``try_send`` can take one without awaiting.
+        self._max_connections = max_connections
+        self._free_slots = max_connections
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self.loop = asyncio.get_running_loop()
+
+    @property
+    def in_use(self) -> int:
+        """Connections held for requests now."""
+        return self._max_connections - self._free_slots
+
+    async def _acquire_slot(self) -> None:
+        if self._free_slots > 0 and not self._slot_waiters:
+            self._free_slots -= 1
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed a slot just as we were cancelled
+            else:
+                self._slot_waiters.remove(waiter)
+            raise
+
+    def _release_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the waiter
+                return
+        self._free_slots += 1
+
+    def try_send(self, head: bytes, on_head: Callable[[Exchange], None]) -> Exchange | None:
+        """Send ``head`` at once on an idle kept-alive connection (see
+        ``Exchange.send``); None when no slot is free or none is idle, and
+        the caller goes through ``open``. The caller holds a slot until
+        ``release``."""
+        if self._free_slots == 0 or self._slot_waiters:
+            return None
+        exchange = self._reuse()
+        if exchange is None:
+            return None
+        self._free_slots -= 1
+        exchange.send(head, on_head)
+        return exchange
 
     def request_head(
         self, method: str, target: str, headers: Iterable[tuple[str, str]]
@@ -289,7 +368,7 @@ class UpstreamPool:
         """Send ``head`` and wait for the response head. The caller holds a
         slot until ``release``. Raises UpstreamError when no response head
         arrived."""
-        await self._slots.acquire()
+        await self._acquire_slot()
         exchange: Exchange | None = None
         try:
             exchange = self._reuse()
@@ -308,7 +387,7 @@ class UpstreamPool:
         except BaseException:
             if exchange is not None:
                 exchange.close()
-            self._slots.release()
+            self._release_slot()
             raise
 
     def release(self, exchange: Exchange) -> None:
@@ -320,7 +399,7 @@ class UpstreamPool:
             self._idle.append(exchange)
         else:
             exchange.close()
-        self._slots.release()
+        self._release_slot()
 
     def close(self) -> None:
         for exchange in self._idle:

@@ -14,7 +14,7 @@ from typing import Final
 from gateway.config.model import GatewayConfig
 from gateway.limiting.policy import Limit
 from gateway.limiting.refill_clock import RefillClock
-from gateway.limiting.store import BucketSnapshot, BucketStore
+from gateway.limiting.store import BucketSnapshot, BucketStore, TakeResult
 from gateway.routes import Route, RouteTable
 
 __all__ = ["ALLOWED", "DENIED", "SHADOW_DENIED", "UNLIMITED", "Decision", "Limiter"]
@@ -77,6 +77,19 @@ class Limiter:
         if limit is None:
             return _UNLIMITED_DECISION
         result = await self.store.take((route.label, client), limit)
+        return self._decision(route, limit, result)
+
+    def decide_now(self, route: Route, client: str) -> Decision | None:
+        """``decide`` without waiting; None when the store needs I/O (redis)."""
+        limit = self.limit_for(route, client)
+        if limit is None:
+            return _UNLIMITED_DECISION
+        result = self.store.take_now((route.label, client), limit)
+        if result is None:
+            return None
+        return self._decision(route, limit, result)
+
+    def _decision(self, route: Route, limit: Limit, result: TakeResult) -> Decision:
         outcome = ALLOWED if result.admitted else SHADOW_DENIED if route.shadow else DENIED
         return Decision(
             outcome,

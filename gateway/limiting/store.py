@@ -52,6 +52,11 @@ class BucketStore(Protocol):
 
     async def take(self, key: BucketKey, limit: Limit) -> TakeResult: ...
 
+    def take_now(self, key: BucketKey, limit: Limit) -> TakeResult | None:
+        """``take`` without waiting: None when the answer needs I/O (then
+        nothing was taken and the caller awaits ``take``)."""
+        ...
+
     async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot | None: ...
 
     @property

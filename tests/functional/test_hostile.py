@@ -392,7 +392,7 @@ def upstream_connections_held(gw: RunningGateway) -> int:
     held = len(connector._acquired)
     pool = getattr(upstream, "_pool", None)
     if pool is not None:
-        held += gw.server.config.upstream.max_connections - pool._slots._value
+        held += pool.in_use
     return held
 
 
