@@ -23,12 +23,16 @@ __all__ = ["Answer", "error_answer", "rate_limited", "to_aiohttp", "upstream_fai
 _JSON: Final = "application/json; charset=utf-8"
 
 
+# Reason phrases looked up once: HTTPStatus(code) is an enum call per answer.
+_PHRASES: Final = {status.value: status.phrase for status in HTTPStatus}
+
+
 class Answer:
     __slots__ = ("body", "headers", "reason", "status")
 
     def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         self.status = status
-        self.reason = HTTPStatus(status).phrase
+        self.reason = _PHRASES[status]
         self.headers = headers
         self.body = body
 
