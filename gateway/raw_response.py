@@ -1,11 +1,13 @@
-"""⑤ Small responses written in one piece, bypassing aiohttp's response objects.
+"""⑤ Response heads serialised by hand, and whole responses in one write.
 
 Profiling the denied path put most of its time in aiohttp's StreamResponse
 machinery (header multidict, Date, serialisation, writer) for a 50-byte
-answer. For complete small responses, the 429s and the lean upstream path's
-whole answers, the head and body are serialised here and handed to the
-transport in one write. The returned response object tells aiohttp's
-request loop that the answer is sent and whether the connection stays open.
+answer. So heads are built here: ours (``whole_response``: 429s, 502s) and
+the upstream's as relayed (``relayed_head``, straight from the header bytes
+llhttp gave us). A complete small response goes to the transport in one
+write. On aiohttp's path, ``write_prepared`` returns a response object that
+tells aiohttp's request loop the answer is sent and whether the connection
+stays open; the plain path (front.py) writes to its connection directly.
 """
 
 from __future__ import annotations
