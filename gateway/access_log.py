@@ -128,9 +128,11 @@ class _Consumer:
                 batch += records.queue
                 records.queue.clear()
                 records.not_full.notify_all()
-            stopping = batch[-1] is _SENTINEL
+            stopping = _SENTINEL in batch
             if stopping:
-                batch.pop()
+                # Nothing is put after the sentinel (``put`` counts those as
+                # dropped), but never format one as a record.
+                del batch[batch.index(_SENTINEL) :]
             self._write(batch)
             if stopping:
                 return
@@ -160,6 +162,7 @@ class AccessLog:
         self._path = path
         self._sink: IO[bytes] | None = None
         self._consumer: _Consumer | None = None
+        self._stopping = False
 
     def depth(self) -> int:
         return self._queue.qsize()
@@ -167,6 +170,9 @@ class AccessLog:
     def put(self, record: AccessRecord) -> None:
         """Called on the request path: never blocks."""
         if not self.enabled:
+            return
+        if self._stopping:  # behind the sentinel nothing would be written
+            self._dropped.inc()
             return
         try:
             self._queue.put_nowait(record)
@@ -198,6 +204,7 @@ class AccessLog:
         if consumer is None:
             return True
         deadline = time.monotonic() + timeout_seconds
+        self._stopping = True
         # Blocking put: the sentinel must queue behind every record, even when
         # the queue is full (a sink stuck past the timeout is reported below).
         with contextlib.suppress(queue.Full):

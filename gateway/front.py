@@ -29,7 +29,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -39,7 +39,7 @@ from gateway.config.model import ServerConfig
 if TYPE_CHECKING:
     from gateway.connection import GuardedServer
 
-__all__ = ["PENDING", "FrontConnection", "PlainOutcome", "PlainRequest"]
+__all__ = ["PENDING", "FrontConnection", "InFlight", "PlainOutcome", "PlainRequest"]
 
 log = logging.getLogger("gateway.connection")
 
@@ -73,6 +73,14 @@ class PlainRequest:
         self.peer = peer
 
 
+class InFlight(Protocol):
+    """A plain request being answered, as the handler tracks it."""
+
+    def cancel(self) -> None:
+        """Stop it: release what it holds and record it; idempotent."""
+        ...
+
+
 class _Pending:
     """The handler will call ``FrontConnection.finish`` itself."""
 
@@ -100,8 +108,10 @@ class FrontConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self._parser = httptools.HttpRequestParser(self)
-        self._buffer = b""
+        self._buffer: bytes | bytearray = b""
+        self._scanned = 0  # bytes of an incomplete head already searched
         self._busy = False
+        self._lost = False
         self._closing = False
         self._requests = 0
         self._read_paused = False
@@ -109,6 +119,7 @@ class FrontConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._request: PlainRequest  # the one being served while _busy
+        self._in_flight: InFlight | None = None
         self._served: asyncio.Future[None] | None = None
         # One timer: the first head's deadline, then the keep-alive idle
         # deadline; re-armed lazily instead of per request.
@@ -138,28 +149,55 @@ class FrontConnection(asyncio.Protocol):
         self._arm(self._loop.time() + self._limits.header_timeout_seconds)
 
     def data_received(self, data: bytes) -> None:
-        self._buffer = self._buffer + data if self._buffer else data
-        if not self._busy:
+        buffer = self._buffer
+        if not buffer:
+            self._buffer = data
+        else:
+            # A head in pieces, or requests read ahead: grow in place rather
+            # than copy the whole buffer per read (a trickled head).
+            if isinstance(buffer, bytes):
+                self._buffer = buffer = bytearray(buffer)
+            buffer += data
+        if self._busy or self._write_paused:
+            self._update_reading()
+        else:
             self._next()
-        elif len(self._buffer) > PIPELINE_BUFFER_BYTES and not self._read_paused:
-            self._read_paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._lost = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._server._connections.pop(self, None)  # type: ignore[call-overload]
+        if not self._busy:
+            # A request still being answered keeps us in the server's
+            # connections, so a drain waits for it (``finish`` pops us).
+            self._server._connections.pop(self, None)  # type: ignore[call-overload]
         self._wake_writer()
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         self._wake_writer()
+        self._update_reading()
+        if not self._busy:
+            self._next()
+
+    def _update_reading(self) -> None:
+        """Stop reading while the client does not read our answers, or while
+        more than PIPELINE_BUFFER_BYTES wait behind the request served."""
+        pause = self._write_paused or (self._busy and len(self._buffer) > PIPELINE_BUFFER_BYTES)
+        transport = self.transport
+        if pause == self._read_paused or transport is None or self._closing:
+            return
+        self._read_paused = pause
+        if pause:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     # -- httptools callbacks (one head at a time) --
 
@@ -188,7 +226,7 @@ class FrontConnection(asyncio.Protocol):
 
     def _next(self) -> None:
         """Serve the buffered requests until one needs to wait."""
-        while self._buffer and not self._busy and not self._closing:
+        while self._buffer and not self._busy and not self._closing and not self._write_paused:
             request = self._parse()
             if request is None:
                 return
@@ -199,6 +237,7 @@ class FrontConnection(asyncio.Protocol):
                 self.abort()
                 return
             if outcome is True or outcome is False:
+                self._in_flight = None
                 self._answered(outcome and request.keep_alive)
                 continue
             self._busy = True
@@ -210,16 +249,24 @@ class FrontConnection(asyncio.Protocol):
         """The next plain request, or None: its head is incomplete, or it is
         not plain and the connection was handed to aiohttp."""
         buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n")
+        scan_from = self._scanned
+        end = buffer.find(b"\r\n\r\n", scan_from)
         if end < 0:
+            # Only the bytes not looked at before (less 3 for a terminator
+            # split between reads): a trickled head costs O(n), not O(n^2).
             if (
                 len(buffer) > self._max_head
-                or b"\n\n" in buffer
-                or b"\n\r\n" in buffer  # bare-LF line endings: aiohttp's rules
-                or _LONE_CR.search(buffer) is not None  # bare CR: aiohttp's 400
+                or buffer.find(b"\n\n", scan_from) >= 0
+                or buffer.find(b"\n\r\n", scan_from)
+                >= 0  # bare-LF line endings: aiohttp's rules
+                or _LONE_CR.search(buffer, scan_from) is not None  # bare CR: aiohttp's 400
+                or buffer.startswith(b"\r\n")
             ):
                 self._hand_off()
+            else:
+                self._scanned = max(0, len(buffer) - 3)
             return None
+        self._scanned = 0
         if buffer.startswith(b"\r\n"):  # empty lines before the request line
             self._hand_off()
             return None
@@ -240,6 +287,7 @@ class FrontConnection(asyncio.Protocol):
             or self._unsuitable
             or method not in _PLAIN_METHODS
             or not self._url.startswith(b"/")
+            or b"#" in self._url  # a fragment: aiohttp's path drops it from routing
         ):
             self._hand_off()
             return None
@@ -250,7 +298,13 @@ class FrontConnection(asyncio.Protocol):
             # aiohttp answers with 400: its rules, on its path.
             self._hand_off()
             return None
-        self._buffer = buffer[head_length:]
+        if head_length == len(buffer):
+            self._buffer = b""
+        elif isinstance(buffer, bytearray):
+            del buffer[:head_length]  # O(1): bytearray moves its start
+        else:
+            self._buffer = bytearray(buffer)
+            del self._buffer[:head_length]
         self._requests += 1
         return PlainRequest(
             method.decode(),
@@ -261,9 +315,16 @@ class FrontConnection(asyncio.Protocol):
             peer=self.peer,
         )
 
+    def track(self, in_flight: InFlight) -> None:
+        """What a drain that runs out of time cancels (``InFlight.cancel``)."""
+        self._in_flight = in_flight
+
     def continue_with(self, answering: Coroutine[Any, Any, bool]) -> None:
         """Finish the request being served in a task running ``answering``."""
-        self._task = self._loop.create_task(self._serve(answering))
+        self._task = task = self._loop.create_task(self._serve(answering))
+        # A task cancelled before its first step never runs ``answering``
+        # (InFlight.cancel did its clean-up): close it, unawaited, quietly.
+        task.add_done_callback(lambda _: answering.close())
 
     async def _serve(self, answering: Coroutine[Any, Any, bool]) -> None:
         reusable = False
@@ -283,6 +344,9 @@ class FrontConnection(asyncio.Protocol):
         """The request being served is answered; ``reusable``: the
         connection may carry the next one."""
         self._busy = False
+        self._in_flight = None
+        if self._lost:
+            self._server._connections.pop(self, None)  # type: ignore[call-overload]
         served = self._served
         if served is not None and not served.done():
             served.set_result(None)
@@ -327,7 +391,7 @@ class FrontConnection(asyncio.Protocol):
             handler.pause_writing()
         data, self._buffer = self._buffer, b""
         if data:
-            handler.data_received(data)
+            handler.data_received(bytes(data))
 
     # -- timers --
 
@@ -400,6 +464,12 @@ class FrontConnection(asyncio.Protocol):
                 async with asyncio.timeout(timeout):
                     await self._served
             except TimeoutError:
+                # Out of time: the request's own clean-up (its upstream
+                # connection, the client's in-flight slot, its log record)
+                # runs now, whether it waits in a callback or in a task that
+                # may not even have started.
+                if self._in_flight is not None:
+                    self._in_flight.cancel()
                 if self._task is not None:
                     self._task.cancel()
         if self.transport is not None:

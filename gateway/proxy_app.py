@@ -26,6 +26,7 @@ from yarl import URL
 from gateway.access_log import AccessLog
 from gateway.clients import ClientIdentifier
 from gateway.config.model import GatewayConfig
+from gateway.errors import UpstreamResetError
 from gateway.front import PENDING, FrontConnection, PlainOutcome, PlainRequest
 from gateway.headers import (
     OUR_RESPONSE_FIELDS,
@@ -156,6 +157,7 @@ class Gateway:
         limiter = snapshot.limiter
         route = limiter.routes.match(_decoded_path(request.target))
         call = _PlainCall(self, conn, request, snapshot, route)
+        conn.track(call)
         client = call.client
         if not self._enter(client, call.max_concurrent):
             self.metrics.route(route.label).decisions[DENIED].inc()
@@ -343,9 +345,9 @@ class _PlainCall:
     """One plain request on its way through ``Gateway.serve_plain``: what its
     steps share, whether they run at once, in a callback or in a task."""
 
-    __slots__ = ("client", "conn", "decision", "extra", "gateway", "head", "holds_slot",
-                 "max_concurrent", "relay", "replaced", "request", "request_id", "route",
-                 "sent", "snapshot", "started")  # fmt: skip
+    __slots__ = ("client", "conn", "decision", "ended", "exchange", "extra", "gateway", "head",
+                 "holds_slot", "max_concurrent", "relay", "replaced", "request", "request_id",
+                 "route", "sent", "snapshot", "started")  # fmt: skip
 
     def __init__(
         self,
@@ -372,14 +374,34 @@ class _PlainCall:
         self.head = b""
         self.replaced: frozenset[bytes] | None = None
         self.sent = 0.0
+        # The upstream connection this call holds outside forward_plain.
+        self.exchange: Exchange | None = None
+        self.ended = False
 
     def forward(self) -> PlainOutcome:
         """Send upstream: at once on an idle pooled connection (PENDING; the
         answer comes to ``on_head``), else in a task."""
         self.prepare()
-        if self.gateway.upstream.send_plain(self.head, self.on_head) is not None:
+        self.exchange = self.gateway.upstream.send_plain(self.head, self.on_head)
+        if self.exchange is not None:
             return PENDING
         return self.forward_in_task()
+
+    def _release(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            self.gateway.upstream.release(exchange)
+
+    def cancel(self) -> None:
+        """Cut by a drain that ran out of time (front.InFlight): give the
+        upstream connection back unread, free the slot, log it as 499."""
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.cancel_send()
+            exchange.close()
+            self._release()
+        self.relay.client_gone = True
+        self.end(False)
 
     def prepare(self) -> None:
         """The request head for the upstream, and our response headers."""
@@ -409,25 +431,26 @@ class _PlainCall:
 
     def on_head(self, exchange: Exchange) -> None:
         """The upstream's answer arrived (or the exchange failed)."""
-        upstream = self.gateway.upstream
         conn = self.conn
         relay = self.relay
-        if exchange.error is not None and not exchange.got_bytes:
-            # The upstream had closed this kept-alive connection: once more,
-            # on another (the pool retries once more on a fresh one).
-            upstream.release(exchange)
+        error = exchange.error
+        if isinstance(error, UpstreamResetError) and not exchange.got_bytes:
+            # The upstream had closed this kept-alive connection before our
+            # request reached it: once more, on another (the pool retries
+            # once more on a fresh one). A timeout is not retried.
+            self._release()
             conn.continue_with(self.forward_in_task())
             return
         relay.upstream_seconds = time.perf_counter() - self.sent
-        if exchange.error is not None:
-            upstream.release(exchange)
-            relay.error = exchange.error
+        if error is not None:
+            self._release()
+            relay.error = error
             conn.finish(self.answer(self.failed()))
         elif exchange.complete:
             reusable = relay_whole(
                 conn, self.request, exchange, self.extra, relay, self.replaced
             )
-            upstream.release(exchange)
+            self._release()
             conn.finish(self.end(reusable))
         else:
             conn.continue_with(self.stream(exchange))
@@ -439,7 +462,7 @@ class _PlainCall:
                 self.conn, self.request, exchange, self.extra, self.relay, self.replaced
             )
         finally:
-            self.gateway.upstream.release(exchange)
+            self._release()
             reusable = self.end(reusable)
         return reusable
 
@@ -500,6 +523,9 @@ class _PlainCall:
     def end(self, reusable: bool) -> bool:
         """Free the client's in-flight slot, count and log the request.
         True when the client connection may carry the next request."""
+        if self.ended:
+            return False
+        self.ended = True
         gateway = self.gateway
         if self.holds_slot:
             self.holds_slot = False

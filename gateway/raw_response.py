@@ -183,7 +183,8 @@ def relayed_head(
         if lower == b"date":
             has_date = True
         lines.append(name + b": " + value)
-    if connection and connection[0].lower() not in _NOT_RELAYED:
+    if connection and not (len(connection) == 1 and connection[0].lower() in _NOT_RELAYED):
+        # (the usual "Connection: keep-alive" alone names nothing more)
         named = {t.strip().lower() for v in connection for t in v.split(b",")} - _NOT_RELAYED
         if named:  # rare: a field named in Connection is hop-by-hop too
             lines = [lines[0]] + [

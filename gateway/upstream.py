@@ -315,8 +315,10 @@ class Upstream:
         return self._pool.try_send(head, on_head)
 
     def release(self, exchange: Exchange) -> None:
-        assert self._pool is not None
-        self._pool.release(exchange)
+        if self._pool is None:  # closed while the exchange was out
+            exchange.close()
+        else:
+            self._pool.release(exchange)
 
     async def forward_plain(
         self,

@@ -180,6 +180,10 @@ class Exchange(asyncio.Protocol):
         if not self._reading:
             return
         timeout = self._pool.read_timeout
+        if self._paused:
+            # We stopped reading (the client is slower): not the upstream's
+            # silence. The clock restarts when reading does.
+            self._last_data = self._loop.time()
         deadline = self._last_data + timeout
         if self._loop.time() >= deadline:
             self._fail(UpstreamTimeoutError(f"no response from upstream within {timeout:g}s"))
@@ -219,6 +223,10 @@ class Exchange(asyncio.Protocol):
         self._on_head = on_head
         self._begin(head)
 
+    def cancel_send(self) -> None:
+        """The ``send`` caller no longer wants ``on_head``."""
+        self._on_head = None
+
     def take_buffered(self) -> bytes:
         """Every body byte received so far (resuming a paused socket)."""
         chunks = self._chunks
@@ -227,6 +235,7 @@ class Exchange(asyncio.Protocol):
         self._buffered = 0
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
+            self._last_data = self._loop.time()
             self.transport.resume_reading()
         return data
 
@@ -376,7 +385,7 @@ class UpstreamPool:
                 await exchange.start(head)
                 if exchange.error is None:
                     return exchange
-                if exchange.got_bytes:
+                if exchange.got_bytes or not isinstance(exchange.error, UpstreamResetError):
                     raise exchange.error
                 # Closed by the upstream while idle: retry once, fresh.
             exchange = await self._connect()
