@@ -19,6 +19,11 @@ listen: "{listen}"
 admin: "{admin}"
 upstream:
   url: "{upstream}"
+clients:
+  # The API key when sent (so the premium override below can be tried),
+  # else the peer address as "ip:<address>".
+  identify_by: header
+  header: X-API-Key
 limits:
   default: {{refill_period: 1s, refill_tokens: 2, max_tokens: 5}}
   overrides:
@@ -95,11 +100,11 @@ async def run_demo(listen: str, admin: str) -> None:
             f"  admin         : {admin_url}\n\n"
             f"Try:\n"
             f"  curl -i {proxy}/hello            # 5 at once, then 2 per second; then 429\n"
-            f"  curl -i -H 'X-API-Key: key-premium-1' {proxy}/hello\n"
+            f"  curl -i -H 'X-API-Key: key-premium-1' {proxy}/hello   # 100 at once\n"
             f"  curl -i {proxy}/login            # 3 per minute\n"
             f"  curl -i {proxy}/beta             # shadow mode: never denied, counted\n"
             f"  curl {admin_url}/metrics | grep gateway_requests_total\n"
-            f"  curl {admin_url}/admin/clients/127.0.0.1\n\n"
+            f"  curl {admin_url}/admin/clients/ip:127.0.0.1\n\n"
             f"Ctrl-C to stop. Access log follows (JSON lines):",
             flush=True,
         )

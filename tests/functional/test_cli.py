@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.helpers import (
     CLI_TIMEOUT_SECONDS,
+    GATEWAY,
     PROBLEM_LINE,
     base_url,
     free_port,
@@ -183,3 +184,45 @@ def test_python_dash_m_gateway_help() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("run", "check", "demo"):
         assert command in result.stdout
+
+
+async def test_demo_serves_what_its_banner_suggests(http: aiohttp.ClientSession) -> None:
+    """``gateway demo`` as the README's first command runs it: the demo
+    upstream behind the gateway, and each hint in the banner does what its
+    comment says."""
+    proxy_port, admin_port = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        GATEWAY, "demo", "--listen", f"127.0.0.1:{proxy_port}",
+        "--admin", f"127.0.0.1:{admin_port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(CLI_TIMEOUT_SECONDS):
+            banner = (await process.stdout.readuntil(b"JSON lines):")).decode()
+        proxy, admin = f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{admin_port}"
+        assert f"curl -i {proxy}/hello" in banner
+        assert f"curl {admin}/admin/clients/ip:127.0.0.1" in banner
+
+        statuses = []
+        for _ in range(10):  # "5 at once, then 2 per second; then 429"
+            async with http.get(proxy + "/hello") as response:
+                statuses.append(response.status)
+        # The demo runs on the real clock: a refill (2 tokens) may fall
+        # between two of these requests.
+        assert statuses[:5] == [200] * 5
+        assert 429 in statuses
+        assert statuses.count(200) <= 7, statuses
+        premium = {"X-API-Key": "key-premium-1"}
+        async with http.get(proxy + "/hello", headers=premium) as response:
+            assert response.status == 200  # its own, larger bucket
+            assert response.headers["X-RateLimit-Limit"] == "100"
+        async with http.get(admin + "/admin/clients/ip:127.0.0.1") as response:
+            assert response.status == 200
+            buckets = (await response.json())["buckets"]
+        assert [b["max_tokens"] for b in buckets if b["route"] == "default"] == [5]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(CLI_TIMEOUT_SECONDS):
+            await process.communicate()
+    assert process.returncode == 0
