@@ -234,6 +234,7 @@ class FrontConnection(asyncio.Protocol):
                 outcome = self._handle(self, request)
             except Exception:  # a bug of ours: this connection ends, the process serves on
                 log.exception("error serving %s %s", request.method, request.target)
+                self._cancel_in_flight()
                 self.abort()
                 return
             if outcome is True or outcome is False:
@@ -337,8 +338,15 @@ class FrontConnection(asyncio.Protocol):
         except Exception:
             request = self._request
             log.exception("error serving %s %s", request.method, request.target)
+            self._cancel_in_flight()
         self._task = None
         self.finish(reusable)
+
+    def _cancel_in_flight(self) -> None:
+        """Let the request being served release what it holds (idempotent)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.cancel()
 
     def finish(self, reusable: bool) -> None:
         """The request being served is answered; ``reusable``: the
@@ -468,8 +476,7 @@ class FrontConnection(asyncio.Protocol):
                 # connection, the client's in-flight slot, its log record)
                 # runs now, whether it waits in a callback or in a task that
                 # may not even have started.
-                if self._in_flight is not None:
-                    self._in_flight.cancel()
+                self._cancel_in_flight()
                 if self._task is not None:
                     self._task.cancel()
         if self.transport is not None:
