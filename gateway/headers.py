@@ -22,6 +22,7 @@ __all__ = [
     "VIA",
     "downstream_response_headers",
     "forwarded_for",
+    "rate_limit_fields",
     "rate_limit_headers",
     "upstream_request_headers",
 ]
@@ -131,17 +132,21 @@ OUR_RESPONSE_FIELDS: Final = frozenset(
 OUR_UNLIMITED_RESPONSE_FIELDS: Final = frozenset({b"x-request-id"})
 
 
-def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
-    """RateLimit-Policy / RateLimit (IETF httpapi draft) and X-RateLimit-*."""
+def rate_limit_fields(decision: Decision) -> bytes:
+    """RateLimit-Policy / RateLimit (IETF httpapi draft) and X-RateLimit-*,
+    as header lines ready to write (each ends in CRLF); b"" when unlimited."""
     limit = decision.limit
     if limit is None:
-        return []
-    reset = str(math.ceil(decision.reset_seconds))
-    remaining = str(decision.tokens_left)
-    return [
-        ("RateLimit-Policy", limit.policy_header),
-        ("RateLimit", f"{limit.quoted_name};r={remaining};t={reset}"),
-        ("X-RateLimit-Limit", limit.limit_header),
-        ("X-RateLimit-Remaining", remaining),
-        ("X-RateLimit-Reset", reset),
-    ]
+        return b""
+    reset = math.ceil(decision.reset_seconds)
+    remaining = decision.tokens_left
+    return limit.fields_template % (remaining, reset, remaining, reset)
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
+    """The same fields as (name, value) pairs, for aiohttp's response objects."""
+    pairs = []
+    for line in rate_limit_fields(decision).splitlines():
+        name, _, value = line.decode("ascii").partition(": ")
+        pairs.append((name, value))
+    return pairs

@@ -32,6 +32,7 @@ from gateway.headers import (
     OUR_RESPONSE_FIELDS,
     OUR_UNLIMITED_RESPONSE_FIELDS,
     forwarded_for,
+    rate_limit_fields,
     rate_limit_headers,
     upstream_request_headers,
 )
@@ -39,7 +40,7 @@ from gateway.limiting.limiter import DENIED, Decision, Limiter
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketStore
 from gateway.metrics import Metrics
-from gateway.raw_response import whole_response, write_whole_response
+from gateway.raw_response import whole_response, write_prepared
 from gateway.responses import Answer, error_answer, rate_limited, to_aiohttp, upstream_failed
 from gateway.routes import Route
 from gateway.upstream import ClientBodyError, Relay, Upstream, relay_whole, stream_plain
@@ -170,7 +171,7 @@ class Gateway:
         call.decision = decision
         self.metrics.route(route.label).decisions[decision.outcome].inc()
         if decision.outcome is DENIED:
-            return call.answer(rate_limited(decision))
+            return call.deny()
         return call.forward()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -199,14 +200,17 @@ class Gateway:
                 decision = await limiter.decide(route, client)
                 route_metrics.decisions[decision.outcome].inc()
                 if decision.outcome is DENIED:
-                    answer = rate_limited(decision)
-                    answer.headers.append(("X-Request-ID", request_id))
+                    data, sent = rate_limited(
+                        decision, request_id, keep_alive=request.keep_alive,
+                        http10=request.version < HttpVersion11,
+                        head_only=request.method == "HEAD",
+                    )  # fmt: skip
                     try:
-                        relay.response = write_whole_response(
-                            request, 429, answer.reason, answer.headers, answer.body
+                        relay.response = write_prepared(
+                            request, data, 429, "Too Many Requests", sent
                         )
                         relay.status = 429
-                        relay.bytes_out = relay.response.body_length
+                        relay.bytes_out = sent
                     except ConnectionError:
                         relay.client_gone = True
                 else:
@@ -370,9 +374,9 @@ class _PlainCall:
         self.holds_slot = False
         self.decision: Decision | None = None
         self.relay = Relay()
-        self.extra: list[tuple[str, str]] = []
+        self.extra = b""  # our response fields, as header lines
         self.head = b""
-        self.replaced: frozenset[bytes] | None = None
+        self.replaced = OUR_RESPONSE_FIELDS
         self.sent = 0.0
         # The upstream connection this call holds outside forward_plain.
         self.exchange: Exchange | None = None
@@ -422,8 +426,12 @@ class _PlainCall:
                 preserve_host=snapshot.config.upstream.preserve_host,
             ),
         )
-        extra = self.extra = rate_limit_headers(decision)
-        extra.append(("X-Request-ID", self.request_id))
+        self.extra = (
+            rate_limit_fields(decision)
+            + b"X-Request-ID: "
+            + self.request_id.encode("utf-8", "surrogateescape")
+            + b"\r\n"
+        )
         self.replaced = (
             OUR_RESPONSE_FIELDS if decision.limit is not None else OUR_UNLIMITED_RESPONSE_FIELDS
         )
@@ -471,7 +479,7 @@ class _PlainCall:
         relay = self.relay
         try:
             reusable = await self.gateway.upstream.forward_plain(
-                self.conn, self.request, self.head, self.extra, relay
+                self.conn, self.request, self.head, self.extra, self.replaced, relay
             )
         except BaseException:
             self.end(False)
@@ -489,7 +497,7 @@ class _PlainCall:
         self.decision = decision
         self.gateway.metrics.route(self.route.label).decisions[decision.outcome].inc()
         if decision.outcome is DENIED:
-            return self.answer(rate_limited(decision))
+            return self.deny()
         self.prepare()
         return await self.forward_in_task()
 
@@ -501,6 +509,23 @@ class _PlainCall:
         answer = upstream_failed(self.relay.error)
         answer.headers += rate_limit_headers(self.decision)
         return answer
+
+    def deny(self) -> bool:
+        """Write the 429; the request is done."""
+        assert self.decision is not None
+        request = self.request
+        relay = self.relay
+        data, sent = rate_limited(
+            self.decision, self.request_id,
+            keep_alive=request.keep_alive, http10=request.http10, head_only=False,
+        )  # fmt: skip
+        relay.status = 429
+        try:
+            self.conn.write(data)
+            relay.bytes_out = sent
+        except ConnectionError:
+            relay.client_gone = True
+        return self.end(True)
 
     def answer(self, answer: Answer) -> bool:
         """Write one of our own answers; the request is done."""

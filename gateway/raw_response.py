@@ -23,6 +23,8 @@ from gateway.headers import HOP_BY_HOP
 
 __all__ = [
     "NO_BODY_STATUSES",
+    "date_header",
+    "field_lines",
     "relayed_head",
     "response_head",
     "whole_response",
@@ -38,6 +40,7 @@ class _DateHeader:
 
     second = -1
     value = ""
+    raw = b""
 
     @classmethod
     def now(cls) -> str:
@@ -45,7 +48,14 @@ class _DateHeader:
         if second != cls.second:
             cls.second = second
             cls.value = formatdate(second, usegmt=True)
+            cls.raw = cls.value.encode("ascii")
         return cls.value
+
+
+def date_header() -> bytes:
+    """The Date field's value now, as bytes."""
+    _DateHeader.now()
+    return _DateHeader.raw
 
 
 class _SentResponse(web.StreamResponse):
@@ -155,9 +165,9 @@ def relayed_head(
     status: int,
     reason: bytes,
     upstream: list[tuple[bytes, bytes]],
-    ours: list[tuple[str, str]],
+    ours: bytes,
     *,
-    replaced: frozenset[bytes] | None = None,
+    replaced: frozenset[bytes],
     content_length: int | None,
     chunked: bool,
     keep_alive: bool,
@@ -167,10 +177,8 @@ def relayed_head(
     the header bytes as received: ``headers.downstream_response_headers``'s
     rules (hop-by-hop and framing fields and any field named in Connection
     dropped; ``ours`` replace the upstream's copies) without decoding them
-    into a multidict and back. ``replaced``: the lower-case names of
-    ``ours``, when the caller knows them already."""
-    if replaced is None:
-        replaced = frozenset(name.lower().encode() for name, _ in ours)
+    into a multidict and back. ``ours``: our fields as header lines, each
+    ending in CRLF (``field_lines``); ``replaced``: their lower-case names."""
     lines = [b"HTTP/1.1 %d %s" % (status, reason)]
     has_date = False
     connection: list[bytes] = []
@@ -194,12 +202,10 @@ def relayed_head(
                 and lower not in replaced
                 and lower not in named
             ]
-    for our_name, our_value in ours:
-        # X-Request-ID may be the client's, decoded as UTF-8 with
-        # surrogateescape: encoded back the same way, it is its own bytes.
-        lines.append(f"{our_name}: {our_value}".encode("utf-8", "surrogateescape"))
     if not has_date:
-        lines.append(b"Date: " + _DateHeader.now().encode())
+        ours += b"Date: " + date_header() + b"\r\n"
+    if ours:
+        lines.append(ours[:-2])  # its last CRLF comes from the join
     if content_length is not None:
         lines.append(b"Content-Length: %d" % content_length)
     elif chunked:
@@ -210,3 +216,12 @@ def relayed_head(
         lines.append(b"Connection: keep-alive")
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def field_lines(fields: Iterable[tuple[str, str]]) -> bytes:
+    """Our fields as header lines for ``relayed_head``. X-Request-ID may be
+    the client's, decoded as UTF-8 with surrogateescape: encoded back the
+    same way, it is its own bytes."""
+    return "".join(f"{name}: {value}\r\n" for name, value in fields).encode(
+        "utf-8", "surrogateescape"
+    )

@@ -2,7 +2,8 @@
 
 Each is an ``Answer`` (status, headers, body) that either listener writes:
 the plain path serialises it with ``raw_response.whole_response``, the aiohttp
-path turns it into a ``web.Response`` (``to_aiohttp``).
+path turns it into a ``web.Response`` (``to_aiohttp``). The 429 is the
+exception: bytes from one template, written as they are by both paths.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Final
 from aiohttp import web
 
 from gateway.errors import UpstreamError
-from gateway.headers import rate_limit_headers
+from gateway.headers import rate_limit_fields
 from gateway.limiting.limiter import Decision
+from gateway.raw_response import date_header
 
 __all__ = ["Answer", "error_answer", "rate_limited", "to_aiohttp", "upstream_failed"]
 
@@ -37,16 +39,41 @@ class Answer:
         self.body = body
 
 
-def rate_limited(decision: Decision) -> Answer:
-    """429 with Retry-After: whole seconds until the next refill, at least 1."""
+_DENIED_HEAD: Final = (
+    b"HTTP/1.1 429 Too Many Requests\r\n"
+    b"Content-Type: application/json; charset=utf-8\r\n"
+    b"Retry-After: %d\r\n"
+    b"%s"  # rate_limit_fields
+    b"X-Request-ID: %s\r\n"
+    b"Date: %s\r\n"
+    b"Content-Length: %d\r\n"
+    b"%s"  # Connection, when the request needs one
+    b"\r\n"
+)
+
+
+def rate_limited(
+    decision: Decision, request_id: str, *, keep_alive: bool, http10: bool, head_only: bool
+) -> tuple[bytes, int]:
+    """The whole 429, ready to write, and its body length as sent.
+    Retry-After: whole seconds until the next refill, at least 1. One
+    %-format rather than a header list serialised line by line: the denied
+    path is the one a flood hits."""
     retry_after = max(1, math.ceil(decision.retry_after_seconds))
     body = b'{"error": "rate_limited", "retry_after": %d}' % retry_after
-    headers = [
-        ("Content-Type", _JSON),
-        ("Retry-After", str(retry_after)),
-        *rate_limit_headers(decision),
-    ]
-    return Answer(429, headers, body)
+    if not keep_alive:
+        connection = b"Connection: close\r\n"
+    elif http10:
+        connection = b"Connection: keep-alive\r\n"
+    else:
+        connection = b""
+    head = _DENIED_HEAD % (
+        retry_after, rate_limit_fields(decision),
+        request_id.encode("utf-8", "surrogateescape"), date_header(), len(body), connection,
+    )  # fmt: skip
+    if head_only:
+        return head, 0
+    return head + body, len(body)
 
 
 _UPSTREAM_MESSAGES = {

@@ -32,7 +32,7 @@ from gateway.errors import (
 )
 from gateway.front import FrontConnection, PlainRequest
 from gateway.headers import downstream_response_headers
-from gateway.raw_response import NO_BODY_STATUSES, relayed_head, write_prepared
+from gateway.raw_response import NO_BODY_STATUSES, field_lines, relayed_head, write_prepared
 from gateway.upstream_pool import LEAN_METHODS, Exchange, UpstreamPool
 
 __all__ = ["BodyTimeoutError", "BodyTooLargeError", "ClientBodyError", "Relay", "Upstream"]
@@ -280,8 +280,10 @@ class Upstream:
                 no_body = status in NO_BODY_STATUSES
                 if no_body:
                     body = b""
+                ours = field_lines(extra_headers)
                 data = relayed_head(
-                    status, exchange.raw_reason, exchange.raw_headers, extra_headers,
+                    status, exchange.raw_reason, exchange.raw_headers, ours,
+                    replaced=frozenset(name.lower().encode() for name, _ in extra_headers),
                     content_length=None if no_body else len(body), chunked=False,
                     keep_alive=request.keep_alive, http10=request.version < HttpVersion11,
                 )  # fmt: skip
@@ -325,7 +327,8 @@ class Upstream:
         conn: FrontConnection,
         request: PlainRequest,
         head: bytes,
-        extra_headers: list[tuple[str, str]],
+        ours: bytes,
+        replaced: frozenset[bytes],
         relay: Relay,
     ) -> bool:
         """A plain request (front.py) through the lean pool, answered straight
@@ -342,8 +345,8 @@ class Upstream:
         relay.upstream_seconds = time.perf_counter() - started
         try:
             if exchange.complete:
-                return relay_whole(conn, request, exchange, extra_headers, relay)
-            return await stream_plain(conn, request, exchange, extra_headers, relay)
+                return relay_whole(conn, request, exchange, ours, relay, replaced)
+            return await stream_plain(conn, request, exchange, ours, relay, replaced)
         finally:
             pool.release(exchange)
 
@@ -390,9 +393,9 @@ def relay_whole(
     conn: FrontConnection,
     request: PlainRequest,
     exchange: Exchange,
-    extra_headers: list[tuple[str, str]],
+    ours: bytes,
     relay: Relay,
-    replaced: frozenset[bytes] | None = None,
+    replaced: frozenset[bytes],
 ) -> bool:
     """Write a complete upstream answer, head and body, in one write. True
     when the connection may be reused."""
@@ -403,7 +406,7 @@ def relay_whole(
     try:
         conn.write(
             relayed_head(
-                status, exchange.raw_reason, exchange.raw_headers, extra_headers,
+                status, exchange.raw_reason, exchange.raw_headers, ours,
                 replaced=replaced, content_length=None if no_body else len(body),
                 chunked=False, keep_alive=request.keep_alive, http10=request.http10,
             )
@@ -420,9 +423,9 @@ async def stream_plain(
     conn: FrontConnection,
     request: PlainRequest,
     exchange: Exchange,
-    extra_headers: list[tuple[str, str]],
+    ours: bytes,
     relay: Relay,
-    replaced: frozenset[bytes] | None = None,
+    replaced: frozenset[bytes],
 ) -> bool:
     """Relay a body still arriving: with the upstream's Content-Length, else
     chunked, else (an HTTP/1.0 client) delimited by closing the connection.
@@ -441,7 +444,7 @@ async def stream_plain(
     try:
         conn.write(
             relayed_head(
-                exchange.status, exchange.raw_reason, exchange.raw_headers, extra_headers,
+                exchange.status, exchange.raw_reason, exchange.raw_headers, ours,
                 replaced=replaced, content_length=content_length, chunked=chunked,
                 keep_alive=keep_alive, http10=request.http10,
             )

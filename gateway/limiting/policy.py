@@ -12,7 +12,8 @@ __all__ = ["Limit"]
 
 
 class Limit:
-    __slots__ = ("limit_header", "policy_header", "quoted_name", "spec", "ticker")
+    __slots__ = ("fields_template", "limit_header", "policy_header", "quoted_name", "spec",
+                 "ticker")  # fmt: skip
 
     def __init__(self, spec: BucketSpec, clock: RefillClock) -> None:
         self.spec = spec
@@ -22,6 +23,19 @@ class Limit:
         window = max(1, math.ceil(spec.refill_period_seconds))
         self.policy_header = f"{self.quoted_name};q={spec.max_tokens};w={window}"
         self.limit_header = str(spec.max_tokens)
+        # The response fields as one bytes %-template, filled per response
+        # with (remaining, reset, remaining, reset): headers.rate_limit_fields.
+        self.fields_template = (
+            f"RateLimit-Policy: {_escaped(self.policy_header)}\r\n"
+            f"RateLimit: {_escaped(self.quoted_name)};r=%d;t=%d\r\n"
+            f"X-RateLimit-Limit: {self.limit_header}\r\n"
+            "X-RateLimit-Remaining: %d\r\n"
+            "X-RateLimit-Reset: %d\r\n"
+        ).encode("ascii")
+
+
+def _escaped(text: str) -> str:
+    return text.replace("%", "%%")  # a literal in a %-template
 
 
 def _sf_string(value: str) -> str:

@@ -10,12 +10,14 @@ from gateway.config.model import BucketSpec
 from gateway.headers import (
     VIA,
     downstream_response_headers,
+    rate_limit_fields,
     rate_limit_headers,
     upstream_request_headers,
 )
 from gateway.limiting.limiter import ALLOWED, DENIED, UNLIMITED, Decision
 from gateway.limiting.policy import Limit
 from gateway.limiting.refill_clock import ManualRefillClock
+from gateway.responses import rate_limited
 from gateway.routes import DEFAULT_ROUTE_LABEL, RouteTable, normalise_path
 
 ROUTES_YAML = """
@@ -360,3 +362,40 @@ def test_policy_name_is_a_quoted_sf_string() -> None:
 
 def test_unlimited_decision_has_no_rate_limit_headers() -> None:
     assert rate_limit_headers(Decision(UNLIMITED, None, 0, 0.0, 0.0)) == []
+
+
+def test_percent_in_a_route_name_is_written_as_is() -> None:
+    # The fields are filled from a bytes %-template built per config.
+    decision = _decision(BucketSpec(1.0, 1, 3, "/a%d%s%%"), 2, 1.0)
+    headers = dict(rate_limit_headers(decision))
+    assert headers["RateLimit-Policy"] == '"/a%d%s%%";q=3;w=1'
+    assert headers["RateLimit"] == '"/a%d%s%%";r=2;t=1'
+    assert rate_limit_fields(decision) == (
+        b'RateLimit-Policy: "/a%d%s%%";q=3;w=1\r\nRateLimit: "/a%d%s%%";r=2;t=1\r\n'
+        b"X-RateLimit-Limit: 3\r\nX-RateLimit-Remaining: 2\r\nX-RateLimit-Reset: 1\r\n"
+    )
+
+
+def test_rate_limited_answer_framing() -> None:
+    decision = _decision(BucketSpec(10.0, 1, 1), 0, 9.2, DENIED)
+    data, sent = rate_limited(
+        decision, "caf\udcc3\udca9", keep_alive=True, http10=False, head_only=False
+    )
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert body == b'{"error": "rate_limited", "retry_after": 10}'
+    assert sent == len(body)
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 429 Too Many Requests"
+    assert b"Retry-After: 10" in lines
+    assert b"X-Request-ID: caf\xc3\xa9" in lines  # the client's bytes, back unchanged
+    assert b"Content-Length: %d" % len(body) in lines
+    assert not any(line.startswith(b"Connection:") for line in lines)
+    head_only, sent = rate_limited(
+        decision, "r", keep_alive=False, http10=False, head_only=True
+    )
+    assert head_only.endswith(b"Connection: close\r\n\r\n")
+    assert sent == 0
+    keep_alive_10, _ = rate_limited(
+        decision, "r", keep_alive=True, http10=True, head_only=False
+    )
+    assert b"\r\nConnection: keep-alive\r\n" in keep_alive_10
