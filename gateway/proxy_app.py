@@ -328,7 +328,11 @@ class Gateway:
             and request.headers.get("Expect", "").lower() == "100-continue"
         ):
             # RFC 9110 15.2.1: the client waits for this before its body.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except ConnectionError:  # it left already: nothing to forward
+                relay.client_gone = True
+                return None
         try:
             if is_websocket_upgrade(request.headers):
                 await proxy_websocket(

@@ -171,6 +171,13 @@ class Upstream:
                         chunk = await content.readany()
                 except TimeoutError:
                     raise fail(BodyTimeoutError(body_timeout)) from None
+                except Exception:
+                    # The client's connection broke mid-body: nobody to
+                    # answer, and not the upstream's failure to count.
+                    relay.client_gone = True
+                    if relay.status == 0:
+                        abort.reschedule(loop.time())
+                    raise
                 if not chunk:
                     return
                 relay.bytes_in += len(chunk)
@@ -220,6 +227,8 @@ class Upstream:
                     )
                 break
             except aiohttp.ServerDisconnectedError as exc:
+                if relay.client_gone:
+                    return
                 if attempt + 1 < attempts:
                     continue
                 relay.error = UpstreamResetError(f"upstream closed the connection: {exc}")
@@ -231,6 +240,8 @@ class Upstream:
                 relay.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
                 return
             except (aiohttp.SocketTimeoutError, TimeoutError):
+                if relay.client_gone:
+                    return
                 if relay.client_error is not None:
                     raise relay.client_error from None
                 relay.error = UpstreamTimeoutError(
@@ -238,6 +249,8 @@ class Upstream:
                 )
                 return
             except aiohttp.ClientError as exc:  # OSError, bad status line, bad headers
+                if relay.client_gone:
+                    return
                 if relay.client_error is not None:
                     raise relay.client_error from None
                 relay.error = UpstreamResetError(f"upstream connection failed: {exc}")

@@ -436,6 +436,35 @@ async def test_client_disconnect_mid_response_leaks_nothing(
     assert 64 * 1024 <= record["bytes_out"] < size
 
 
+async def test_client_leaving_mid_body_is_499_not_an_upstream_error(
+    start_gateway: StartGateway,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that leaves while its body is being streamed upstream is the
+    client's doing: logged 499, not counted as the upstream resetting."""
+    caplog.set_level(logging.WARNING)
+    gw = await start_gateway()
+    forwards = count_forwards(gw, monkeypatch)
+    async with asyncio.timeout(GUARD_SECONDS):
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
+        writer.write(
+            build_request("POST", "/echo", [("Content-Length", "100000")], b"x" * 1000)
+        )
+        await forwards.wait_for(1)  # the body is on its way upstream
+        writer.transport.abort()
+        await wait_idle(gw)
+    assert (
+        gw.metric("gateway_upstream_errors_total", {"route": "default", "kind": "reset"}) == 0
+    )
+    assert gw.metric("gateway_responses_total", {"route": "default", "code": "502"}) == 0
+    assert tracebacks(caplog) == []
+    await assert_still_serving(gw)
+    await gw.server.stop()
+    (record,) = [r for r in gw.access_records() if r["method"] == "POST"]
+    assert record["status"] == 499
+
+
 async def test_upstream_reset_mid_response_cuts_the_client_and_is_counted(
     start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
