@@ -117,9 +117,12 @@ def format_record(record: AccessRecord, clock: _Clock | None = None) -> str:
 class _Consumer:
     """The consumer thread: batches records into single writes."""
 
-    def __init__(self, records: queue.SimpleQueue[Any], sink: IO[bytes]) -> None:
+    def __init__(
+        self, records: queue.SimpleQueue[Any], sink: IO[bytes], dropped: Counter
+    ) -> None:
         self._records = records
         self._sink = sink
+        self._dropped = dropped
         self._broken = False
         self.thread = threading.Thread(target=self._run, name="access-log", daemon=True)
 
@@ -134,9 +137,12 @@ class _Consumer:
                     break
             stopping = _SENTINEL in batch
             if stopping:
-                # Nothing is put after the sentinel (``put`` counts those as
-                # dropped), but never write one as a line.
-                del batch[batch.index(_SENTINEL) :]
+                # A line put while stop() queued the sentinel: not written,
+                # so counted (``stop`` counts any that come later still).
+                late = batch.index(_SENTINEL)
+                if len(batch) - late > 1:
+                    self._dropped.inc(len(batch) - late - 1)
+                del batch[late:]
             self._write(batch)
             if stopping:
                 return
@@ -181,13 +187,16 @@ class AccessLog:
         """Called on the request path: never blocks."""
         if not self.enabled:
             return
-        if self._stopping:  # behind the sentinel nothing would be written
-            self._dropped.inc()
-            return
         if self._queue.qsize() >= self._queue_size:
             self._dropped.inc()
             return
-        self._queue.put(format_record(record, self._clock))
+        line = format_record(record, self._clock)
+        # Checked after formatting, right before the put: behind the
+        # sentinel nothing would be written.
+        if self._stopping:
+            self._dropped.inc()
+            return
+        self._queue.put(line)
 
     @property
     def alive(self) -> bool:
@@ -204,7 +213,7 @@ class AccessLog:
         else:
             # Unbuffered O_APPEND: each batch is one write() of whole lines.
             self._sink = open(self._path, "ab", buffering=0)  # noqa: SIM115
-        self._consumer = _Consumer(self._queue, self._sink)
+        self._consumer = _Consumer(self._queue, self._sink, self._dropped)
         self._consumer.thread.start()
 
     def stop(self, timeout_seconds: float) -> bool:
@@ -226,6 +235,14 @@ class AccessLog:
                 timeout_seconds,
             )
             return False
+        left = 0  # lines put behind the sentinel: never written
+        while True:
+            try:
+                left += self._queue.get_nowait() is not _SENTINEL
+            except queue.Empty:
+                break
+        if left:
+            self._dropped.inc(left)
         if self._sink is not None and self._sink is not sys.stdout.buffer:
             self._sink.close()
         self._consumer = None

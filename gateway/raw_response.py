@@ -195,13 +195,15 @@ def relayed_head(
         # (the usual "Connection: keep-alive" alone names nothing more)
         named = {t.strip().lower() for v in connection for t in v.split(b",")} - _NOT_RELAYED
         if named:  # rare: a field named in Connection is hop-by-hop too
-            lines = [lines[0]] + [
-                name + b": " + value
+            kept = [
+                (name, value)
                 for name, value in upstream
                 if (lower := name.lower()) not in _NOT_RELAYED
                 and lower not in replaced
                 and lower not in named
             ]
+            lines = [lines[0]] + [name + b": " + value for name, value in kept]
+            has_date = any(name.lower() == b"date" for name, _ in kept)
     if not has_date:
         ours += b"Date: " + date_header() + b"\r\n"
     if ours:

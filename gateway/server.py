@@ -255,7 +255,7 @@ class Server:
         self.memory_store.idle_timeout_seconds = new.clients.idle_timeout_seconds
         self.gateway.snapshot = Snapshot(new, self.clock, self.store)
         self.config = new
-        settle_heap()  # the old snapshot may hold cycles: collected here
+        settle_heap()
         if self._serve_admin:
             self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded from %s", new.source)
@@ -279,7 +279,11 @@ def settle_heap() -> None:
     metric children: ~52k objects) out of the cyclic GC's generations. A full
     collection of that heap took 13.6 ms under load, stalling every request
     in flight; afterwards collections only walk what requests create.
-    Unfrozen first, so what a reload let go of is collected."""
+    Unfrozen first, so what a reload let go of is collected. A snapshot
+    still used by requests in flight is frozen with them, so it must not
+    need the cyclic GC to be freed (clients.py avoids the one cycle it had);
+    cyclic garbage of those requests waits for the next reload (bounded by
+    what is in flight at one reload)."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()

@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.access_log import AccessLog, AccessRecord
+from gateway.access_log import _SENTINEL, AccessLog, AccessRecord
 from tests.conftest import RunningGateway, StartGateway
 from tests.helpers import (
     GUARD_SECONDS,
@@ -532,6 +532,27 @@ def test_access_record_put_after_stop_is_counted_as_dropped(tmp_path: Path) -> N
     lines = path.read_text().splitlines()
     assert len(lines) == 1
     assert '"path":"/before-stop"' in lines[0]
+
+
+def test_lines_that_land_behind_the_sentinel_are_counted_as_dropped(tmp_path: Path) -> None:
+    """The race stop() can lose: a line put while the sentinel is queued (put
+    here directly, in that order, before the consumer starts) is not
+    written, and is counted."""
+    registry = CollectorRegistry()
+    dropped = Counter(
+        "gateway_access_log_dropped_total", "Access-log records dropped.", registry=registry
+    )
+    path = tmp_path / "access.log"
+    access_log = AccessLog(str(path), 100, dropped)
+    access_log.put(access_record("/first"))
+    access_log._queue.put(_SENTINEL)
+    access_log._queue.put("late line")
+    access_log.start()
+    assert access_log.stop(GUARD_SECONDS)
+    assert registry.get_sample_value("gateway_access_log_dropped_total") == 1
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    assert '"path":"/first"' in lines[0]
 
 
 # --------------------------------------------------------------------------- 9. trickled head

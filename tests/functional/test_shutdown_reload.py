@@ -42,6 +42,7 @@ from tests.helpers import (
     poll,
     readyz,
     wait_healthy,
+    wait_idle,
     write_config,
 )
 from tests.upstream_app import HITS
@@ -450,16 +451,22 @@ async def test_second_sigterm_during_drain_exits_at_once(
 
 
 async def test_a_reload_lets_the_old_snapshot_go(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The heap alive at start is moved out of the cyclic GC's view
-    (server.settle_heap); a reload must still free the snapshot it replaced,
-    which holds reference cycles (the identifier's lru_cache of its own
-    bound method)."""
+    """The heap alive at start and at each reload is hidden from the cyclic
+    GC (server.settle_heap), so the snapshot a reload replaces must be freed
+    by reference counting alone: when the last request that started under it
+    finishes, even if that request was in flight during the reload."""
     gw = await start_gateway()
+    forwards = count_forwards(gw, monkeypatch)
     replaced = weakref.ref(gw.server.gateway.snapshot.identifier)
-    for _ in range(3):
-        gw.server.apply(gw.server.config)
-    assert replaced() is None, "the replaced snapshot was never collected"
+    slow = asyncio.create_task(fetch(http, gw.url + "/slow?delay=0.3"))
+    await forwards.wait_for(1)
+    gw.server.apply(gw.server.config)
+    assert replaced() is not None  # the slow request still runs under it
+    status, _, _ = await asyncio.wait_for(slow, GUARD_SECONDS)
+    assert status == 200
+    await wait_idle(gw)
+    assert replaced() is None, "the replaced snapshot outlived its last request"
     status, _, _ = await fetch(http, gw.url + "/echo")
     assert status == 200

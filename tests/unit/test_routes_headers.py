@@ -17,6 +17,7 @@ from gateway.headers import (
 from gateway.limiting.limiter import ALLOWED, DENIED, UNLIMITED, Decision
 from gateway.limiting.policy import Limit
 from gateway.limiting.refill_clock import ManualRefillClock
+from gateway.raw_response import relayed_head
 from gateway.responses import rate_limited
 from gateway.routes import DEFAULT_ROUTE_LABEL, RouteTable, normalise_path
 
@@ -399,3 +400,18 @@ def test_rate_limited_answer_framing() -> None:
         decision, "r", keep_alive=True, http10=True, head_only=False
     )
     assert b"\r\nConnection: keep-alive\r\n" in keep_alive_10
+
+
+def test_relayed_head_adds_date_when_the_upstreams_is_named_in_connection() -> None:
+    upstream = [(b"Date", b"Mon, 01 Jan 2001 00:00:00 GMT"), (b"Connection", b"Date")]
+    head = relayed_head(
+        200, b"OK", upstream, b"X-Request-ID: r\r\n",
+        replaced=frozenset({b"x-request-id"}), content_length=0, chunked=False,
+        keep_alive=True, http10=False,
+    )  # fmt: skip
+    lines = head.split(b"\r\n")
+    dates = [line for line in lines if line.lower().startswith(b"date:")]
+    assert len(dates) == 1
+    assert b"2001" not in dates[0]  # the upstream's was hop-by-hop: ours instead
+    assert head.endswith(b"\r\n\r\n")
+    assert b"\r\n\r\n" not in head[:-4]
