@@ -24,10 +24,11 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from gateway.config.model import ServerConfig
 from gateway.front import FrontConnection, PlainHandler
+from gateway.upstream import MalformedBodyError
 
 __all__ = ["GuardedServer"]
 
@@ -48,10 +49,24 @@ class GuardedRequestHandler(RequestHandler):
         )
 
     def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
         super().data_received(data)
         if self._header_deadline is not None and self._request_count > 0:
             self._header_deadline.cancel()
             self._header_deadline = None
+        if len(self._messages) > queued:
+            self._fail_body_on_parse_error(self._messages[-1][0])
+
+    def _fail_body_on_parse_error(self, message: object) -> None:
+        """llhttp rejecting a body mid-stream (a bad chunk) makes aiohttp
+        queue a 400 for after the current handler, but the handler's body
+        stream is never told: it would wait for ``body_timeout``. Tell it."""
+        request = self._current_request
+        if not isinstance(message, _ErrInfo) or request is None:
+            return
+        content = request.content
+        if not content.is_eof():
+            content.set_exception(MalformedBodyError(message.message))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_deadline is not None:

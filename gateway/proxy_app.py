@@ -53,7 +53,7 @@ __all__ = ["Gateway", "Snapshot"]
 CLIENT_CLOSED_STATUS: Final = 499
 _CONCURRENCY_DENIED: Final = Decision(DENIED, None, 0, 1.0, 1.0)
 # Answers to a request body we refused: the rest of it is not worth reading.
-_CLOSE_AFTER_STATUSES: Final = frozenset({408, 413})
+_CLOSE_AFTER_STATUSES: Final = frozenset({400, 408, 413})
 
 
 def request_target(request: web.BaseRequest) -> str | None:

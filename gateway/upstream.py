@@ -35,7 +35,14 @@ from gateway.headers import downstream_response_headers
 from gateway.raw_response import NO_BODY_STATUSES, field_lines, relayed_head, write_prepared
 from gateway.upstream_pool import LEAN_METHODS, Exchange, UpstreamPool
 
-__all__ = ["BodyTimeoutError", "BodyTooLargeError", "ClientBodyError", "Relay", "Upstream"]
+__all__ = [
+    "BodyTimeoutError",
+    "BodyTooLargeError",
+    "ClientBodyError",
+    "MalformedBodyError",
+    "Relay",
+    "Upstream",
+]
 
 log = logging.getLogger("gateway.upstream")
 
@@ -49,6 +56,10 @@ class ClientBodyError(Exception):
 
     status = 400
     reason = "bad_request"
+
+
+class MalformedBodyError(ClientBodyError):
+    """llhttp rejected the body after forwarding had started (a bad chunk)."""
 
 
 class BodyTooLargeError(ClientBodyError):
@@ -171,6 +182,8 @@ class Upstream:
                         chunk = await content.readany()
                 except TimeoutError:
                     raise fail(BodyTimeoutError(body_timeout)) from None
+                except ClientBodyError as exc:  # set on the stream by connection.py
+                    raise fail(exc) from None
                 except Exception:
                     # The client's connection broke mid-body: nobody to
                     # answer, and not the upstream's failure to count.

@@ -465,6 +465,38 @@ async def test_client_leaving_mid_body_is_499_not_an_upstream_error(
     assert record["status"] == 499
 
 
+async def test_bad_chunk_after_forwarding_started_is_400_at_once(
+    start_gateway: StartGateway,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """llhttp rejecting a chunk once the body is already streaming upstream:
+    one 400 at once and the connection closed, not a wait for body_timeout
+    (aiohttp alone does not tell the body stream)."""
+    caplog.set_level(logging.WARNING)
+    gw = await start_gateway(server={"body_timeout": "30s"})
+    forwards = count_forwards(gw, monkeypatch)
+    async with asyncio.timeout(GUARD_SECONDS):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n"
+        )
+        await forwards.wait_for(1)  # the body is streaming upstream
+        writer.write(b"zz\r\nnot a chunk\r\n0\r\n\r\n")
+        started = time.monotonic()
+        response = await read_response(reader)
+        rest = await reader.read()  # then EOF: one answer, connection closed
+        writer.close()
+    assert time.monotonic() - started < 5, "answered only at body_timeout"
+    assert response.status == 400
+    assert json.loads(response.body)["error"] == "bad_request"
+    assert rest == b""
+    assert rejected(gw, "bad_request") == 1
+    assert tracebacks(caplog) == []
+    await assert_still_serving(gw)
+
+
 async def test_upstream_reset_mid_response_cuts_the_client_and_is_counted(
     start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
