@@ -191,7 +191,7 @@ class FrontConnection(asyncio.Protocol):
         more than PIPELINE_BUFFER_BYTES wait behind the request served."""
         pause = self._write_paused or (self._busy and len(self._buffer) > PIPELINE_BUFFER_BYTES)
         transport = self.transport
-        if pause == self._read_paused or transport is None or self._closing:
+        if pause == self._read_paused or transport is None or transport.is_closing():
             return
         self._read_paused = pause
         if pause:
@@ -359,10 +359,7 @@ class FrontConnection(asyncio.Protocol):
         if served is not None and not served.done():
             served.set_result(None)
         self._answered(reusable and self._request.keep_alive)
-        if self._read_paused and not self._closing:
-            self._read_paused = False
-            assert self.transport is not None
-            self.transport.resume_reading()
+        self._update_reading()  # read ahead again, unless the client is not reading
         self._next()
 
     def _answered(self, keep_alive: bool) -> None:
