@@ -2,10 +2,11 @@
 
 Profiling the denied path put most of its time in aiohttp's StreamResponse
 machinery (header multidict, Date, serialisation, writer) for a 50-byte
-answer. So heads are built here: ours (``whole_response``: 429s, 502s) and
-the upstream's as relayed (``relayed_head``, straight from the header bytes
-llhttp gave us). A complete small response goes to the transport in one
-write. On aiohttp's path, ``write_prepared`` returns a response object that
+answer. So heads are built here, by one serialiser (``response_head``):
+the upstream's as relayed, straight from the header bytes llhttp gave us,
+and our own answers (``whole_response``: 502s, 504s and the like; the 429 has
+its own template in responses.py). A complete small response goes to the
+transport in one write. On aiohttp's path, ``write_prepared`` returns a response object that
 tells aiohttp's request loop the answer is sent and whether the connection
 stays open; the plain path (front.py) writes to its connection directly.
 """
@@ -17,45 +18,47 @@ from collections.abc import Iterable
 from email.utils import formatdate
 from typing import Final
 
-from aiohttp import HttpVersion11, web
+from aiohttp import web
 
 from gateway.headers import HOP_BY_HOP
 
 __all__ = [
     "NO_BODY_STATUSES",
+    "connection_field",
     "date_header",
     "field_lines",
-    "relayed_head",
     "response_head",
     "whole_response",
     "write_prepared",
-    "write_whole_response",
 ]
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
-class _DateHeader:
+class _Date:
     """The Date value, formatted once per second."""
 
     second = -1
-    value = ""
-    raw = b""
-
-    @classmethod
-    def now(cls) -> str:
-        second = int(time.time())
-        if second != cls.second:
-            cls.second = second
-            cls.value = formatdate(second, usegmt=True)
-            cls.raw = cls.value.encode("ascii")
-        return cls.value
+    value = b""
 
 
 def date_header() -> bytes:
     """The Date field's value now, as bytes."""
-    _DateHeader.now()
-    return _DateHeader.raw
+    second = int(time.time())
+    if second != _Date.second:
+        _Date.second = second
+        _Date.value = formatdate(second, usegmt=True).encode("ascii")
+    return _Date.value
+
+
+def connection_field(keep_alive: bool, http10: bool) -> bytes:
+    """The Connection line a response needs, b"" when none: HTTP/1.1 stays
+    open by default, HTTP/1.0 closes by default."""
+    if not keep_alive:
+        return b"Connection: close\r\n"
+    if http10:
+        return b"Connection: keep-alive\r\n"
+    return b""
 
 
 class _SentResponse(web.StreamResponse):
@@ -68,24 +71,6 @@ class _SentResponse(web.StreamResponse):
         self._eof_sent = True
         self._keep_alive = keep_alive
         self._body_length = body_length
-
-
-def write_whole_response(
-    request: web.BaseRequest,
-    status: int,
-    reason: str,
-    headers: Iterable[tuple[str, str]],
-    body: bytes,
-) -> web.StreamResponse:
-    """Write ``whole_response`` (our own fields only) for an aiohttp
-    request, and tell aiohttp's request loop it is sent."""
-    head_only = request.method == "HEAD"
-    data = whole_response(
-        status, reason, headers, body, keep_alive=request.keep_alive,
-        http10=request.version < HttpVersion11, head_only=head_only,
-    )  # fmt: skip
-    sent = 0 if head_only or status in NO_BODY_STATUSES else len(body)
-    return write_prepared(request, data, status, reason, sent)
 
 
 def write_prepared(
@@ -110,50 +95,17 @@ def whole_response(
     http10: bool,
     head_only: bool,
 ) -> bytes:
-    """Status line, ``headers`` and ``body`` as the bytes to write, with
-    Content-Length (none for 1xx/204/304)."""
+    """One of our own answers, ``headers`` and ``body``, as the bytes to
+    write, with Content-Length (none for 1xx/204/304)."""
     no_body = status in NO_BODY_STATUSES or 100 <= status < 200
     head = response_head(
-        status, reason, headers,
-        content_length=None if no_body else len(body), chunked=False,
-        keep_alive=keep_alive, http10=http10,
+        status, reason.encode("latin-1"), [], field_lines(headers),
+        replaced=frozenset(), content_length=None if no_body else len(body),
+        chunked=False, keep_alive=keep_alive, http10=http10,
     )  # fmt: skip
     if no_body or head_only or not body:
         return head
     return head + body
-
-
-def response_head(
-    status: int,
-    reason: str,
-    headers: Iterable[tuple[str, str]],
-    *,
-    content_length: int | None,
-    chunked: bool,
-    keep_alive: bool,
-    http10: bool,
-) -> bytes:
-    """A response head: ``headers`` (which must carry no framing headers:
-    Content-Length, Transfer-Encoding, Connection), Date when missing, the
-    framing asked for, and Connection as the request needs."""
-    lines = [f"HTTP/1.1 {status} {reason}"]
-    has_date = False
-    for name, value in headers:
-        if not has_date and name.lower() == "date":
-            has_date = True
-        lines.append(f"{name}: {value}")
-    if not has_date:
-        lines.append(f"Date: {_DateHeader.now()}")
-    if content_length is not None:
-        lines.append(f"Content-Length: {content_length}")
-    elif chunked:
-        lines.append("Transfer-Encoding: chunked")
-    if not keep_alive:
-        lines.append("Connection: close")
-    elif http10:
-        lines.append("Connection: keep-alive")
-    # Our own fields only (see relayed_head for the encoding).
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
 # Upstream response fields never copied to the client: hop-by-hop ones and
@@ -161,7 +113,7 @@ def response_head(
 _NOT_RELAYED: Final = frozenset(name.encode() for name in (*HOP_BY_HOP, "content-length"))
 
 
-def relayed_head(
+def response_head(
     status: int,
     reason: bytes,
     upstream: list[tuple[bytes, bytes]],
@@ -173,12 +125,13 @@ def relayed_head(
     keep_alive: bool,
     http10: bool,
 ) -> bytes:
-    """The head of an upstream response as the client gets it, built from
-    the header bytes as received: ``headers.downstream_response_headers``'s
+    """A response head as the client gets it: the ``upstream`` fields as
+    received (none for our own answers), by ``headers.downstream_response_headers``'s
     rules (hop-by-hop and framing fields and any field named in Connection
     dropped; ``ours`` replace the upstream's copies) without decoding them
-    into a multidict and back. ``ours``: our fields as header lines, each
-    ending in CRLF (``field_lines``); ``replaced``: their lower-case names."""
+    into a multidict and back; then ``ours`` (header lines, each ending in
+    CRLF: ``field_lines``; ``replaced``: their lower-case names), Date when
+    the upstream sent none, the framing asked for, and Connection."""
     lines = [b"HTTP/1.1 %d %s" % (status, reason)]
     has_date = False
     connection: list[bytes] = []
@@ -204,24 +157,17 @@ def relayed_head(
             ]
             lines = [lines[0]] + [name + b": " + value for name, value in kept]
             has_date = any(name.lower() == b"date" for name, _ in kept)
-    if not has_date:
-        ours += b"Date: " + date_header() + b"\r\n"
-    if ours:
-        lines.append(ours[:-2])  # its last CRLF comes from the join
+    tail = ours if has_date else ours + b"Date: " + date_header() + b"\r\n"
     if content_length is not None:
-        lines.append(b"Content-Length: %d" % content_length)
+        tail += b"Content-Length: %d\r\n" % content_length
     elif chunked:
-        lines.append(b"Transfer-Encoding: chunked")
-    if not keep_alive:
-        lines.append(b"Connection: close")
-    elif http10:
-        lines.append(b"Connection: keep-alive")
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+        tail += b"Transfer-Encoding: chunked\r\n"
+    tail += connection_field(keep_alive, http10)
+    return b"\r\n".join(lines) + b"\r\n" + tail + b"\r\n"
 
 
 def field_lines(fields: Iterable[tuple[str, str]]) -> bytes:
-    """Our fields as header lines for ``relayed_head``. X-Request-ID may be
+    """Our fields as header lines for ``response_head``. X-Request-ID may be
     the client's, decoded as UTF-8 with surrogateescape: encoded back the
     same way, it is its own bytes."""
     return "".join(f"{name}: {value}\r\n" for name, value in fields).encode(

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.errors import UpstreamError
 from gateway.headers import rate_limit_fields
 from gateway.limiting.limiter import Decision
-from gateway.raw_response import date_header
+from gateway.raw_response import connection_field, date_header
 
 __all__ = ["Answer", "error_answer", "rate_limited", "to_aiohttp", "upstream_failed"]
 
@@ -61,15 +61,10 @@ def rate_limited(
     path is the one a flood hits."""
     retry_after = max(1, math.ceil(decision.retry_after_seconds))
     body = b'{"error": "rate_limited", "retry_after": %d}' % retry_after
-    if not keep_alive:
-        connection = b"Connection: close\r\n"
-    elif http10:
-        connection = b"Connection: keep-alive\r\n"
-    else:
-        connection = b""
     head = _DENIED_HEAD % (
         retry_after, rate_limit_fields(decision),
-        request_id.encode("utf-8", "surrogateescape"), date_header(), len(body), connection,
+        request_id.encode("utf-8", "surrogateescape"), date_header(), len(body),
+        connection_field(keep_alive, http10),
     )  # fmt: skip
     if head_only:
         return head, 0

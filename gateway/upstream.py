@@ -32,7 +32,7 @@ from gateway.errors import (
 )
 from gateway.front import FrontConnection, PlainRequest
 from gateway.headers import downstream_response_headers
-from gateway.raw_response import NO_BODY_STATUSES, field_lines, relayed_head, write_prepared
+from gateway.raw_response import NO_BODY_STATUSES, field_lines, response_head, write_prepared
 from gateway.upstream_pool import LEAN_METHODS, Exchange, UpstreamPool
 
 __all__ = [
@@ -301,23 +301,17 @@ class Upstream:
         try:
             if exchange.complete:
                 # The whole answer is here: one write for head and body.
-                body = exchange.take_buffered()
-                status = relay.status = exchange.status
-                no_body = status in NO_BODY_STATUSES
-                if no_body:
-                    body = b""
-                ours = field_lines(extra_headers)
-                data = relayed_head(
-                    status, exchange.raw_reason, exchange.raw_headers, ours,
-                    replaced=frozenset(name.lower().encode() for name, _ in extra_headers),
-                    content_length=None if no_body else len(body), chunked=False,
+                relay.status = exchange.status
+                data, sent = whole_relayed(
+                    exchange, field_lines(extra_headers),
+                    frozenset(name.lower().encode() for name, _ in extra_headers),
                     keep_alive=request.keep_alive, http10=request.version < HttpVersion11,
                 )  # fmt: skip
                 try:
                     relay.response = write_prepared(
-                        request, data + body, status, exchange.reason, len(body)
+                        request, data, exchange.status, exchange.reason, sent
                     )
-                    relay.bytes_out = len(body)
+                    relay.bytes_out = sent
                 except ConnectionError:
                     relay.client_gone = True
                 return
@@ -415,6 +409,29 @@ class Upstream:
             await body.aclose()
 
 
+def whole_relayed(
+    exchange: Exchange,
+    ours: bytes,
+    replaced: frozenset[bytes],
+    *,
+    keep_alive: bool,
+    http10: bool,
+) -> tuple[bytes, int]:
+    """A complete upstream answer, head and body, as one piece to write, and
+    the body length in it (none for 204/304)."""
+    status = exchange.status
+    body = exchange.take_buffered()
+    no_body = status in NO_BODY_STATUSES
+    head = response_head(
+        status, exchange.raw_reason, exchange.raw_headers, ours,
+        replaced=replaced, content_length=None if no_body else len(body),
+        chunked=False, keep_alive=keep_alive, http10=http10,
+    )  # fmt: skip
+    if no_body:
+        return head, 0
+    return head + body, len(body)
+
+
 def relay_whole(
     conn: FrontConnection,
     request: PlainRequest,
@@ -425,23 +442,16 @@ def relay_whole(
 ) -> bool:
     """Write a complete upstream answer, head and body, in one write. True
     when the connection may be reused."""
-    status = exchange.status
-    relay.status = status
-    body = exchange.take_buffered()
-    no_body = status in NO_BODY_STATUSES
+    relay.status = exchange.status
+    data, sent = whole_relayed(
+        exchange, ours, replaced, keep_alive=request.keep_alive, http10=request.http10
+    )
     try:
-        conn.write(
-            relayed_head(
-                status, exchange.raw_reason, exchange.raw_headers, ours,
-                replaced=replaced, content_length=None if no_body else len(body),
-                chunked=False, keep_alive=request.keep_alive, http10=request.http10,
-            )
-            + (b"" if no_body else body)
-        )  # fmt: skip
+        conn.write(data)
     except ConnectionError:
         relay.client_gone = True
         return False
-    relay.bytes_out = 0 if no_body else len(body)
+    relay.bytes_out = sent
     return True
 
 
@@ -469,7 +479,7 @@ async def stream_plain(
     keep_alive = request.keep_alive and (content_length is not None or chunked)
     try:
         conn.write(
-            relayed_head(
+            response_head(
                 exchange.status, exchange.raw_reason, exchange.raw_headers, ours,
                 replaced=replaced, content_length=content_length, chunked=chunked,
                 keep_alive=keep_alive, http10=request.http10,

@@ -17,7 +17,7 @@ from gateway.headers import (
 from gateway.limiting.limiter import ALLOWED, DENIED, UNLIMITED, Decision
 from gateway.limiting.policy import Limit
 from gateway.limiting.refill_clock import ManualRefillClock
-from gateway.raw_response import relayed_head
+from gateway.raw_response import response_head
 from gateway.responses import rate_limited
 from gateway.routes import DEFAULT_ROUTE_LABEL, RouteTable, normalise_path
 
@@ -402,9 +402,9 @@ def test_rate_limited_answer_framing() -> None:
     assert b"\r\nConnection: keep-alive\r\n" in keep_alive_10
 
 
-def test_relayed_head_adds_date_when_the_upstreams_is_named_in_connection() -> None:
+def test_response_head_adds_date_when_the_upstreams_is_named_in_connection() -> None:
     upstream = [(b"Date", b"Mon, 01 Jan 2001 00:00:00 GMT"), (b"Connection", b"Date")]
-    head = relayed_head(
+    head = response_head(
         200, b"OK", upstream, b"X-Request-ID: r\r\n",
         replaced=frozenset({b"x-request-id"}), content_length=0, chunked=False,
         keep_alive=True, http10=False,
