@@ -419,8 +419,9 @@ class _PlainCall:
         snapshot = self.snapshot
         peer = request.peer
         upstream = self.gateway.upstream
-        self.head = upstream.plain_head(
-            request,
+        self.head = upstream.lean_head(
+            request.method,
+            request.target,
             upstream_request_headers(
                 request.headers,
                 peer=peer,

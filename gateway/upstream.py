@@ -287,13 +287,9 @@ class Upstream:
         """GET/OPTIONS without a body, through the lean pool."""
         pool = self._pool
         assert pool is not None
-        if "Host" not in headers:
-            headers["Host"] = self._default_host
         started = time.perf_counter()
         try:
-            exchange = await pool.open(
-                pool.request_head(request.method, target, headers.items())
-            )
+            exchange = await pool.open(self.lean_head(request.method, target, headers))
         except UpstreamError as exc:
             relay.error = exc
             return
@@ -322,13 +318,14 @@ class Upstream:
         finally:
             pool.release(exchange)
 
-    def plain_head(self, request: PlainRequest, headers: CIMultiDict[str]) -> bytes:
-        """The request head a plain request is sent upstream with."""
+    def lean_head(self, method: str, target: str, headers: CIMultiDict[str]) -> bytes:
+        """The request head sent through the lean pool (the upstream's host
+        when the client's Host is not forwarded)."""
         pool = self._pool
         assert pool is not None, "Upstream.start() was not awaited"
         if "Host" not in headers:
             headers["Host"] = self._default_host
-        return pool.request_head(request.method, request.target, headers.items())
+        return pool.request_head(method, target, headers.items())
 
     def send_plain(self, head: bytes, on_head: Callable[[Exchange], None]) -> Exchange | None:
         """Send at once on an idle pooled connection (``UpstreamPool.try_send``);
