@@ -35,6 +35,7 @@ import httptools
 from multidict import CIMultiDict
 
 from gateway.config.model import ServerConfig
+from gateway.upstream_pool import LEAN_METHODS
 
 if TYPE_CHECKING:
     from gateway.connection import GuardedServer
@@ -43,7 +44,8 @@ __all__ = ["PENDING", "FrontConnection", "InFlight", "PlainOutcome", "PlainReque
 
 log = logging.getLogger("gateway.connection")
 
-_PLAIN_METHODS: Final = frozenset({b"GET", b"OPTIONS"})
+# Plain requests go upstream through the lean pool: the methods it sends.
+_PLAIN_METHODS: Final = frozenset(method.encode() for method in LEAN_METHODS)
 _LONE_CR: Final = re.compile(rb"\r[^\n]")
 # Bytes read ahead (pipelined requests) while a request is served, before
 # the socket stops being read.
