@@ -54,23 +54,13 @@ BREAKER_OPEN_SECONDS: Final = 1.0
 MAX_BATCH_KEYS: Final = 256
 # Calls in flight per process (= connections used): pipelining depth.
 MAX_BATCHES_IN_FLIGHT: Final = 4
+# Both scripts take the time first: '' is the Redis server's clock (TIME).
+_REDIS_TIME: Final = ""
 
-_PEEK_SCRIPT: Final = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
-local period = tonumber(ARGV[1])
-local refill = tonumber(ARGV[2])
-local max_tokens = tonumber(ARGV[3])
-local tick = math.floor(now / period)
-local state = redis.call('HMGET', KEYS[1], 't', 'k', 'p')
-local tokens = tonumber(state[1])
-if tokens == nil then
-  tokens = max_tokens
-elseif tonumber(state[3]) == period and tick > tonumber(state[2]) then
-  tokens = math.min(max_tokens, tokens + (tick - tonumber(state[2])) * refill)
-end
-return {math.min(tokens, max_tokens), (tick + 1) * period - now}
-"""
+
+def _script(name: str) -> str:
+    """A Lua script shipped beside this module (package data: limiting/*.lua)."""
+    return resources.files("gateway.limiting").joinpath(f"{name}.lua").read_text()
 
 
 def redis_key(key: BucketKey) -> str:
@@ -96,7 +86,11 @@ class RedisStore:
         config: StorageConfig,
         local: MemoryStore,
         count_error: Callable[[], None] = lambda: None,
+        now_ms: Callable[[], int] | None = None,
     ) -> None:
+        """``now_ms`` is a test seam: when given, the scripts count periods on
+        it instead of the Redis server's clock, so a test can step time (a
+        ManualRefillClock) against a real Redis. The gateway never passes it."""
         self.config = config
         self._local = local
         self._count_error = count_error
@@ -118,9 +112,9 @@ class RedisStore:
                 retry=Retry(NoBackoff(), 0),
                 health_check_interval=0,
             )
-        script = resources.files("gateway.limiting").joinpath("bucket.lua").read_text()
-        self._take_script: AsyncScript = self._client.register_script(script)
-        self._peek_script: AsyncScript = self._client.register_script(_PEEK_SCRIPT)
+        self._now_ms = now_ms
+        self._take_script: AsyncScript = self._client.register_script(_script("bucket_take"))
+        self._peek_script: AsyncScript = self._client.register_script(_script("bucket_peek"))
         # redis-py's cluster client set up lazily by several tasks at once
         # corrupts its connections (seen: "Connection closed by server",
         # AttributeError in connect): one task initialises, others wait.
@@ -206,7 +200,7 @@ class RedisStore:
 
     async def _send(self, batch: list[_Pending]) -> None:
         keys = [item.key for item in batch]
-        args: list[int] = []
+        args: list[int | str] = [self._script_now()]
         for item in batch:
             spec = item.limit.spec
             args += (
@@ -240,6 +234,9 @@ class RedisStore:
             if not item.future.done():
                 item.future.set_result(result)
 
+    def _script_now(self) -> int | str:
+        return _REDIS_TIME if self._now_ms is None else self._now_ms()
+
     def _record_failure(self, exc: BaseException) -> None:
         self._count_error()
         self._failures += 1
@@ -267,6 +264,7 @@ class RedisStore:
                 tokens, to_next_ms = await self._peek_script(
                     keys=[redis_key(key)],
                     args=[
+                        self._script_now(),
                         round(spec.refill_period_seconds * 1000),
                         spec.refill_tokens,
                         spec.max_tokens,

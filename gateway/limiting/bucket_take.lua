@@ -1,5 +1,7 @@
 -- Token buckets shared through Redis: one call decides a batch of requests.
--- KEYS[i]: a bucket. ARGV[3i-2..3i]: refill_period_ms, refill_tokens, max_tokens.
+-- ARGV[1]: '' for the Redis server's clock (TIME), which is all the gateway
+-- ever sends; a test stepping a fake clock sends the time in ms instead.
+-- KEYS[i]: a bucket. ARGV[3i-1..3i+1]: refill_period_ms, refill_tokens, max_tokens.
 -- Returns, per key: admitted (0|1), tokens_left, ms until the next refill.
 --
 -- Same semantics as the in-process buckets (limiting/bucket.py): a bucket
@@ -7,11 +9,16 @@
 -- Redis server's clock, one clock for every gateway) adds refill_tokens, capped
 -- at max_tokens; a request takes one token. A full bucket is deleted (it is
 -- the same as a missing one); any other expires when it would be full again.
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+local now
+if ARGV[1] == '' then
+  local now_parts = redis.call('TIME')
+  now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+else
+  now = tonumber(ARGV[1])
+end
 local out = {}
 for i, key in ipairs(KEYS) do
-  local base = (i - 1) * 3
+  local base = (i - 1) * 3 + 1
   local period = tonumber(ARGV[base + 1])
   local refill = tonumber(ARGV[base + 2])
   local max_tokens = tonumber(ARGV[base + 3])
