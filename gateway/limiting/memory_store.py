@@ -131,11 +131,12 @@ class MemoryStore:
         spec = limit.spec
         if bucket is None:
             tokens = spec.max_tokens
-        else:
-            tokens = bucket.tokens
-            if bucket.spec == spec:
-                owed = limit.ticker.count - bucket.tick
-                tokens = min(spec.max_tokens, tokens + max(0, owed) * spec.refill_tokens)
+        else:  # what take_now would find, settled on a copy
+            settled = Bucket(bucket.tokens, bucket.tick, bucket.seen, bucket.spec)
+            if settled.spec is not spec:
+                self._respec(settled, spec, limit.ticker.count)
+            refill(settled, limit.ticker.count, spec.refill_tokens, spec.max_tokens)
+            tokens = settled.tokens
         return BucketSnapshot(
             route=key[0],
             policy=spec.name,

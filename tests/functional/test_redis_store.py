@@ -22,7 +22,11 @@ import aiohttp
 import pytest
 import redis
 
-from gateway.limiting.redis_store import BREAKER_OPEN_SECONDS
+from gateway.config.model import BucketSpec, StorageConfig
+from gateway.limiting.memory_store import MemoryStore
+from gateway.limiting.policy import Limit
+from gateway.limiting.redis_store import BREAKER_OPEN_SECONDS, RedisStore
+from gateway.limiting.refill_clock import ManualRefillClock
 from tests.conftest import RedisServer, RunningGateway, StartGateway
 from tests.helpers import (
     POLL_INTERVAL,
@@ -325,12 +329,13 @@ async def test_keys_expire_when_the_bucket_would_be_full(
 
     pipe = rds.pipeline(transaction=True)  # one consistent look, on one clock
     pipe.time()
-    pipe.hmget(DEFAULT_KEY, ["t", "k", "p"])
+    pipe.hmget(DEFAULT_KEY, ["t", "k", "p", "r", "m"])
     pipe.pttl(DEFAULT_KEY)
-    (seconds, micros), (t, k, p), pttl = pipe.execute()
+    (seconds, micros), (t, k, p, r, m), pttl = pipe.execute()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     tokens, tick = int(t), int(k)
-    assert int(p) == period_ms
+    # The limit the tokens were counted under: a reload settles under it.
+    assert (int(p), int(r), int(m)) == (period_ms, refill_tokens, max_tokens)
     assert tokens < max_tokens
     full_at_ms = (tick + math.ceil((max_tokens - tokens) / refill_tokens)) * period_ms
     until_full_ms = full_at_ms - now_ms
@@ -364,6 +369,34 @@ async def test_keys_expire_when_the_bucket_would_be_full(
     status, _headers, _body = await fetch(http, gw.url + "/healthz")
     assert status == 200
     assert bucket_keys(rds) == []
+
+
+async def test_a_hash_without_the_limit_is_read_as_counted_under_the_current_one(
+    redis_server: RedisServer, rds: redis.Redis
+) -> None:
+    """Gateways before the hash kept the whole limit wrote t, k and p only, and a
+    rolling upgrade shares keys with them: such a bucket is settled under the
+    limit of the request, as their script did, and then stored with it."""
+    clock = ManualRefillClock()
+    store = RedisStore(
+        StorageConfig("redis", redis_server.url, "deny", HEALTHY_TIMEOUT_SECONDS),
+        MemoryStore(clock, max_tracked=100, idle_timeout_seconds=3600.0),
+        now_ms=lambda: round(clock.now() * 1000),  # test seam: a stepped clock
+    )
+    key = ("default", "127.0.0.1")
+    limit = Limit(BucketSpec(60.0, 10, 30), clock)
+    rds.hset(DEFAULT_KEY, mapping={"t": 2, "k": 0, "p": 60_000})
+    clock.advance(120.0)  # two periods owed
+    try:
+        snapshot = await store.snapshot(key, limit)
+        assert snapshot is not None
+        assert snapshot.tokens == 22
+        result = await store.take(key, limit)
+        assert (result.admitted, result.tokens_left) == (True, 21)
+    finally:
+        await store.close()
+    stored = rds.hmget(DEFAULT_KEY, ["t", "k", "p", "r", "m"])
+    assert stored == [b"21", b"2", b"60000", b"10", b"30"]
 
 
 # --------------------------------------------------------------------------- outages
