@@ -1,4 +1,9 @@
-"""⓪ Accept, for the connections front.py hands over: aiohttp's guards.
+"""⓪ Accept, for the connections front.py hands over: aiohttp's server.
+
+The one module that touches aiohttp's private parts (``_connections``,
+``_messages``, ``_ErrInfo``, ``_current_request``, a sent response's
+``_eof_sent``, a site's ``_server``): an aiohttp upgrade breaks this file
+and no other.
 
 Connections start in ``front.FrontConnection``; those that send anything but
 a plain request are handed to a ``GuardedRequestHandler`` made here.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, cast
@@ -27,15 +33,18 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from gateway.config.model import ServerConfig
+from gateway.errors import MalformedBodyError
 from gateway.front import FrontConnection, PlainHandler
-from gateway.upstream import MalformedBodyError
 
-__all__ = ["GuardedServer"]
+__all__ = ["AiohttpDownstream", "GuardedServer", "bound_port"]
 
 log = logging.getLogger("gateway.connection")
 
 
 class GuardedRequestHandler(RequestHandler):
+    """aiohttp's handler with a deadline on the first request's head and
+    short JSON answers to malformed requests."""
+
     # Set by GuardedServer on each handler it makes: when (loop time) the
     # first request's head must be complete.
     header_deadline_at: float = 0.0
@@ -133,7 +142,71 @@ class GuardedServer(web.Server):
         return cast(RequestHandler, front)
 
     def make_handler(self, header_deadline_at: float) -> GuardedRequestHandler:
+        """The handler a connection is handed to; its first head is due by
+        ``header_deadline_at`` (loop time)."""
         handler = GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.header_deadline_at = header_deadline_at
         handler.on_rejected = self._on_rejected
         return handler
+
+    def forget(self, conn: asyncio.BaseProtocol) -> None:
+        """``conn`` no longer needs a drain to wait for it."""
+        self._connections.pop(conn, None)  # type: ignore[call-overload]
+
+
+class _SentResponse(web.StreamResponse):
+    """A response already on the wire: aiohttp's prepare/write_eof are no-ops
+    (``_eof_sent``), and ``keep_alive`` decides whether the connection is
+    reused."""
+
+    def __init__(self, status: int, body_length: int, keep_alive: bool) -> None:
+        super().__init__(status=status)
+        self._eof_sent = True
+        self._keep_alive = keep_alive
+        self._body_length = body_length
+
+
+class AiohttpDownstream:
+    """A ``relay.Downstream`` over a connection aiohttp's server holds: the
+    relay writes response bytes to its transport, as front.py's connections
+    take them, and ``response`` tells aiohttp's request loop what was sent."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._request = request
+
+    def write(self, data: bytes) -> None:
+        """Raises ConnectionResetError once the client is gone."""
+        request = self._request
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(data)
+        # What aiohttp reads as "the response started": it must not append
+        # an error answer of its own behind ours.
+        request.writer.output_size += len(data)
+
+    async def drain(self) -> None:
+        await self._request.writer.drain()
+
+    def abort(self) -> None:
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+
+    def close(self) -> None:
+        """Close once written: a refused body is not worth reading."""
+        transport = self._request.transport
+        if transport is not None:
+            transport.close()
+
+    def response(self, status: int, body_length: int, keep_alive: bool) -> web.StreamResponse:
+        """What the handler returns to aiohttp for an answer already sent."""
+        return _SentResponse(status, body_length, keep_alive)
+
+
+def bound_port(site: web.BaseSite) -> int:
+    """The port a site listens on (0 in the config: chosen by the kernel)."""
+    sockets: list[socket.socket] = getattr(site._server, "sockets", [])
+    return int(sockets[0].getsockname()[1]) if sockets else 0

@@ -3,6 +3,10 @@
 GatewayError
 ├── ConfigError          a config file (or reload) is invalid; carries every problem
 ├── StorageError         a bucket backend (redis) failed; wrapped at the store seam
+├── ClientBodyError      the client's request body was at fault; answered with ``status``
+│   ├── MalformedBodyError     llhttp rejected the body mid-stream  -> 400
+│   ├── BodyTooLargeError      past max_body_size                   -> 413
+│   └── BodyTimeoutError       no body bytes for body_timeout       -> 408
 └── UpstreamError        the fronted backend failed; mapped to 502/504 by responses.py
     ├── UpstreamConnectError   refused / unreachable            -> 502, kind="connect"
     ├── UpstreamTimeoutError   silent past read_timeout         -> 504, kind="timeout"
@@ -12,11 +16,16 @@ GatewayError
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 __all__ = [
+    "BodyTimeoutError",
+    "BodyTooLargeError",
+    "ClientBodyError",
     "ConfigError",
     "ConfigProblem",
     "GatewayError",
+    "MalformedBodyError",
     "StorageError",
     "UpstreamConnectError",
     "UpstreamError",
@@ -55,23 +64,61 @@ class StorageError(GatewayError):
     """The shared bucket store failed (timeout, refused, breaker open)."""
 
 
+class ClientBodyError(GatewayError):
+    """The client's request body was at fault; answered with ``status``,
+    counted in gateway_rejected_requests_total by ``reason``."""
+
+    status: ClassVar[int] = 400
+    reason: ClassVar[str] = "bad_request"
+
+
+class MalformedBodyError(ClientBodyError):
+    """llhttp rejected the body after forwarding had started (a bad chunk)."""
+
+
+class BodyTooLargeError(ClientBodyError):
+    """The body passed ``max_body_size`` while it streamed."""
+
+    status: ClassVar[int] = 413
+    reason: ClassVar[str] = "body_too_large"
+
+    def __init__(self, max_body_size: int) -> None:
+        super().__init__(f"request bodies are limited to {max_body_size} bytes")
+
+
+class BodyTimeoutError(ClientBodyError):
+    """No body bytes for ``server.body_timeout``."""
+
+    status: ClassVar[int] = 408
+    reason: ClassVar[str] = "body_timeout"
+
+    def __init__(self, body_timeout_seconds: float) -> None:
+        super().__init__(f"no request body data for {body_timeout_seconds:g}s")
+
+
 class UpstreamError(GatewayError):
     """The fronted backend failed. ``kind`` is the metric label."""
 
-    kind = "connect"
-    status = 502
+    kind: ClassVar[str] = "connect"
+    status: ClassVar[int] = 502
 
 
 class UpstreamConnectError(UpstreamError):
-    kind = "connect"
-    status = 502
+    """Refused or unreachable."""
+
+    kind: ClassVar[str] = "connect"
+    status: ClassVar[int] = 502
 
 
 class UpstreamTimeoutError(UpstreamError):
-    kind = "timeout"
-    status = 504
+    """Silent past ``read_timeout``."""
+
+    kind: ClassVar[str] = "timeout"
+    status: ClassVar[int] = 504
 
 
 class UpstreamResetError(UpstreamError):
-    kind = "reset"
-    status = 502
+    """Closed or broke mid-exchange."""
+
+    kind: ClassVar[str] = "reset"
+    status: ClassVar[int] = 502

@@ -29,50 +29,41 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import httptools
 from multidict import CIMultiDict
 
 from gateway.config.model import ServerConfig
-from gateway.upstream_pool import LEAN_METHODS
+from gateway.core import RequestHead
+from gateway.upstream_pool import PLAIN_METHODS
 
-if TYPE_CHECKING:
-    from gateway.connection import GuardedServer
-
-__all__ = ["PENDING", "FrontConnection", "InFlight", "PlainOutcome", "PlainRequest"]
+__all__ = ["PENDING", "Acceptor", "FrontConnection", "InFlight", "PlainHandler", "PlainOutcome"]
 
 log = logging.getLogger("gateway.connection")
 
-# Plain requests go upstream through the lean pool: the methods it sends.
-_PLAIN_METHODS: Final = frozenset(method.encode() for method in LEAN_METHODS)
+# Plain requests go upstream through the plain pool: the methods it sends.
+_PLAIN_METHODS: Final = frozenset(method.encode() for method in PLAIN_METHODS)
 _LONE_CR: Final = re.compile(rb"\r[^\n]")
 # Bytes read ahead (pipelined requests) while a request is served, before
 # the socket stops being read.
 PIPELINE_BUFFER_BYTES: Final = 64 * 1024
 
 
-class PlainRequest:
-    """A parsed plain request: what the handler needs, nothing more."""
+class Acceptor(Protocol):
+    """The server a connection belongs to (connection.GuardedServer)."""
 
-    __slots__ = ("headers", "http10", "keep_alive", "method", "peer", "target")
+    def connection_made(self, conn: Any, transport: asyncio.Transport) -> None:
+        """Count ``conn`` among the connections a drain closes and waits for."""
+        ...
 
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        *,
-        http10: bool,
-        keep_alive: bool,
-        peer: str,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.headers = headers
-        self.http10 = http10
-        self.keep_alive = keep_alive
-        self.peer = peer
+    def forget(self, conn: Any) -> None:
+        """``conn`` no longer needs a drain to wait for it."""
+        ...
+
+    def make_handler(self, header_deadline_at: float) -> asyncio.Protocol:
+        """aiohttp's handler, to hand the connection to."""
+        ...
 
 
 class InFlight(Protocol):
@@ -91,13 +82,16 @@ PENDING: Final = _Pending()
 # Serving one plain request: True/False when it was answered at once (may the
 # connection stay open?), the coroutine that answers it, or PENDING.
 PlainOutcome = bool | Coroutine[Any, Any, bool] | _Pending
-PlainHandler = Callable[["FrontConnection", PlainRequest], PlainOutcome]
+PlainHandler = Callable[["FrontConnection", RequestHead], PlainOutcome]
 
 
 class FrontConnection(asyncio.Protocol):
+    """One client connection while it sends plain requests; also the
+    ``relay.Downstream`` their answers are written to."""
+
     def __init__(
         self,
-        server: GuardedServer,
+        server: Acceptor,
         handle: PlainHandler,
         limits: ServerConfig,
         on_rejected: Callable[[str], None],
@@ -120,7 +114,7 @@ class FrontConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._request: PlainRequest  # the one being served while _busy
+        self._request: RequestHead  # the one being served while _busy
         self._in_flight: InFlight | None = None
         self._served: asyncio.Future[None] | None = None
         # One timer: the first head's deadline, then the keep-alive idle
@@ -147,7 +141,7 @@ class FrontConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0])
-        self._server.connection_made(self, self.transport)  # type: ignore[arg-type]
+        self._server.connection_made(self, self.transport)
         self._arm(self._loop.time() + self._limits.header_timeout_seconds)
 
     def data_received(self, data: bytes) -> None:
@@ -174,7 +168,7 @@ class FrontConnection(asyncio.Protocol):
         if not self._busy:
             # A request still being answered keeps us in the server's
             # connections, so a drain waits for it (``finish`` pops us).
-            self._server._connections.pop(self, None)  # type: ignore[call-overload]
+            self._server.forget(self)
         self._wake_writer()
 
     def pause_writing(self) -> None:
@@ -248,7 +242,7 @@ class FrontConnection(asyncio.Protocol):
             if outcome is not PENDING:
                 self.continue_with(cast(Coroutine[Any, Any, bool], outcome))
 
-    def _parse(self) -> PlainRequest | None:
+    def _parse(self) -> RequestHead | None:
         """The next plain request, or None: its head is incomplete, or it is
         not plain and the connection was handed to aiohttp."""
         buffer = self._buffer
@@ -309,13 +303,13 @@ class FrontConnection(asyncio.Protocol):
             self._buffer = bytearray(buffer)
             del self._buffer[:head_length]
         self._requests += 1
-        return PlainRequest(
+        return RequestHead(
             method.decode(),
             self._url.decode("utf-8", "surrogateescape"),
             headers,
+            peer=self.peer,
             http10=self._http10,
             keep_alive=self._keep_alive,
-            peer=self.peer,
         )
 
     def track(self, in_flight: InFlight) -> None:
@@ -356,7 +350,7 @@ class FrontConnection(asyncio.Protocol):
         self._busy = False
         self._in_flight = None
         if self._lost:
-            self._server._connections.pop(self, None)  # type: ignore[call-overload]
+            self._server.forget(self)
         served = self._served
         if served is not None and not served.done():
             served.set_result(None)
@@ -381,7 +375,7 @@ class FrontConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._server._connections.pop(self, None)  # type: ignore[call-overload]
+        self._server.forget(self)
         # The head being read gets what is left of the first head's deadline,
         # or a fresh one after served requests.
         if self._requests:

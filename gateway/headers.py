@@ -8,7 +8,6 @@ connection, not the message, so they are never forwarded either way.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Final
 
 from multidict import CIMultiDict, MultiMapping
@@ -20,7 +19,7 @@ __all__ = [
     "OUR_RESPONSE_FIELDS",
     "OUR_UNLIMITED_RESPONSE_FIELDS",
     "VIA",
-    "downstream_response_headers",
+    "field_pairs",
     "forwarded_for",
     "rate_limit_fields",
     "rate_limit_headers",
@@ -104,25 +103,6 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(
-    upstream: MultiMapping[str], ours: Iterable[tuple[str, str]] = ()
-) -> CIMultiDict[str]:
-    """The upstream's response headers minus hop-by-hop fields and framing
-    (Content-Length is set by the relay only when it is safe; copying it beside
-    a chunked body is the CL+TE desync aiohttp does not guard against), plus
-    ``ours`` (rate-limit headers, X-Request-ID), which replace the upstream's."""
-    named = _connection_tokens(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower == "content-length" or lower in named:
-            continue
-        out.add(name, value)
-    for name, value in ours:  # ours win over an upstream's own copies
-        out[name] = value
-    return out
-
-
 # The lower-case names of the fields we add to a relayed response: the
 # rate-limit fields (when the route is limited) and X-Request-ID.
 OUR_RESPONSE_FIELDS: Final = frozenset(
@@ -143,10 +123,16 @@ def rate_limit_fields(decision: Decision) -> bytes:
     return limit.fields_template % (remaining, reset, remaining, reset)
 
 
-def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
-    """The same fields as (name, value) pairs, for aiohttp's response objects."""
+def field_pairs(lines: bytes) -> list[tuple[str, str]]:
+    """Header lines (as ``rate_limit_fields`` makes them) as (name, value)
+    pairs; values decoded as aiohttp decodes them."""
     pairs = []
-    for line in rate_limit_fields(decision).splitlines():
-        name, _, value = line.decode("ascii").partition(": ")
+    for line in lines.splitlines():
+        name, _, value = line.decode("utf-8", "surrogateescape").partition(": ")
         pairs.append((name, value))
     return pairs
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
+    """The rate-limit fields as (name, value) pairs."""
+    return field_pairs(rate_limit_fields(decision))

@@ -6,19 +6,15 @@ answer. So heads are built here, by one serialiser (``response_head``):
 the upstream's as relayed, straight from the header bytes llhttp gave us,
 and our own answers (``whole_response``: 502s, 504s and the like; the 429 has
 its own template in responses.py). A complete small response goes to the
-transport in one write. On aiohttp's path, ``write_prepared`` returns a response object that
-tells aiohttp's request loop the answer is sent and whether the connection
-stays open; the plain path (front.py) writes to its connection directly.
+transport in one write, on either path (relay.Downstream).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from email.utils import formatdate
 from typing import Final
-
-from aiohttp import web
 
 from gateway.headers import HOP_BY_HOP
 
@@ -29,7 +25,6 @@ __all__ = [
     "field_lines",
     "response_head",
     "whole_response",
-    "write_prepared",
 ]
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
@@ -59,30 +54,6 @@ def connection_field(keep_alive: bool, http10: bool) -> bytes:
     if http10:
         return b"Connection: keep-alive\r\n"
     return b""
-
-
-class _SentResponse(web.StreamResponse):
-    """A response already on the wire: aiohttp's prepare/write_eof are no-ops
-    (``_eof_sent``), and ``keep_alive`` decides whether the connection is
-    reused."""
-
-    def __init__(self, status: int, reason: str, body_length: int, keep_alive: bool) -> None:
-        super().__init__(status=status, reason=reason)
-        self._eof_sent = True
-        self._keep_alive = keep_alive
-        self._body_length = body_length
-
-
-def write_prepared(
-    request: web.BaseRequest, data: bytes, status: int, reason: str, body_length: int
-) -> web.StreamResponse:
-    """Write a whole response already serialised, and tell aiohttp's request
-    loop it is sent."""
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("the client closed the connection")
-    transport.write(data)
-    return _SentResponse(status, reason, body_length, request.keep_alive)
 
 
 def whole_response(
@@ -116,7 +87,7 @@ _NOT_RELAYED: Final = frozenset(name.encode() for name in (*HOP_BY_HOP, "content
 def response_head(
     status: int,
     reason: bytes,
-    upstream: list[tuple[bytes, bytes]],
+    upstream: Sequence[tuple[bytes, bytes]],
     ours: bytes,
     *,
     replaced: frozenset[bytes],
@@ -125,13 +96,15 @@ def response_head(
     keep_alive: bool,
     http10: bool,
 ) -> bytes:
-    """A response head as the client gets it: the ``upstream`` fields as
-    received (none for our own answers), by ``headers.downstream_response_headers``'s
-    rules (hop-by-hop and framing fields and any field named in Connection
-    dropped; ``ours`` replace the upstream's copies) without decoding them
-    into a multidict and back; then ``ours`` (header lines, each ending in
-    CRLF: ``field_lines``; ``replaced``: their lower-case names), Date when
-    the upstream sent none, the framing asked for, and Connection."""
+    """A response head as the client gets it, the one response-field filter
+    of both paths: the ``upstream`` fields as received (none for our own
+    answers) minus hop-by-hop fields (headers.HOP_BY_HOP), framing
+    (Content-Length is set here only when it is safe: copying it beside a
+    chunked body is the CL+TE desync), any field named in Connection, and
+    the upstream's copies of ``ours``; then ``ours`` (header lines, each
+    ending in CRLF: ``field_lines``; ``replaced``: their lower-case names),
+    Date when the upstream sent none, the framing asked for, and
+    Connection."""
     lines = [b"HTTP/1.1 %d %s" % (status, reason)]
     has_date = False
     connection: list[bytes] = []

@@ -1,9 +1,8 @@
 """⑤ The answers the gateway makes itself. Short JSON, never a traceback.
 
-Each is an ``Answer`` (status, headers, body) that either listener writes:
-the plain path serialises it with ``raw_response.whole_response``, the aiohttp
-path turns it into a ``web.Response`` (``to_aiohttp``). The 429 is the
-exception: bytes from one template, written as they are by both paths.
+Each is an ``Answer`` (status, headers, body) that the core serialises with
+``raw_response.whole_response`` (core.RequestCore.own_answer) for either
+path. The 429 is the exception: bytes from one template.
 """
 
 from __future__ import annotations
@@ -13,14 +12,12 @@ import math
 from http import HTTPStatus
 from typing import Final
 
-from aiohttp import web
-
 from gateway.errors import UpstreamError
 from gateway.headers import rate_limit_fields
 from gateway.limiting.limiter import Decision
 from gateway.raw_response import connection_field, date_header
 
-__all__ = ["Answer", "error_answer", "rate_limited", "to_aiohttp", "upstream_failed"]
+__all__ = ["Answer", "error_answer", "rate_limited", "upstream_failed"]
 
 _JSON: Final = "application/json; charset=utf-8"
 
@@ -30,6 +27,8 @@ _PHRASES: Final = {status.value: status.phrase for status in HTTPStatus}
 
 
 class Answer:
+    """One of our answers: status, reason phrase, fields and a short body."""
+
     __slots__ = ("body", "headers", "reason", "status")
 
     def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
@@ -84,12 +83,6 @@ def upstream_failed(error: UpstreamError) -> Answer:
 
 
 def error_answer(status: int, error: str, detail: str) -> Answer:
+    """A JSON body naming the error and a detail."""
     body = json.dumps({"error": error, "detail": detail}).encode()
     return Answer(status, [("Content-Type", _JSON)], body)
-
-
-def to_aiohttp(answer: Answer) -> web.Response:
-    response = web.Response(status=answer.status, body=answer.body)
-    for name, value in answer.headers:
-        response.headers.add(name, value)
-    return response

@@ -25,14 +25,15 @@ from prometheus_client import CollectorRegistry, Counter
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
 from gateway.config import GatewayConfig, load_config
-from gateway.connection import GuardedServer
+from gateway.connection import GuardedServer, bound_port
+from gateway.core import RequestCore, Snapshot
 from gateway.errors import ConfigError
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.redis_store import RedisStore
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketSnapshot, BucketStore
 from gateway.metrics import Metrics
-from gateway.proxy_app import Gateway, Snapshot
+from gateway.proxy_app import ProxyHandlers
 from gateway.upstream import Upstream
 
 __all__ = ["Server", "bound_port", "load_for_reload", "settle_heap"]
@@ -84,15 +85,13 @@ class Server:
         )
         self.metrics.track(self.metrics.access_log_queue_depth, self.access_log.depth)
         # Read at scrape time: no gauge operation on the request path.
-        self.metrics.track(self.metrics.inflight, lambda: self.gateway.inflight)
+        self.metrics.track(self.metrics.inflight, lambda: self.core.inflight)
         self.clock.on_second(self.metrics.refresh)
         self.upstream = Upstream(config.upstream, config.server)
-        self.gateway = Gateway(
-            Snapshot(config, self.clock, self.store),
-            self.upstream,
-            self.metrics,
-            self.access_log,
+        self.core = RequestCore(
+            Snapshot(config, self.clock, self.store), self.metrics, self.access_log
         )
+        self.handlers = ProxyHandlers(self.core, self.upstream)
         self.draining = False
         self._stop = asyncio.Event()
         self._proxy_runner: web.ServerRunner | None = None
@@ -107,7 +106,7 @@ class Server:
         return self.metrics.registry
 
     async def client_buckets(self, client: str) -> list[BucketSnapshot]:
-        return await self.gateway.snapshot.limiter.client_buckets(client)
+        return await self.core.snapshot.limiter.client_buckets(client)
 
     def background_parts(self) -> dict[str, Callable[[], bool]]:
         return {
@@ -133,8 +132,8 @@ class Server:
         await self.upstream.start()
         limits = config.server
         proxy = GuardedServer(
-            self.gateway.handle,
-            handle_plain=self.gateway.serve_plain,
+            self.handlers.handle,
+            handle_plain=self.handlers.serve_plain,
             limits=limits,
             on_rejected=self.metrics.count_rejected,
             access_log=None,
@@ -253,7 +252,7 @@ class Server:
             log.warning("reload: upstream changed; it takes effect after a restart")
         self.memory_store.max_tracked = new.clients.max_tracked
         self.memory_store.idle_timeout_seconds = new.clients.idle_timeout_seconds
-        self.gateway.snapshot = Snapshot(new, self.clock, self.store)
+        self.core.snapshot = Snapshot(new, self.clock, self.store)
         self.config = new
         settle_heap()
         if self._serve_admin:
@@ -287,9 +286,3 @@ def settle_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-
-
-def bound_port(site: web.BaseSite) -> int:
-    # asyncio.Server and uvloop's Server both expose .sockets
-    sockets: list[socket.socket] = getattr(site._server, "sockets", [])
-    return int(sockets[0].getsockname()[1])

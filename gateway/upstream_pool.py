@@ -1,4 +1,4 @@
-"""④ A lean pooled HTTP/1.1 client for the common request: GET/OPTIONS, no body.
+"""④ A pooled HTTP/1.1 client for the common request: GET/OPTIONS, no body.
 
 Profiling the proxy (README, "Speed") put 60 % of a proxied request's time in
 aiohttp's ClientSession: request objects, header merging, timers, and a
@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Final, cast
 from urllib.parse import urlsplit
 
 import httptools
+from multidict import CIMultiDict
 
 from gateway.errors import (
     UpstreamConnectError,
@@ -34,15 +35,15 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 
-__all__ = ["LEAN_METHODS", "Exchange", "UpstreamPool"]
+__all__ = ["PLAIN_METHODS", "UpstreamConnection", "UpstreamPool"]
 
-LEAN_METHODS: Final = frozenset({"GET", "OPTIONS"})
+PLAIN_METHODS: Final = frozenset({"GET", "OPTIONS"})
 IDLE_SECONDS: Final = 4.0
 # Body bytes buffered from the upstream before its socket is paused.
 HIGH_WATER_BYTES: Final = 256 * 1024
 
 
-class Exchange(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol):
     """One upstream connection, and the response being read on it."""
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -67,7 +68,7 @@ class Exchange(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._headers_done: asyncio.Future[None] | None = None
-        self._on_head: Callable[[Exchange], None] | None = None
+        self._on_head: Callable[[UpstreamConnection], None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         # The read timeout: one timer, re-armed lazily when it fires early,
         # instead of a call_at and a cancel per response.
@@ -216,7 +217,7 @@ class Exchange(asyncio.Protocol):
         self._begin(head)
         return self._headers_done
 
-    def send(self, head: bytes, on_head: Callable[[Exchange], None]) -> None:
+    def send(self, head: bytes, on_head: Callable[[UpstreamConnection], None]) -> None:
         """Send a request head; ``on_head(self)`` is called once, when the
         response head arrived (with as much of the body as came with it) or
         ``error`` is set. No future, no task: the plain path's callback."""
@@ -275,6 +276,9 @@ class Exchange(asyncio.Protocol):
 
 
 class UpstreamPool:
+    """Kept-alive connections to one upstream server, at most
+    ``max_connections`` held at once."""
+
     def __init__(
         self,
         url: str,
@@ -288,9 +292,10 @@ class UpstreamPool:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = parts.scheme == "https"
         self.path_prefix = parts.path.rstrip("/")
+        self._default_host = parts.netloc
         self.read_timeout = read_timeout
         self._connect_timeout = connect_timeout
-        self._idle: list[Exchange] = []
+        self._idle: list[UpstreamConnection] = []
         # Connection slots: a counter and a FIFO of waiters rather than an
         # asyncio.Semaphore, so ``try_send`` can take one without awaiting.
         self._max_connections = max_connections
@@ -326,35 +331,39 @@ class UpstreamPool:
                 return
         self._free_slots += 1
 
-    def try_send(self, head: bytes, on_head: Callable[[Exchange], None]) -> Exchange | None:
+    def try_send(
+        self, head: bytes, on_head: Callable[[UpstreamConnection], None]
+    ) -> UpstreamConnection | None:
         """Send ``head`` at once on an idle kept-alive connection (see
-        ``Exchange.send``); None when no slot is free or none is idle, and
+        ``UpstreamConnection.send``); None when no slot is free or none is idle, and
         the caller goes through ``open``. The caller holds a slot until
         ``release``."""
         if self._free_slots == 0 or self._slot_waiters:
             return None
-        exchange = self._reuse()
-        if exchange is None:
+        conn = self._reuse()
+        if conn is None:
             return None
         self._free_slots -= 1
-        exchange.send(head, on_head)
-        return exchange
+        conn.send(head, on_head)
+        return conn
 
-    def request_head(
-        self, method: str, target: str, headers: Iterable[tuple[str, str]]
-    ) -> bytes:
+    def request_head(self, method: str, target: str, headers: CIMultiDict[str]) -> bytes:
+        """The request head to send: the upstream's own host when the
+        client's Host is not forwarded."""
         lines = [f"{method} {self.path_prefix}{target} HTTP/1.1"]
-        lines += [f"{name}: {value}" for name, value in headers]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if "Host" not in headers:
+            lines.append(f"Host: {self._default_host}")
         lines.append("\r\n")
         # Values were decoded as aiohttp does (UTF-8, surrogateescape): the
         # upstream gets the client's bytes back unchanged.
         return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
-    async def _connect(self) -> Exchange:
+    async def _connect(self) -> UpstreamConnection:
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, exchange = await self.loop.create_connection(
-                    lambda: Exchange(self), self.host, self.port, ssl=self.ssl or None
+                _, conn = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl or None
                 )
         except TimeoutError:
             raise UpstreamConnectError(
@@ -362,55 +371,55 @@ class UpstreamPool:
             ) from None
         except OSError as exc:
             raise UpstreamConnectError(f"cannot connect to upstream: {exc}") from None
-        return exchange
+        return conn
 
-    def _reuse(self) -> Exchange | None:
+    def _reuse(self) -> UpstreamConnection | None:
         now = time.monotonic()
         while self._idle:
-            exchange = self._idle.pop()
-            if not exchange.closed and now - exchange.idle_since < IDLE_SECONDS:
-                return exchange
-            exchange.close()
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+                return conn
+            conn.close()
         return None
 
-    async def open(self, head: bytes) -> Exchange:
+    async def open(self, head: bytes) -> UpstreamConnection:
         """Send ``head`` and wait for the response head. The caller holds a
         slot until ``release``. Raises UpstreamError when no response head
         arrived."""
         await self._acquire_slot()
-        exchange: Exchange | None = None
+        conn: UpstreamConnection | None = None
         try:
-            exchange = self._reuse()
-            if exchange is not None:
-                await exchange.start(head)
-                if exchange.error is None:
-                    return exchange
-                if exchange.got_bytes or not isinstance(exchange.error, UpstreamResetError):
-                    raise exchange.error
+            conn = self._reuse()
+            if conn is not None:
+                await conn.start(head)
+                if conn.error is None:
+                    return conn
+                if conn.got_bytes or not isinstance(conn.error, UpstreamResetError):
+                    raise conn.error
                 # Closed by the upstream while idle: retry once, fresh.
-            exchange = await self._connect()
-            await exchange.start(head)
-            if exchange.error is not None:
-                raise exchange.error
-            return exchange
+            conn = await self._connect()
+            await conn.start(head)
+            if conn.error is not None:
+                raise conn.error
+            return conn
         except BaseException:
-            if exchange is not None:
-                exchange.close()
+            if conn is not None:
+                conn.close()
             self._release_slot()
             raise
 
-    def release(self, exchange: Exchange) -> None:
+    def release(self, conn: UpstreamConnection) -> None:
         """Give the connection back (kept alive when the response was read to
         its end) and free the slot."""
-        exchange._stop_read_timer()
-        if exchange.reusable:
-            exchange.idle_since = time.monotonic()
-            self._idle.append(exchange)
+        conn._stop_read_timer()
+        if conn.reusable:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
         else:
-            exchange.close()
+            conn.close()
         self._release_slot()
 
     def close(self) -> None:
-        for exchange in self._idle:
-            exchange.close()
+        for conn in self._idle:
+            conn.close()
         self._idle.clear()

@@ -12,10 +12,11 @@ from typing import Final
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
+from gateway.core import Call, Forward
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeoutError
-from gateway.upstream import Relay, Upstream
+from gateway.upstream import Upstream
 
 __all__ = ["is_websocket_upgrade", "proxy_websocket"]
 
@@ -63,15 +64,12 @@ async def _pump(
 
 
 async def proxy_websocket(
-    request: web.BaseRequest,
-    upstream: Upstream,
-    target: str,
-    headers: CIMultiDict[str],
-    extra_response_headers: list[tuple[str, str]],
-    relay: Relay,
-) -> None:
+    request: web.BaseRequest, upstream: Upstream, forward: Forward, call: Call
+) -> web.StreamResponse | None:
     """Connect upstream first, then accept the client, so a refused upstream
-    is a plain 502 (``relay.error`` set, ``relay.response`` None)."""
+    is a plain 502 (``call.error`` set, None returned). Returns the response
+    aiohttp's request loop finishes."""
+    headers = forward.headers
     for name in _HANDSHAKE_HEADERS:
         headers.popall(name, None)
     protocols = tuple(
@@ -81,7 +79,7 @@ async def proxy_websocket(
     )
     try:
         upstream_ws = await upstream.session.ws_connect(
-            upstream.url_for(target),
+            upstream.url_for(forward.target),
             headers=headers,
             protocols=protocols,
             autoclose=False,
@@ -89,17 +87,17 @@ async def proxy_websocket(
             max_msg_size=0,
         )
     except aiohttp.WSServerHandshakeError as exc:
-        relay.error = UpstreamError(f"upstream refused the upgrade: {exc.status}")
-        return
+        call.error = UpstreamError(f"upstream refused the upgrade: {exc.status}")
+        return None
     except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-        relay.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
-        return
+        call.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
+        return None
     except (aiohttp.SocketTimeoutError, TimeoutError):
-        relay.error = UpstreamTimeoutError("no upgrade response from upstream")
-        return
+        call.error = UpstreamTimeoutError("no upgrade response from upstream")
+        return None
     except aiohttp.ClientError as exc:
-        relay.error = UpstreamError(f"upstream upgrade failed: {exc}")
-        return
+        call.error = UpstreamError(f"upstream upgrade failed: {exc}")
+        return None
     async with upstream_ws:
         response = web.WebSocketResponse(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
@@ -107,11 +105,11 @@ async def proxy_websocket(
             autoping=False,
             max_msg_size=0,
         )
-        for name, value in extra_response_headers:
+        for name, value in forward.ours.pairs():
             response.headers[name] = value
         await response.prepare(request)
-        relay.status = 101
-        relay.response = response
+        call.status = 101
+        call.response_started = True
         to_upstream = asyncio.create_task(_pump(response, upstream_ws))
         to_client = asyncio.create_task(_pump(upstream_ws, response))
         try:
@@ -122,3 +120,4 @@ async def proxy_websocket(
             await asyncio.gather(to_upstream, to_client, return_exceptions=True)
         if not response.closed:
             await response.close()
+    return response

@@ -372,7 +372,7 @@ def count_forwards(gw: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> Forwa
 async def wait_idle(gw: RunningGateway) -> None:
     """Until the gateway has finished every request it accepted."""
     async with asyncio.timeout(GUARD_SECONDS):
-        await gw.server.gateway.idle.wait()
+        await gw.server.core.idle.wait()
 
 
 # --------------------------------------------------------------------------- `gateway run`

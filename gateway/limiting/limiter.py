@@ -14,8 +14,8 @@ from typing import Final
 from gateway.config.model import GatewayConfig
 from gateway.limiting.policy import Limit
 from gateway.limiting.refill_clock import RefillClock
+from gateway.limiting.routes import Route, RouteTable
 from gateway.limiting.store import BucketSnapshot, BucketStore, TakeResult
-from gateway.routes import Route, RouteTable
 
 __all__ = ["ALLOWED", "DENIED", "SHADOW_DENIED", "UNLIMITED", "Decision", "Limiter"]
 

@@ -215,7 +215,7 @@ async def test_drain_waits_for_a_plain_get_whose_client_already_left(
             )
             await asyncio.sleep(0)  # its connection_lost, scheduled by the close
             assert_upstream_saw(backend, warm)
-            gateway = gw.server.gateway
+            gateway = gw.server.core
             pool = gw.server.upstream._pool
             assert pool is not None
             assert (gateway.inflight, pool.in_use) == (1, 1)
@@ -248,7 +248,7 @@ async def test_drain_timeout_cuts_a_held_plain_get_and_cleans_up_after_it(
         gw = await start_gateway(
             upstream_url=url, drain_timeout="300ms", clients={"max_concurrent": 2}
         )
-        gateway = gw.server.gateway
+        gateway = gw.server.core
         with loop_errors() as errors:
             await warm_up(gw, warm)
             async with raw_connection(gw) as (reader, writer):

@@ -459,7 +459,7 @@ async def test_a_reload_lets_the_old_snapshot_go(
     finishes, even if that request was in flight during the reload."""
     gw = await start_gateway()
     forwards = count_forwards(gw, monkeypatch)
-    replaced = weakref.ref(gw.server.gateway.snapshot.identifier)
+    replaced = weakref.ref(gw.server.core.snapshot.identifier)
     slow = asyncio.create_task(fetch(http, gw.url + "/slow?delay=0.3"))
     await forwards.wait_for(1)
     gw.server.apply(gw.server.config)

@@ -1,0 +1,427 @@
+"""The request core: every rule a request meets, written once, with no I/O.
+
+Both request paths are thin shells over this module (proxy_app.py): front.py's
+plain requests, answered from callbacks, and the requests aiohttp's server
+parsed. As h11 is a state machine its callers feed, the core takes what a
+shell parsed (a ``RequestHead``) and says what to do; the shell does the I/O
+and hands the result back for the close:
+
+    open(head) -> Call              ① identify, request id; ② route
+    enter(call) -> Answer | None    the client's in-flight slot (max_concurrent)
+    decide_now(call) -> Verdict     ③ decided and counted once; None when the
+    settle(call, decision)             store needs I/O: the shell awaits
+                                       ``limiter.decide`` and calls ``settle``
+        Deny       the 429, as bytes ready to write
+        Refuse     one of our answers (413, 400, 405)
+        Forward    the target, the upstream request fields, our response fields
+    own_answer(call, answer)        ⑤ our answers carry our fields, as bytes
+    failed(call)                    an upstream that failed before answering: 502/504
+    close(call)                     free the slot; ⑥ metrics and the access record
+
+Nothing here awaits, opens a socket or imports aiohttp: the core is tested
+without sockets (tests/unit/test_request_core.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from typing import Final
+from urllib.parse import urlsplit
+
+from multidict import CIMultiDict, MultiMapping
+from yarl import URL
+
+from gateway.access_log import AccessLog
+from gateway.clients import ClientIdentifier
+from gateway.config.model import GatewayConfig
+from gateway.errors import UpstreamError
+from gateway.headers import (
+    OUR_RESPONSE_FIELDS,
+    OUR_UNLIMITED_RESPONSE_FIELDS,
+    field_pairs,
+    forwarded_for,
+    rate_limit_fields,
+    upstream_request_headers,
+)
+from gateway.limiting.limiter import DENIED, Decision, Limiter
+from gateway.limiting.refill_clock import RefillClock
+from gateway.limiting.routes import Route
+from gateway.limiting.store import BucketStore
+from gateway.metrics import Metrics
+from gateway.raw_response import whole_response
+from gateway.responses import Answer, error_answer, rate_limited, upstream_failed
+
+__all__ = [
+    "CLIENT_CLOSED_STATUS",
+    "Call",
+    "Deny",
+    "Forward",
+    "Ours",
+    "Outcome",
+    "Refuse",
+    "RequestCore",
+    "RequestHead",
+    "Snapshot",
+    "Verdict",
+    "decoded_path",
+    "origin_form",
+]
+
+# nginx's $status for "client closed the connection before we answered".
+CLIENT_CLOSED_STATUS: Final = 499
+_CONCURRENCY_DENIED: Final = Decision(DENIED, None, 0, 1.0, 1.0)
+
+
+class RequestHead:
+    """What a shell parsed of one request: the core's only input.
+
+    ``target`` is the request target as received; ``headers`` decoded as
+    aiohttp decodes them (UTF-8 with surrogateescape), on both paths, so a
+    client is identified and logged alike whichever path served it.
+    ``content_length`` is None without a body or with a chunked one."""
+
+    __slots__ = ("content_length", "headers", "http10", "keep_alive", "method", "peer",
+                 "scheme", "target")  # fmt: skip
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: MultiMapping[str],
+        *,
+        peer: str,
+        http10: bool,
+        keep_alive: bool,
+        scheme: str = "http",
+        content_length: int | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.peer = peer
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self.scheme = scheme
+        self.content_length = content_length
+
+
+def origin_form(method: str, target: str) -> str | None:
+    """The path and query to send upstream, byte for byte. An absolute-form
+    target (``GET http://host/x``, RFC 9112 section 3.2.2) is accepted but
+    only its path and query are used: the gateway proxies to its configured
+    upstream and nowhere else. CONNECT and ``*`` have no meaning here (None)."""
+    if target.startswith("/"):
+        return target
+    if method == "CONNECT" or "://" not in target:
+        return None
+    parts = urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https"):
+        return None
+    path = parts.path or "/"
+    return f"{path}?{parts.query}" if parts.query else path
+
+
+def decoded_path(target: str) -> str:
+    """The path of a target without query and fragment, percent-decoded as
+    aiohttp's ``request.path`` is: routes match on it."""
+    path = target.partition("?")[0].partition("#")[0]
+    if "%" not in path:
+        return path
+    return URL(path, encoded=True).path
+
+
+class Snapshot:
+    """Everything derived from one config. Immutable once built; a reload
+    builds a new one and swaps the reference, so a request that started
+    under the old config finishes under it."""
+
+    __slots__ = ("config", "identifier", "limiter")
+
+    def __init__(self, config: GatewayConfig, clock: RefillClock, store: BucketStore) -> None:
+        self.config = config
+        self.limiter = Limiter(config, clock, store)
+        self.identifier = ClientIdentifier(config.clients)
+
+
+class Ours:
+    """The fields we add to a relayed response: the rate-limit fields (on a
+    limited route) and X-Request-ID, as header lines ready to write, and the
+    lower-case names an upstream's own copies are dropped by."""
+
+    __slots__ = ("fields", "replaced")
+
+    def __init__(self, fields: bytes, replaced: frozenset[bytes]) -> None:
+        self.fields = fields
+        self.replaced = replaced
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The same fields as (name, value) pairs (a WebSocket handshake)."""
+        return field_pairs(self.fields)
+
+
+class Outcome:
+    """What answering one request produced, written by the shells and the
+    relay: the status sent, bytes each way, the upstream's time and failure."""
+
+    __slots__ = ("bytes_in", "bytes_out", "client_gone", "error", "response_started",
+                 "status", "upstream_seconds")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.status = 0
+        # True once the response head went to the client: a failure after
+        # that cannot be answered, only cut.
+        self.response_started = False
+        self.upstream_seconds: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.error: UpstreamError | None = None
+        self.client_gone = False
+
+
+class Call(Outcome):
+    """One request on either path, from ``open`` to ``close``."""
+
+    __slots__ = ("client", "closed", "decision", "head", "holds_slot", "request_id", "route",
+                 "snapshot", "started")  # fmt: skip
+
+    def __init__(
+        self, head: RequestHead, snapshot: Snapshot, route: Route, client: str, request_id: str
+    ) -> None:
+        super().__init__()
+        self.started = time.perf_counter()
+        self.head = head
+        self.snapshot = snapshot
+        self.route = route
+        self.client = client
+        self.request_id = request_id
+        self.holds_slot = False
+        self.decision: Decision | None = None
+        self.closed = False
+
+
+class Deny:
+    """Answer 429: ``data`` is the whole response."""
+
+    __slots__ = ("body_length", "data")
+
+    def __init__(self, data: bytes, body_length: int) -> None:
+        self.data = data
+        self.body_length = body_length
+
+
+class Refuse:
+    """Answer with one of ours instead of forwarding."""
+
+    __slots__ = ("answer",)
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+
+
+class Forward:
+    """Send upstream: ``target`` (origin-form), ``headers`` for the upstream,
+    ``ours`` for the response."""
+
+    __slots__ = ("headers", "ours", "target")
+
+    def __init__(self, target: str, headers: CIMultiDict[str], ours: Ours) -> None:
+        self.target = target
+        self.headers = headers
+        self.ours = ours
+
+
+Verdict = Deny | Refuse | Forward
+
+
+class RequestCore:
+    """The proxy's shared state (the current snapshot, requests in flight,
+    request ids) and the rules every request meets. Built by server.py."""
+
+    def __init__(self, snapshot: Snapshot, metrics: Metrics, access_log: AccessLog) -> None:
+        self.snapshot = snapshot
+        self.metrics = metrics
+        self.access_log = access_log
+        self.inflight = 0
+        self._inflight_by_client: dict[str, int] = {}
+        self.idle = asyncio.Event()
+        self.idle.set()
+        # Request ids: a random per-process prefix and a counter. Unique across
+        # processes and restarts without a getrandom() syscall per request
+        # (os.urandom showed up in the denied path's profile).
+        self._request_id_prefix = os.urandom(8).hex()
+        self._request_ids = itertools.count()
+
+    def open(self, head: RequestHead) -> Call:
+        """① Who is the client, and the request id; ② which route."""
+        snapshot = self.snapshot
+        target = origin_form(head.method, head.target)
+        route = snapshot.limiter.routes.match(
+            decoded_path(head.target if target is None else target)
+        )
+        headers = head.headers
+        identifier = snapshot.identifier
+        api_header = identifier.header
+        client = identifier.identify(
+            head.peer,
+            forwarded_for(headers),
+            headers.get(api_header) if api_header else None,
+        )
+        request_id = headers.get("X-Request-ID") or (
+            f"{self._request_id_prefix}{next(self._request_ids):016x}"
+        )
+        return Call(head, snapshot, route, client, request_id)
+
+    def enter(self, call: Call) -> Answer | None:
+        """Take the client's in-flight slot; the 429 to send when it is at
+        ``clients.max_concurrent``. The slot is taken before the limiter is
+        asked, so a burst cannot slip past the cap while a (redis) decision
+        is pending; a request refused for concurrency costs no token."""
+        max_concurrent = call.snapshot.config.clients.max_concurrent
+        if max_concurrent:
+            client = call.client
+            current = self._inflight_by_client.get(client, 0)
+            if current >= max_concurrent:
+                call.decision = _CONCURRENCY_DENIED
+                self.metrics.route(call.route.label).decisions[DENIED].inc()
+                self.metrics.count_rejected("concurrency")
+                answer = error_answer(
+                    429,
+                    "concurrency",
+                    f"at most {max_concurrent} requests in flight per client",
+                )
+                answer.headers.append(("Retry-After", "1"))
+                return answer
+            self._inflight_by_client[client] = current + 1
+        call.holds_slot = True
+        self.inflight += 1
+        self.idle.clear()
+        return None
+
+    def decide_now(self, call: Call) -> Verdict | None:
+        """③ Decide at once; None when the store needs I/O (redis): then the
+        shell awaits ``limiter.decide`` and calls ``settle``."""
+        decision = call.snapshot.limiter.decide_now(call.route, call.client)
+        if decision is None:
+            return None
+        return self.settle(call, decision)
+
+    def settle(self, call: Call, decision: Decision) -> Verdict:
+        """What to do now that ``decision`` is made (counted here, once)."""
+        call.decision = decision
+        self.metrics.route(call.route.label).decisions[decision.outcome].inc()
+        head = call.head
+        if decision.outcome is DENIED:
+            data, body_length = rate_limited(
+                decision, call.request_id, keep_alive=head.keep_alive, http10=head.http10,
+                head_only=head.method == "HEAD",
+            )  # fmt: skip
+            return Deny(data, body_length)
+        config = call.snapshot.config
+        max_body = config.max_body_size
+        if max_body and (head.content_length or 0) > max_body:
+            return self._refuse(
+                413, "body_too_large", f"request bodies are limited to {max_body} bytes"
+            )
+        target = origin_form(head.method, head.target)
+        if target is None:
+            return self._refuse(
+                405 if head.method == "CONNECT" else 400,
+                "bad_target",
+                "only origin-form and absolute-form targets are proxied",
+            )
+        peer = head.peer
+        upstream_headers = upstream_request_headers(
+            head.headers,
+            peer=peer,
+            scheme=head.scheme,
+            request_id=call.request_id,
+            peer_is_trusted=call.snapshot.identifier.is_trusted_peer(peer),
+            preserve_host=config.upstream.preserve_host,
+        )
+        fields = (
+            rate_limit_fields(decision)
+            + b"X-Request-ID: "
+            + call.request_id.encode("utf-8", "surrogateescape")
+            + b"\r\n"
+        )
+        replaced = (
+            OUR_RESPONSE_FIELDS if decision.limit is not None else OUR_UNLIMITED_RESPONSE_FIELDS
+        )
+        return Forward(target, upstream_headers, Ours(fields, replaced))
+
+    def _refuse(self, status: int, reason: str, detail: str) -> Refuse:
+        self.metrics.count_rejected(reason)
+        return Refuse(error_answer(status, reason, detail))
+
+    def refusal(self, status: int, reason: str, detail: str) -> Answer:
+        """One of our answers to a client at fault (counted by ``reason``)."""
+        self.metrics.count_rejected(reason)
+        return error_answer(status, reason, detail)
+
+    def failed(self, call: Call) -> Answer:
+        """502/504 for an upstream that failed before answering."""
+        assert call.error is not None
+        return upstream_failed(call.error)
+
+    def own_answer(self, call: Call, answer: Answer, *, keep_alive: bool = True) -> bytes:
+        """⑤ One of our answers as the bytes to write: an admitted request's
+        answer still carries the rate-limit fields (it cost a token), every
+        one carries X-Request-ID. Sets ``call.status``."""
+        decision = call.decision
+        fields = answer.headers
+        if (
+            decision is not None
+            and decision.limit is not None
+            and decision.outcome is not DENIED
+        ):
+            fields = fields + field_pairs(rate_limit_fields(decision))
+        fields = [*fields, ("X-Request-ID", call.request_id)]
+        head = call.head
+        call.status = answer.status
+        call.bytes_out = 0 if head.method == "HEAD" else len(answer.body)
+        return whole_response(
+            answer.status, answer.reason, fields, answer.body,
+            keep_alive=keep_alive and head.keep_alive, http10=head.http10,
+            head_only=head.method == "HEAD",
+        )  # fmt: skip
+
+    def close(self, call: Call) -> None:
+        """Free the client's in-flight slot; ⑥ count and log the request.
+        Idempotent: a drain that cut a request may close it first."""
+        if call.closed:
+            return
+        call.closed = True
+        if call.holds_slot:
+            call.holds_slot = False
+            max_concurrent = call.snapshot.config.clients.max_concurrent
+            if max_concurrent:
+                remaining = self._inflight_by_client.pop(call.client, 1) - 1
+                if remaining > 0:
+                    self._inflight_by_client[call.client] = remaining
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+        decision = call.decision
+        if decision is None:  # cut before it was decided: nothing to count
+            return
+        route_metrics = self.metrics.route(call.route.label)
+        if call.error is not None:
+            route_metrics.upstream_errors[call.error.kind].inc()
+        upstream_seconds = call.upstream_seconds
+        if upstream_seconds is not None:
+            route_metrics.upstream_duration.observe(upstream_seconds)
+        status = CLIENT_CLOSED_STATUS if call.client_gone else call.status
+        route_metrics.response(status).inc()
+        duration = time.perf_counter() - call.started
+        route_metrics.duration.observe(duration)
+        head = call.head
+        self.access_log.put((
+            time.time(), call.request_id, call.client, head.method, head.target,
+            route_metrics.label, decision.outcome, status,
+            decision.tokens_left if decision.limit is not None else None,
+            upstream_seconds * 1000 if upstream_seconds is not None else None,
+            duration * 1000, call.bytes_in, call.bytes_out,
+        ))  # fmt: skip
