@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
 import sys
 import tempfile
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
+from gateway.runtime import run_loop
 
 __all__ = ["main"]
 
 EXIT_CONFIG_INVALID = 2
-
-
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(main)
-        return
-    uvloop.run(main)
 
 
 def _print_problems(exc: ConfigError) -> int:

@@ -255,7 +255,7 @@ class Supervisor:
 def run_worker(config_path: str, fd: int, index: int, ready_fd: int | None = None) -> None:
     """The body of ``gateway worker``: serve the inherited socket until
     SIGTERM; exit when the supervisor is gone."""
-    from gateway.cli import run_loop
+    from gateway.runtime import run_loop
 
     config = load_config(config_path)
     listen_socket = socket.socket(fileno=fd)
