@@ -41,6 +41,8 @@ def _json(status: int, body: object) -> web.Response:
 
 
 def build_admin_app(server: AdminView) -> web.Application:
+    """The admin listener: /metrics, /healthz, /readyz, /admin/clients/{id}."""
+
     async def healthz(request: web.Request) -> web.Response:
         parts: dict[str, Callable[[], bool]] = server.background_parts()
         states = {name: "alive" if alive() else "dead" for name, alive in parts.items()}

@@ -100,6 +100,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: run, check, demo (and worker, for the supervisor)."""
     parser = argparse.ArgumentParser(
         prog="gateway", description="A rate-limited HTTP reverse proxy."
     )
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``gateway ...``: the exit status (0, 2 for an invalid config)."""
     args = build_parser().parse_args(argv)
     if args.command in ("run", "worker"):
         # SIGHUP's default action kills the process. A reload sent while the

@@ -19,6 +19,10 @@ _MAX_CLIENT_ID_LENGTH = 256
 
 
 class ClientIdentifier:
+    """① Who the client is: the API-key header when configured and sent, else
+    the address (the rightmost untrusted X-Forwarded-For hop behind a
+    trusted proxy). Built per config snapshot."""
+
     def __init__(self, config: ClientsConfig) -> None:
         self._by_header = config.identify_by == "header"
         self._header = config.header

@@ -78,11 +78,14 @@ def build_demo_upstream() -> web.Application:
 
 
 def demo_config(upstream_url: str, listen: str, admin: str) -> GatewayConfig:
+    """The demo's config, in front of ``upstream_url``."""
     text = DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream_url)
     return parse_config(text, "<demo>")
 
 
 async def run_demo(listen: str, admin: str) -> None:
+    """Start the bundled upstream and a gateway in front of it; print what to
+    try; serve until stopped."""
     runner = web.AppRunner(build_demo_upstream(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

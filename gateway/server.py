@@ -48,6 +48,8 @@ _RESTART_KEYS: Final = (
 
 
 class Server:
+    """The composition root (see the module docstring): one process's parts."""
+
     def __init__(
         self,
         config: GatewayConfig,

@@ -1,6 +1,6 @@
 """④ Forward: one pooled ClientSession per process; bodies streamed both ways.
 
-Session settings each close a known proxy bug (research notes, section 1):
+Session settings each close a known proxy bug:
 ``auto_decompress=False`` and no auto ``Accept-Encoding`` (bytes pass through
 as the upstream sent them), a ``DummyCookieJar`` (one client's cookies must
 never be replayed to another), and no overall timeout (long downloads and

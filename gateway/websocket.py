@@ -30,6 +30,7 @@ _HANDSHAKE_HEADERS: Final = (
 
 
 def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
+    """A WebSocket handshake (RFC 6455 section 4.1)?"""
     upgrade = headers.get("Upgrade")
     if upgrade is None or upgrade.lower() != "websocket":
         return False

@@ -70,6 +70,9 @@ class _Worker:
 
 
 class Supervisor:
+    """``workers: N``: binds the listener once, runs N worker processes on it,
+    forwards signals, restarts the dead, serves the admin listener."""
+
     def __init__(self, config: GatewayConfig, config_path: str, metrics_dir: str) -> None:
         self.config = config
         self.config_path = config_path

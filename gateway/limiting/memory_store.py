@@ -34,6 +34,10 @@ IDLE_SWEEP_BATCH: Final = 10_000
 
 
 class MemoryStore:
+    """Buckets in this process: bounded by ``max_tracked`` (full buckets are
+    forgotten first, then the least recently seen), idle full ones dropped
+    after ``idle_timeout``; refilled from the one refill clock."""
+
     def __init__(
         self,
         clock: RefillClock,

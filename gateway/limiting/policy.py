@@ -12,6 +12,8 @@ __all__ = ["Limit"]
 
 
 class Limit:
+    """One configured bucket spec, with its header templates built once."""
+
     __slots__ = ("fields_template", "limit_header", "policy_header", "quoted_name", "spec",
                  "ticker")  # fmt: skip
 

@@ -54,6 +54,8 @@ def normalise_path(path: str) -> str:
 
 
 class RouteTable:
+    """② The configured routes in order, and the default route."""
+
     def __init__(self, config: GatewayConfig, clock: RefillClock) -> None:
         global_shadow = config.mode is Mode.SHADOW
         self.routes: tuple[Route, ...] = tuple(
