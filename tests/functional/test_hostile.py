@@ -385,7 +385,7 @@ async def test_rotating_identities_stay_within_max_tracked(
 
 def upstream_connections_held(gw: RunningGateway) -> int:
     """Upstream connections the gateway holds for requests (none once idle):
-    aiohttp's connector and, where bodiless GETs go through it, the lean pool."""
+    aiohttp's connector and, where bodiless GETs go through it, the plain pool."""
     upstream = gw.server.upstream
     connector = upstream.session.connector
     assert connector is not None

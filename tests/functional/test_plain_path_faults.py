@@ -1,5 +1,5 @@
 """Faults of the plain request path (front.py's FrontConnection,
-``Gateway.serve_plain`` and ``_PlainCall``, the lean upstream pool), pinned
+``ProxyHandlers.serve_plain`` and ``PlainCall``, the plain upstream pool), pinned
 after a review found them: a fragment in the target, a drain with a client
 that already left or with a request past ``drain_timeout``, a client that
 pipelines and never reads, a read timeout on a reused upstream connection,
@@ -175,7 +175,7 @@ async def held_backend() -> AsyncIterator[tuple[HeldBackend, str]]:
 async def warm_up(gw: RunningGateway, warm: bool) -> None:
     """``warm``: one quick GET first, leaving an idle pooled upstream
     connection, so the next request is sent at once and answered through the
-    callback (``_PlainCall.on_head``); else it goes through a task
+    callback (``PlainCall.on_head``); else it goes through a task
     (``forward_in_task``) that opens a connection."""
     if warm:
         quick = await raw_exchange(gw, build_request("GET", "/quick"))

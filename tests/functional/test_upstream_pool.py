@@ -1,4 +1,4 @@
-"""The lean upstream client (GET/OPTIONS without a body) against upstreams that
+"""The plain path's upstream pool (GET/OPTIONS without a body) against upstreams that
 answer in the less common, legal shapes: byte-level servers, not aiohttp."""
 
 from __future__ import annotations
