@@ -1,9 +1,11 @@
 """Shared fixtures: real upstream servers, the gateway on 127.0.0.1:0, a
-stepped refill clock, a fresh metrics registry per test."""
+stepped refill clock, a fresh metrics registry per test, and clients that
+reach the gateway on either request path (``request_path``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -24,7 +26,14 @@ from prometheus_client import CollectorRegistry
 from gateway.config import parse_config
 from gateway.limiting.refill_clock import ManualRefillClock, RefillClock
 from gateway.server import Server
-from tests.helpers import base_url, free_port
+from tests.helpers import (
+    GUARD_SECONDS,
+    RawResponse,
+    base_url,
+    free_port,
+    raw_connection,
+    read_response,
+)
 from tests.upstream_app import build_upstream_app
 
 
@@ -197,3 +206,156 @@ async def gather_statuses(
 @pytest.fixture
 def aiohttp_app_factory() -> Callable[[], web.Application]:
     return build_upstream_app
+
+
+# --------------------------------------------------------------------------- request paths
+
+PLAIN, AIOHTTP = "plain", "aiohttp"
+# An empty line before a request line: front.py hands a connection whose bytes
+# start with one to aiohttp's server, whose parser skips it (RFC 9112 section
+# 2.2). No request is made of it: no token, no upstream request, no log record.
+HAND_OVER = b"\r\n"
+
+Served = tuple[str, str, str]  # the path that served a request, its method, its target
+
+
+class _HandOverConnector(aiohttp.TCPConnector):
+    """Sends HAND_OVER first on each connection it opens, so aiohttp's server
+    serves every request on it, the first one included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._opened: set[object] = set()  # the protocols of the connections it primed
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:  # noqa: ASYNC109 (aiohttp's)
+        connection = await super().connect(req, traces, timeout)
+        protocol, transport = connection.protocol, connection.transport
+        if protocol is not None and transport is not None and protocol not in self._opened:
+            self._opened.add(protocol)
+            transport.write(HAND_OVER)
+        return connection
+
+
+def record_served(gw: RunningGateway) -> list[Served]:
+    """Which path serves each request ``gw`` gets from now on: both entry
+    points of its proxy listener (gateway/connection.py's GuardedServer)
+    wrapped. front.py's connections call ``_handle_plain``; the handler a
+    connection is handed to calls aiohttp's ``request_handler``. Both are read
+    when a connection is made, so connections made before are not seen."""
+    runner = gw.server._proxy_runner
+    assert runner is not None
+    proxy: Any = runner.server
+    served: list[Served] = []
+    serve_plain = proxy._handle_plain
+    handle = proxy.request_handler
+
+    def plain_entry(conn: Any, request: Any) -> Any:
+        served.append((PLAIN, request.method, request.target))
+        return serve_plain(conn, request)
+
+    async def aiohttp_entry(request: web.BaseRequest) -> web.StreamResponse:
+        served.append((AIOHTTP, request.method, request.raw_path))
+        return await handle(request)
+
+    proxy._handle_plain = plain_entry
+    proxy.request_handler = aiohttp_entry
+    return served
+
+
+class RequestPath:
+    """One of the proxy listener's two request paths (README, "Two paths,
+    one behaviour") and clients that reach a gateway on it. ``plain``:
+    connections as a client opens them, served by front.py while requests
+    are plain. ``aiohttp``: each connection starts with HAND_OVER, so aiohttp's
+    server serves all its requests. What served each request of a gateway used
+    through these is recorded (``record_served``); the fixture checks it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._served: dict[int, tuple[RunningGateway, list[Served]]] = {}
+        self._sessions: list[aiohttp.ClientSession] = []
+
+    def watch(self, gw: RunningGateway) -> None:
+        """Record what serves ``gw``'s requests (before connecting to it)."""
+        if id(gw) not in self._served:
+            self._served[id(gw)] = (gw, record_served(gw))
+
+    async def client(self, gw: RunningGateway) -> aiohttp.ClientSession:
+        """A client like the ``http`` fixture's (no cookie jar, no
+        decompression) whose requests to ``gw`` take this path; closed at
+        teardown."""
+        self.watch(gw)
+        connector = _HandOverConnector() if self.name == AIOHTTP else None
+        session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
+        self._sessions.append(session)
+        return session
+
+    @contextlib.asynccontextmanager
+    async def raw_connection(
+        self, gw: RunningGateway
+    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """``tests.helpers.raw_connection`` on this path."""
+        self.watch(gw)
+        async with raw_connection(gw) as (reader, writer):
+            if self.name == AIOHTTP:
+                writer.write(HAND_OVER)
+            yield reader, writer
+
+    async def raw_exchange(
+        self, gw: RunningGateway, data: bytes, *, head: bool = False
+    ) -> RawResponse:
+        """``tests.helpers.raw_exchange`` on this path."""
+        async with asyncio.timeout(GUARD_SECONDS), self.raw_connection(gw) as (reader, writer):
+            writer.write(data)
+            await writer.drain()
+            return await read_response(reader, head=head)
+
+    async def raw_exchange_to_close(
+        self, gw: RunningGateway, data: bytes
+    ) -> tuple[RawResponse, bytes]:
+        """``tests.helpers.raw_exchange_to_close`` on this path."""
+        async with asyncio.timeout(GUARD_SECONDS), self.raw_connection(gw) as (reader, writer):
+            writer.write(data)
+            await writer.drain()
+            response = await read_response(reader)
+            return response, await reader.read()
+
+    def assert_all_served_here(self) -> None:
+        """Each gateway used through this path served requests, all of them
+        on this path."""
+        assert self._served, "no gateway was used through the request_path fixture"
+        for gw, served in self._served.values():
+            assert served, f"{gw.url} served no request through the request_path fixture"
+            elsewhere = [request for request in served if request[0] != self.name]
+            assert not elsewhere, f"on the {self.name} path's variant: {elsewhere}"
+
+    async def close(self) -> None:
+        for session in self._sessions:
+            await session.close()
+
+
+@pytest.fixture(params=[PLAIN, AIOHTTP])
+async def request_path(request: pytest.FixtureRequest) -> AsyncIterator[RequestPath]:
+    """Runs a test on each request path, as uvicorn's ``http_protocol_cls``
+    runs its protocol tests on h11 and httptools. The test reaches its
+    gateways through the fixture's clients (``client``, ``raw_connection``,
+    ``raw_exchange``...); afterwards every request they served must have been
+    served on the variant's path (checked unless the test itself failed)."""
+    path = RequestPath(request.param)
+    failed_before = request.session.testsfailed
+    yield path
+    await path.close()
+    if request.session.testsfailed == failed_before:
+        path.assert_all_served_here()
+
+
+def on_both_paths(*, aiohttp_diverges: str | None = None) -> pytest.MarkDecorator:
+    """``request_path`` on both paths; ``aiohttp_diverges``: the reason the
+    aiohttp variant is known to fail (a real divergence: xfail, strict)."""
+    aiohttp_param: Any = AIOHTTP
+    if aiohttp_diverges is not None:
+        xfail = pytest.mark.xfail(strict=True, reason=aiohttp_diverges)
+        aiohttp_param = pytest.param(AIOHTTP, marks=xfail)
+    return pytest.mark.parametrize("request_path", [PLAIN, aiohttp_param], indirect=True)

@@ -30,7 +30,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.conftest import StartGateway
+from tests.conftest import AIOHTTP, PLAIN, RequestPath, StartGateway
 from tests.helpers import (
     GUARD_SECONDS,
     base_url,
@@ -39,7 +39,6 @@ from tests.helpers import (
     limits,
     raw_connection,
     raw_exchange,
-    raw_exchange_to_close,
     read_head,
     read_response,
     wait_idle,
@@ -156,26 +155,32 @@ async def extra() -> AsyncIterator[ExtraUpstream]:
 
 
 @pytest.mark.parametrize(
-    ("method", "body"),
+    ("method", "body", "request_path"),
     [
-        ("GET", None),
-        ("POST", b"post-body"),
-        ("PUT", b"put-body"),
-        ("PATCH", b"patch-body"),
-        ("DELETE", None),
-        ("OPTIONS", None),
-        ("HEAD", None),
-        ("PROPFIND", b"<propfind/>"),
+        # GET and OPTIONS are plain requests: on both paths. The others hand
+        # the connection to aiohttp themselves.
+        ("GET", None, PLAIN),
+        ("GET", None, AIOHTTP),
+        ("POST", b"post-body", AIOHTTP),
+        ("PUT", b"put-body", AIOHTTP),
+        ("PATCH", b"patch-body", AIOHTTP),
+        ("DELETE", None, AIOHTTP),
+        ("OPTIONS", None, PLAIN),
+        ("OPTIONS", None, AIOHTTP),
+        ("HEAD", None, AIOHTTP),
+        ("PROPFIND", b"<propfind/>", AIOHTTP),
     ],
+    indirect=["request_path"],
 )
 async def test_every_method_reaches_the_upstream(
     start_gateway: StartGateway,
     extra: ExtraUpstream,
-    http: aiohttp.ClientSession,
+    request_path: RequestPath,
     method: str,
     body: bytes | None,
 ) -> None:
     gw = await start_gateway(upstream_url=extra.url)
+    http = await request_path.client(gw)
     async with http.request(method, f"{gw.url}/record/{method.lower()}", data=body) as response:
         payload = await response.read()
         assert response.status == 200
@@ -199,19 +204,20 @@ async def test_every_method_reaches_the_upstream(
     ],
 )
 async def test_target_forwarded_byte_for_byte(
-    start_gateway: StartGateway, upstream: TestServer, target: str
+    start_gateway: StartGateway, request_path: RequestPath, upstream: TestServer, target: str
 ) -> None:
     gw = await start_gateway()
-    response = await raw_exchange(gw, build_request("GET", target))
+    response = await request_path.raw_exchange(gw, build_request("GET", target))
     assert response.status == 200
     assert response.json()["raw_path"] == target
     assert upstream.app[HITS] == [target]
 
 
 async def test_encoded_yarl_url_reaches_upstream_unchanged(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     target = "/a/./b/../c%2Fd?x=%20y&x=2"
     async with http.get(URL(gw.url + target, encoded=True)) as response:
         assert response.status == 200
@@ -219,12 +225,14 @@ async def test_encoded_yarl_url_reaches_upstream_unchanged(
     assert echo["raw_path"] == target
 
 
-async def test_duplicate_request_headers_forwarded(start_gateway: StartGateway) -> None:
+async def test_duplicate_request_headers_forwarded(
+    start_gateway: StartGateway, request_path: RequestPath
+) -> None:
     gw = await start_gateway()
     request = build_request(
         "GET", "/dup", [("X-Dup", "one"), ("X-Dup", "two"), ("Accept", "text/a, text/b")]
     )
-    echo = (await raw_exchange(gw, request)).json()
+    echo = (await request_path.raw_exchange(gw, request)).json()
     seen = upstream_saw(echo)
     assert seen.getall("X-Dup") == ["one", "two"]
     assert seen.getall("Accept") == ["text/a, text/b"]
@@ -323,9 +331,10 @@ async def test_compressed_request_body_passes_untouched(
 
 
 async def test_large_download_arrives_whole(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     size = 32 * MiB + 12345
     expected = hashlib.sha256()
     block = b"x" * 65536
@@ -348,18 +357,20 @@ async def test_large_download_arrives_whole(
 
 @pytest.mark.parametrize("code", [201, 202, 400, 404, 418, 500, 503])
 async def test_upstream_status_and_body_pass_through(
-    start_gateway: StartGateway, http: aiohttp.ClientSession, code: int
+    start_gateway: StartGateway, request_path: RequestPath, code: int
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     async with http.get(f"{gw.url}/status/{code}") as response:
         assert response.status == code
         assert await response.read() == f"status {code}".encode()
 
 
 async def test_redirect_is_relayed_not_followed(
-    start_gateway: StartGateway, extra: ExtraUpstream, http: aiohttp.ClientSession
+    start_gateway: StartGateway, extra: ExtraUpstream, request_path: RequestPath
 ) -> None:
     gw = await start_gateway(upstream_url=extra.url)
+    http = await request_path.client(gw)
     async with http.get(gw.url + "/redirect", allow_redirects=False) as response:
         assert response.status == 302
         assert response.headers["Location"] == "http://127.0.0.1:9/elsewhere"
@@ -368,12 +379,15 @@ async def test_redirect_is_relayed_not_followed(
 
 @pytest.mark.parametrize("code", [204, 304])
 async def test_empty_statuses_have_no_body_and_keep_the_connection_usable(
-    start_gateway: StartGateway, code: int
+    start_gateway: StartGateway, request_path: RequestPath, code: int
 ) -> None:
     """Twice on one keep-alive connection (and a third request after): a
     stray body byte or a hang on the second empty body (aiohttp#7616) shows."""
     gw = await start_gateway()
-    async with asyncio.timeout(GUARD_SECONDS), raw_connection(gw) as (reader, writer):
+    async with (
+        asyncio.timeout(GUARD_SECONDS),
+        request_path.raw_connection(gw) as (reader, writer),
+    ):
         for _ in range(2):
             writer.write(build_request("GET", f"/status/{code}"))
             response = await read_response(reader)
@@ -405,10 +419,12 @@ async def test_head_keeps_content_length_and_sends_no_body(
     assert after.json()["raw_path"] == "/after-head"
 
 
-async def test_http10_client_gets_an_unchunked_stream(start_gateway: StartGateway) -> None:
+async def test_http10_client_gets_an_unchunked_stream(
+    start_gateway: StartGateway, request_path: RequestPath
+) -> None:
     gw = await start_gateway()
     request = b"GET /stream?n=3&delay=0 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
-    response = await raw_exchange(gw, request)
+    response = await request_path.raw_exchange(gw, request)
     assert response.status == 200
     assert "chunked" not in response.headers.get("Transfer-Encoding", "")
     assert response.body == b"part 0\npart 1\npart 2\n"
@@ -443,18 +459,20 @@ async def test_expect_100_continue_is_answered(start_gateway: StartGateway) -> N
 
 
 async def test_duplicate_set_cookie_kept(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     async with http.get(gw.url + "/cookies") as response:
         assert response.status == 200
         assert response.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
 
 
 async def test_hop_by_hop_response_headers_dropped(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     async with http.get(gw.url + "/hop") as response:
         assert response.status == 200
         assert await response.read() == b"hop"
@@ -466,10 +484,10 @@ async def test_hop_by_hop_response_headers_dropped(
 
 
 async def test_headers_named_in_several_connection_fields_dropped_from_response(
-    start_gateway: StartGateway, extra: ExtraUpstream
+    start_gateway: StartGateway, request_path: RequestPath, extra: ExtraUpstream
 ) -> None:
     gw = await start_gateway(upstream_url=extra.url)
-    response = await raw_exchange(gw, build_request("GET", "/multi-connection"))
+    response = await request_path.raw_exchange(gw, build_request("GET", "/multi-connection"))
     assert response.status == 200
     assert response.headers["X-C"] == "3"
     for name in ("X-A", "X-B", "Trailer"):
@@ -479,7 +497,9 @@ async def test_headers_named_in_several_connection_fields_dropped_from_response(
     assert "x-b" not in connection
 
 
-async def test_hop_by_hop_request_headers_dropped(start_gateway: StartGateway) -> None:
+async def test_hop_by_hop_request_headers_dropped(
+    start_gateway: StartGateway, request_path: RequestPath
+) -> None:
     gw = await start_gateway()
     request = build_request(
         "GET",
@@ -499,7 +519,7 @@ async def test_hop_by_hop_request_headers_dropped(start_gateway: StartGateway) -
             ("Authorization", "Bearer end-to-end"),
         ],
     )
-    echo = (await raw_exchange(gw, request)).json()
+    echo = (await request_path.raw_exchange(gw, request)).json()
     seen = upstream_saw(echo)
     assert seen["X-Bar"] == "kept"
     assert seen["Authorization"] == "Bearer end-to-end"
@@ -515,11 +535,11 @@ async def test_hop_by_hop_request_headers_dropped(start_gateway: StartGateway) -
 
 
 async def test_forwarding_headers_set(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
     request = build_request("GET", "/fwd", host="api.example.test")
-    response = await raw_exchange(gw, request)
+    response = await request_path.raw_exchange(gw, request)
     seen = upstream_saw(response.json())
     assert seen.getall("X-Forwarded-For") == ["127.0.0.1"]
     assert seen.getall("X-Forwarded-Proto") == ["http"]
@@ -529,6 +549,7 @@ async def test_forwarding_headers_set(
     assert len(via.split()) == 2
 
     # The peer is appended after whatever the client claimed; a prior Via is kept.
+    http = await request_path.client(gw)
     async with http.get(
         gw.url + "/fwd", headers={"X-Forwarded-For": "203.0.113.9", "Via": "1.0 fred"}
     ) as resp:
@@ -540,9 +561,10 @@ async def test_forwarding_headers_set(
 
 
 async def test_request_id_kept_when_sent(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     async with http.get(gw.url + "/rid", headers={"X-Request-ID": "req-abc-123"}) as response:
         seen = upstream_saw(await response.json())
     assert seen.getall("X-Request-ID") == ["req-abc-123"]
@@ -550,9 +572,10 @@ async def test_request_id_kept_when_sent(
 
 
 async def test_request_id_generated_and_echoed(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     ids = []
     for _ in range(2):
         async with http.get(gw.url + "/rid") as response:
@@ -565,13 +588,15 @@ async def test_request_id_generated_and_echoed(
 
 
 async def test_request_id_on_streamed_and_error_responses(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     async with http.get(gw.url + "/stream?n=2&delay=0", headers={"X-Request-ID": "s-1"}) as r:
         await r.read()
         assert r.headers.getall("X-Request-ID") == ["s-1"]
     refused = await start_gateway(upstream_url=f"http://127.0.0.1:{free_port()}")
+    request_path.watch(refused)
     async with http.get(refused.url + "/x", headers={"X-Request-ID": "e-1"}) as r:
         await r.read()
         assert r.status == 502
@@ -579,29 +604,26 @@ async def test_request_id_on_streamed_and_error_responses(
 
 
 async def test_no_cookie_jar_between_clients(
-    start_gateway: StartGateway, upstream: TestServer
+    start_gateway: StartGateway, upstream: TestServer, request_path: RequestPath
 ) -> None:
     """Upstream named by host name: aiohttp's default jar ignores cookies from
     IP hosts, which would hide a shared jar on 127.0.0.1."""
     port = upstream.make_url("").port
     gw = await start_gateway(upstream_url=f"http://localhost:{port}")
-    async with (
-        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client_a,
-        client_a.get(gw.url + "/cookies") as response,
-    ):
+    client_a = await request_path.client(gw)  # no cookie jar either
+    async with client_a.get(gw.url + "/cookies") as response:
         assert response.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
-    async with (
-        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client_b,
-        client_b.get(gw.url + "/whoami") as response,
-    ):
+    client_b = await request_path.client(gw)
+    async with client_b.get(gw.url + "/whoami") as response:
         seen = upstream_saw(await response.json())
     assert "Cookie" not in seen
 
 
 async def test_gzip_passes_through_undecoded(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     async with http.get(gw.url + "/gzip", headers={"Accept-Encoding": "gzip"}) as response:
         body = await response.read()
         assert response.status == 200
@@ -611,9 +633,11 @@ async def test_gzip_passes_through_undecoded(
     assert gzip.decompress(body) == b"hello gzip" * 10
 
 
-async def test_no_accept_encoding_or_user_agent_added(start_gateway: StartGateway) -> None:
+async def test_no_accept_encoding_or_user_agent_added(
+    start_gateway: StartGateway, request_path: RequestPath
+) -> None:
     gw = await start_gateway()
-    echo = (await raw_exchange(gw, build_request("GET", "/bare"))).json()
+    echo = (await request_path.raw_exchange(gw, build_request("GET", "/bare"))).json()
     seen = upstream_saw(echo)
     for name in ("Accept-Encoding", "User-Agent", "Accept"):
         assert name not in seen, name
@@ -622,15 +646,16 @@ async def test_no_accept_encoding_or_user_agent_added(start_gateway: StartGatewa
     request = build_request(
         "GET", "/bare", [("Accept-Encoding", "identity"), ("User-Agent", "curl/8.0")]
     )
-    seen = upstream_saw((await raw_exchange(gw, request)).json())
+    seen = upstream_saw((await request_path.raw_exchange(gw, request)).json())
     assert seen.getall("Accept-Encoding") == ["identity"]
     assert seen.getall("User-Agent") == ["curl/8.0"]
 
 
 async def test_rate_limit_headers_on_allowed_responses(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway(limits=limits(5, refill_period="10s"))
+    http = await request_path.client(gw)
     expected_remaining = 4
     for path in ("/echo", "/stream?n=2&delay=0", "/status/204", "/download?size=10"):
         async with http.get(gw.url + path) as response:
@@ -646,7 +671,7 @@ async def test_rate_limit_headers_on_allowed_responses(
 
 
 async def test_upstream_failure_responses_carry_rate_limit_headers(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     """The 502 answers an admitted request that took a token: the client
     still needs its quota to pace itself ("every proxied response")."""
@@ -654,6 +679,7 @@ async def test_upstream_failure_responses_carry_rate_limit_headers(
         upstream_url=f"http://127.0.0.1:{free_port()}",
         limits=limits(5, refill_period="10s"),
     )
+    http = await request_path.client(gw)
     async with http.get(gw.url + "/x") as response:
         await response.read()
     assert response.status == 502
@@ -666,11 +692,12 @@ async def test_upstream_failure_responses_carry_rate_limit_headers(
 
 
 async def test_chunked_stream_arrives_incrementally(
-    start_gateway: StartGateway, extra: ExtraUpstream, http: aiohttp.ClientSession
+    start_gateway: StartGateway, extra: ExtraUpstream, request_path: RequestPath
 ) -> None:
     """The upstream writes part i+1 only after the client has read part i
     through the gateway; any buffering deadlocks (and times out)."""
     gw = await start_gateway(upstream_url=extra.url)
+    http = await request_path.client(gw)
     async with asyncio.timeout(GUARD_SECONDS), http.get(gw.url + "/lockstep?n=4") as response:
         assert response.status == 200
         assert response.headers.get("Transfer-Encoding", "").lower() == "chunked"
@@ -682,9 +709,10 @@ async def test_chunked_stream_arrives_incrementally(
 
 
 async def test_slow_stream_complete(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
+    http = await request_path.client(gw)
     async with http.get(gw.url + "/stream?n=5&delay=0.01") as response:
         assert response.status == 200
         assert await response.read() == b"".join(f"part {i}\n".encode() for i in range(5))
@@ -765,9 +793,10 @@ def assert_short_json_error(body: bytes) -> None:
 
 
 async def test_upstream_refused_is_502_json(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway(upstream_url=f"http://127.0.0.1:{free_port()}")
+    http = await request_path.client(gw)
     async with http.get(gw.url + "/anything") as response:
         body = await response.read()
         assert response.status == 502
@@ -781,7 +810,7 @@ async def test_upstream_refused_is_502_json(
 
 
 async def test_upstream_answering_invalid_http_is_502_json(
-    start_gateway: StartGateway, http: aiohttp.ClientSession
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     """A backend that answers with something that is not HTTP: the client
     gets a 502 with a JSON body, not a dropped connection or a traceback."""
@@ -797,6 +826,7 @@ async def test_upstream_answering_invalid_http_is_502_json(
     async with server:
         port = server.sockets[0].getsockname()[1]
         gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+        http = await request_path.client(gw)
         async with http.get(gw.url + "/anything") as response:
             body = await response.read()
             assert response.status == 502
@@ -805,9 +835,10 @@ async def test_upstream_answering_invalid_http_is_502_json(
 
 
 async def test_upstream_silent_past_read_timeout_is_504_json(
-    start_gateway: StartGateway, upstream: TestServer, http: aiohttp.ClientSession
+    start_gateway: StartGateway, upstream: TestServer, request_path: RequestPath
 ) -> None:
     gw = await start_gateway(upstream={"read_timeout": "200ms"})
+    http = await request_path.client(gw)
     started = time.perf_counter()
     async with http.get(gw.url + "/slow?delay=2") as response:
         body = await response.read()
@@ -823,16 +854,19 @@ async def test_upstream_silent_past_read_timeout_is_504_json(
 
 async def test_upstream_reset_mid_response_truncates_and_gateway_keeps_serving(
     start_gateway: StartGateway,
+    request_path: RequestPath,
 ) -> None:
     gw = await start_gateway()
-    response, rest = await raw_exchange_to_close(gw, build_request("GET", "/reset"))
+    response, rest = await request_path.raw_exchange_to_close(
+        gw, build_request("GET", "/reset")
+    )
     assert rest == b""  # and the connection is closed
     assert response.status == 200
     assert not response.complete, "a cut upstream response must not look complete"
     assert len(response.body) < 1_000_000
     await wait_idle(gw)
 
-    after = await raw_exchange(gw, build_request("GET", "/after-reset"))
+    after = await request_path.raw_exchange(gw, build_request("GET", "/after-reset"))
     assert after.status == 200
     assert after.json()["raw_path"] == "/after-reset"
     labels = {"route": "default", "kind": "reset"}
@@ -840,11 +874,13 @@ async def test_upstream_reset_mid_response_truncates_and_gateway_keeps_serving(
 
 
 async def test_client_disconnect_mid_download_leaves_gateway_serving(
-    start_gateway: StartGateway,
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
-    async with asyncio.timeout(GUARD_SECONDS):
-        reader, writer = await asyncio.open_connection("127.0.0.1", URL(gw.url).port)
+    async with (
+        asyncio.timeout(GUARD_SECONDS),
+        request_path.raw_connection(gw) as (reader, writer),
+    ):
         writer.write(build_request("GET", f"/download?size={64 * MiB}"))
         _, status, _, headers = await read_head(reader)
         assert status == 200
@@ -854,7 +890,7 @@ async def test_client_disconnect_mid_download_leaves_gateway_serving(
         await wait_idle(gw)
     assert gw.metric("gateway_inflight_requests") == 0
 
-    after = await raw_exchange(gw, build_request("GET", "/after-abort"))
+    after = await request_path.raw_exchange(gw, build_request("GET", "/after-abort"))
     assert after.status == 200
     assert after.json()["raw_path"] == "/after-abort"
     assert (

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import StartGateway
+from tests.conftest import RequestPath, StartGateway, on_both_paths
 from tests.helpers import GUARD_SECONDS, build_request, limits, raw_connection, read_response
 
 
@@ -31,18 +31,32 @@ async def test_denied_head_has_length_but_no_body_and_keeps_the_connection(
         assert len(again.body) == int(again.headers["Content-Length"])
 
 
+@on_both_paths(
+    aiohttp_diverges=(
+        "aiohttp's path says Connection: close to an HTTP/1.0 request without "
+        "keep-alive but leaves the connection open (until keepalive_timeout): "
+        "relay_whole returns True whatever head.keep_alive, and ProxyHandlers.handle "
+        "passes it to aiohttp as keep_alive; front.py ands it with the request's"
+    )
+)
 async def test_http10_keep_alive_is_honoured_and_default_close_is_said(
-    start_gateway: StartGateway,
+    start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
     gw = await start_gateway()
     request_10 = b"GET /echo HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n"
-    async with asyncio.timeout(GUARD_SECONDS), raw_connection(gw) as (reader, writer):
+    async with (
+        asyncio.timeout(GUARD_SECONDS),
+        request_path.raw_connection(gw) as (reader, writer),
+    ):
         for _ in range(2):  # kept alive: the second request gets an answer too
             writer.write(request_10)
             response = await read_response(reader)
             assert response.status == 200
             assert response.headers["Connection"].lower() == "keep-alive"
-    async with asyncio.timeout(GUARD_SECONDS), raw_connection(gw) as (reader, writer):
+    async with (
+        asyncio.timeout(GUARD_SECONDS),
+        request_path.raw_connection(gw) as (reader, writer),
+    ):
         writer.write(b"GET /echo HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         response = await read_response(reader)
         assert response.status == 200
@@ -50,9 +64,14 @@ async def test_http10_keep_alive_is_honoured_and_default_close_is_said(
         assert await reader.read() == b""  # and the gateway closes it
 
 
-async def test_upstream_204_has_no_length_and_no_body(start_gateway: StartGateway) -> None:
+async def test_upstream_204_has_no_length_and_no_body(
+    start_gateway: StartGateway, request_path: RequestPath
+) -> None:
     gw = await start_gateway()
-    async with asyncio.timeout(GUARD_SECONDS), raw_connection(gw) as (reader, writer):
+    async with (
+        asyncio.timeout(GUARD_SECONDS),
+        request_path.raw_connection(gw) as (reader, writer),
+    ):
         for _ in range(2):
             writer.write(build_request("GET", "/status/204"))
             response = await read_response(reader)
