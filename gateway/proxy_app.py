@@ -140,7 +140,10 @@ class ProxyHandlers:
             raise
         finally:
             core.close(call)
-        return down.response(call.status, call.bytes_out, keep_alive and not call.client_gone)
+        # The relay's True means "framed so the connection could go on"; the
+        # request's own Connection (or HTTP/1.0 default) has the last word.
+        keep_alive = keep_alive and call.head.keep_alive and not call.client_gone
+        return down.response(call.status, call.bytes_out, keep_alive)
 
     async def _forward(
         self, request: web.BaseRequest, call: Call, forward: Forward, down: AiohttpDownstream

@@ -1,13 +1,20 @@
 """Responses the gateway writes in one piece (raw_response.py): 429s and
-complete answers of the lean upstream path. Framing and keep-alive must be
+complete answers of the plain upstream pool. Framing and keep-alive must be
 what aiohttp's own responses would have given."""
 
 from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import RequestPath, StartGateway, on_both_paths
-from tests.helpers import GUARD_SECONDS, build_request, limits, raw_connection, read_response
+from tests.conftest import RequestPath, StartGateway
+from tests.helpers import (
+    GUARD_SECONDS,
+    build_request,
+    free_port,
+    limits,
+    raw_connection,
+    read_response,
+)
 
 
 async def test_denied_head_has_length_but_no_body_and_keeps_the_connection(
@@ -31,14 +38,6 @@ async def test_denied_head_has_length_but_no_body_and_keeps_the_connection(
         assert len(again.body) == int(again.headers["Content-Length"])
 
 
-@on_both_paths(
-    aiohttp_diverges=(
-        "aiohttp's path says Connection: close to an HTTP/1.0 request without "
-        "keep-alive but leaves the connection open (until keepalive_timeout): "
-        "relay_whole returns True whatever head.keep_alive, and ProxyHandlers.handle "
-        "passes it to aiohttp as keep_alive; front.py ands it with the request's"
-    )
-)
 async def test_http10_keep_alive_is_honoured_and_default_close_is_said(
     start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
@@ -79,3 +78,28 @@ async def test_upstream_204_has_no_length_and_no_body(
             assert "Content-Length" not in response.headers
             assert "Transfer-Encoding" not in response.headers
             assert response.body == b""
+
+
+async def test_connection_close_is_honoured_for_every_kind_of_answer(
+    start_gateway: StartGateway, request_path: RequestPath
+) -> None:
+    """An HTTP/1.1 ``Connection: close`` ends the connection after a relayed
+    answer, a 429 and our own 502 alike, on both paths."""
+    gw = await start_gateway(limits=limits(1))
+    bad = await start_gateway(upstream_url=f"http://127.0.0.1:{free_port()}")
+    request_path.watch(bad)
+    close = [("Connection", "close")]
+    for gateway, target, status in (
+        (gw, "/first", 200),
+        (gw, "/denied", 429),
+        (bad, "/x", 502),
+    ):
+        async with (
+            asyncio.timeout(GUARD_SECONDS),
+            request_path.raw_connection(gateway) as (reader, writer),
+        ):
+            writer.write(build_request("GET", target, close))
+            response = await read_response(reader)
+            assert response.status == status
+            assert response.headers["Connection"].lower() == "close"
+            assert await reader.read() == b""  # and the gateway closes it
