@@ -116,7 +116,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks --
 
     def on_status(self, status: bytes) -> None:
-        self.raw_reason = status
+        # llhttp hands the phrase over in pieces, as it arrives.
+        self.raw_reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
@@ -128,6 +129,7 @@ class UpstreamConnection(asyncio.Protocol):
             # response; skip it, as aiohttp's client does.
             self._interim = True
             self.raw_headers = []
+            self.raw_reason = b""
             return
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
@@ -198,6 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.used = True
         self.raw_headers = []
+        self.raw_reason = b""
         self.status = 0
         self.complete = False
         self.got_bytes = False

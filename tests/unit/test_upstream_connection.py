@@ -197,12 +197,6 @@ async def test_a_reason_phrase_may_be_empty(rig: Rig) -> None:
     assert rig.conn.raw_reason == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on_status keeps only the last piece llhttp gives it (raw_reason = status, "
-    "not +=): a reason phrase split between reads is cut ('404 Not Found' relayed as "
-    "'404 und')",
-)
 async def test_a_reason_phrase_split_between_reads_is_kept_whole(rig: Rig) -> None:
     rig.start()
     rig.feed(b"HTTP/1.1 404 Not", b" Fo", b"und\r\nContent-Length: 0\r\n\r\n")
@@ -210,12 +204,6 @@ async def test_a_reason_phrase_split_between_reads_is_kept_whole(rig: Rig) -> No
     assert rig.conn.raw_reason == b"Not Found"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: raw_reason is not reset per response and llhttp calls no on_status for a "
-    "status line without a reason phrase: a reused connection's 200 keeps the last "
-    "response's 'Not Found'",
-)
 async def test_a_status_line_without_reason_does_not_reuse_the_last_one(rig: Rig) -> None:
     rig.start()
     rig.feed(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
@@ -225,11 +213,6 @@ async def test_a_status_line_without_reason_does_not_reuse_the_last_one(rig: Rig
     assert rig.conn.raw_reason == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an interim answer's reason phrase is kept when the final status line has "
-    "none ('HTTP/1.1 200 Early Hints')",
-)
 async def test_an_interim_reason_phrase_is_not_the_responses(rig: Rig) -> None:
     rig.start()
     rig.feed(
