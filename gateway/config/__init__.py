@@ -1,4 +1,5 @@
-"""Configuration: the frozen model, the YAML loader, the duration parser."""
+"""Configuration: the frozen model and its schema (model), the YAML loader (load),
+the value converters (convert, durations), the rules between keys (validate)."""
 
 from gateway.config.load import load_config, parse_config
 from gateway.config.model import (
@@ -12,6 +13,7 @@ from gateway.config.model import (
     RouteSpec,
     StorageConfig,
     UpstreamConfig,
+    restart_keys,
 )
 
 __all__ = [
@@ -27,4 +29,5 @@ __all__ = [
     "UpstreamConfig",
     "load_config",
     "parse_config",
+    "restart_keys",
 ]

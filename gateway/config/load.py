@@ -4,36 +4,35 @@ The file is composed into YAML nodes (which keep line and column), walked once,
 and every problem is collected as ``PATH:LINE:COL: key.path: message`` before
 one error is raised: an operator fixes a file in one pass, not one
 ``gateway check`` per typo.
+
+The walk follows the model: each field's ``Setting`` (gateway.config.model)
+names its key and converter, so a plain section needs no code here. Lists and
+unions (limits, routes, buckets' inheritance) are read by hand below. The rules
+between keys are in gateway.config.validate; the reader keeps every key's node
+so their problems are located too.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.config.durations import parse_duration
+from gateway.config import validate
+from gateway.config.convert import as_text, enum_choice, parse_hostport, path_prefix
 from gateway.config.model import (
-    MIN_REFILL_PERIOD_SECONDS,
     UNLIMITED,
-    AccessLogConfig,
     BucketSpec,
-    ClientsConfig,
     GatewayConfig,
-    IPNetwork,
     LimitsConfig,
     Mode,
     Override,
     RouteSpec,
-    ServerConfig,
-    StorageConfig,
     Unlimited,
-    UpstreamConfig,
+    settings,
+    yaml_keys,
 )
 from gateway.errors import ConfigError, ConfigProblem
 
@@ -41,7 +40,7 @@ __all__ = ["load_config", "parse_config", "parse_hostport"]
 
 T = TypeVar("T")
 
-_BUCKET_KEYS = ("refill_period", "refill_tokens", "max_tokens")
+_mode = enum_choice(Mode)
 
 
 class _Missing:
@@ -58,6 +57,9 @@ class _Reader:
         self.path = path
         self._loader = loader
         self.problems: list[ConfigProblem] = []
+        # Every mapping's and read key's node by key path, for problems found
+        # after reading (gateway.config.validate).
+        self._nodes: dict[str, yaml.Node] = {}
 
     def problem(self, node: yaml.Node | None, key: str, message: str) -> None:
         line, column = (1, 1)
@@ -73,6 +75,7 @@ class _Reader:
         if not isinstance(node, yaml.MappingNode):
             self.problem(node, key or "<document>", "expected a mapping")
             return None
+        self._nodes.setdefault(key, node)
         values: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
             name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
@@ -84,7 +87,17 @@ class _Reader:
                 self.problem(key_node, full, "key given twice")
             else:
                 values[name] = value_node
+                self._nodes.setdefault(full, value_node)
         return values
+
+    def located(self, problems: list[validate.Problem]) -> None:
+        """Record problems found on the built model, each at its key's node or,
+        when the file does not hold that key, the nearest enclosing one's."""
+        for key, message in problems:
+            path = key
+            while path and path not in self._nodes:
+                path = path.rpartition(".")[0]
+            self.problem(self._nodes.get(path), key, message)
 
     def value(self, node: yaml.Node) -> Any:
         return self._loader.construct_object(node, deep=True)
@@ -111,134 +124,61 @@ class _Reader:
         return default if isinstance(result, _Missing) else result
 
 
-# -- value converters: each raises ValueError with the message a user reads --
-
-
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a positive integer, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"must be positive, got {value}")
-    return value
-
-
-def _non_negative_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a non-negative integer, got {value!r}")
-    if value < 0:
-        raise ValueError(f"must not be negative, got {value}")
-    return value
-
-
-def _positive_duration(value: Any) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"must be a positive duration, got {value!r}")
-    return seconds
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {value!r}")
-    return value
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
-        return str(value)
-
-    return convert
-
-
-def _mode(value: Any) -> Mode:
-    return Mode(_choice("enforce", "shadow")(value))
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
-def parse_hostport(value: Any) -> tuple[str, int]:
-    """``"0.0.0.0:8080"``, ``"[::1]:8080"``, ``":8080"`` -> (host, port)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = f":{value}"
-    if not isinstance(value, str) or ":" not in value:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    host, _, port_text = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"port must be 0-65535, got {port_text!r}")
-    host = host or "0.0.0.0"
-    if host != "localhost":
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f"expected an IP address or localhost, got {host!r}") from None
-    return host, int(port_text)
-
-
-def _workers(value: Any) -> int:
-    if value == "auto":
-        return os.cpu_count() or 1
-    return _positive_int(value)
-
-
-def _upstream_url(value: Any) -> str:
-    text = _string(value)
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL with a host, got {text!r}")
-    try:
-        _ = parts.port
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
-    if parts.query or parts.fragment:
-        raise ValueError(f"must not have a query or fragment, got {text!r}")
-    return text.rstrip("/")
-
-
-def _redis_url(value: Any) -> str:
-    text = _string(value)
-    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {text!r}")
-    return text
-
-
-def _network(value: Any) -> IPNetwork:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a CIDR such as '10.0.0.0/8', got {value!r}")
-    try:
-        return ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValueError(f"not an IP network: {value!r}") from None
-
-
-def _header_name(value: Any) -> str:
-    text = _string(value)
-    if not all(c.isalnum() or c in "-_" for c in text):
-        raise ValueError(f"not a valid header name: {text!r}")
-    return text
-
-
-def _path_prefix(value: Any) -> str:
-    text = _string(value)
-    if not text.startswith("/"):
-        raise ValueError(f"must start with '/', got {text!r}")
-    return text
-
-
 # -- sections --
+
+
+def _section(
+    r: _Reader, node: yaml.Node | None, key: str, cls: type[Any], parent: yaml.Node
+) -> Any:
+    """A mapping read as ``cls``; absent (``node`` None) it is read as empty,
+    its required keys' problems placed at ``parent``."""
+    values = {} if node is None else r.mapping(node, key, yaml_keys(cls)) or {}
+    return cls(**_settings(r, values, parent if node is None else node, key, cls))
+
+
+def _settings(
+    r: _Reader, values: dict[str, yaml.Node], where: yaml.Node, key: str, cls: type[Any]
+) -> dict[str, Any]:
+    """``cls``'s keyword arguments from ``values``, by each field's Setting. A key
+    the file lacks or that fails to convert is left out, so the field's default
+    applies (a required field gets its stand-in); ``by_hand`` fields are the
+    caller's."""
+    kwargs: dict[str, Any] = {}
+    converted: dict[str, Any] = {}  # by YAML key: one key may fill several fields
+    for name, yaml_key, spec in settings(cls):
+        full = f"{key}.{yaml_key}" if key else yaml_key
+        node = values.get(yaml_key)
+        if spec.section is not None:
+            kwargs[name] = _section(r, node, full, spec.section, where)
+            continue
+        if spec.parse is None:
+            continue
+        if node is None:
+            value: Any = _MISSING
+            if spec.required:
+                r.problem(where, full, spec.required)
+        elif yaml_key in converted:
+            value = converted[yaml_key]
+        elif spec.each:
+            value = converted[yaml_key] = _each(r, node, full, spec.parse)
+        else:
+            value = converted[yaml_key] = r.convert(node, full, spec.parse)
+        if not isinstance(value, _Missing):
+            kwargs[name] = value if spec.part is None else value[spec.part]
+        elif spec.required:
+            kwargs[name] = spec.stand_in
+    return kwargs
+
+
+def _each(r: _Reader, node: yaml.Node, key: str, convert: Callable[[Any], T]) -> tuple[T, ...]:
+    items = [r.convert(item, key, convert) for item in _sequence(r, node, key)]
+    return tuple(item for item in items if not isinstance(item, _Missing))
 
 
 def _bucket(
     r: _Reader, node: yaml.Node, key: str, base: BucketSpec, name: str
 ) -> BucketSpec | _Missing:
-    values = r.mapping(node, key, _BUCKET_KEYS)
+    values = r.mapping(node, key, yaml_keys(BucketSpec))
     if values is None:
         return _MISSING
     return _bucket_fields(r, values, node, key, base, name)
@@ -252,29 +192,14 @@ def _bucket_fields(
     base: BucketSpec,
     name: str,
 ) -> BucketSpec | _Missing:
+    """The keys ``values`` holds over ``base``'s; _MISSING after any problem."""
     problems_before = len(r.problems)
-    period = r.field(
-        values, key, "refill_period", _positive_duration, base.refill_period_seconds
-    )
-    if period < MIN_REFILL_PERIOD_SECONDS:
-        r.problem(
-            values.get("refill_period", node),
-            f"{key}.refill_period",
-            f"must be at least 10ms (the refill clock's resolution), got {period}s",
-        )
-    refill = r.field(values, key, "refill_tokens", _positive_int, base.refill_tokens)
-    maximum = r.field(values, key, "max_tokens", _positive_int, base.max_tokens)
-    # Compare only values the file really holds: a field that failed to parse
-    # stands in with its default, which the user never wrote.
-    if len(r.problems) == problems_before and maximum < refill:
-        r.problem(
-            values.get("max_tokens", node),
-            f"{key}.max_tokens",
-            f"max_tokens ({maximum}) must be at least refill_tokens ({refill})",
-        )
+    bucket = replace(base, name=name, **_settings(r, values, node, key, BucketSpec))
+    read_cleanly = len(r.problems) == problems_before
+    r.located(validate.bucket_problems(bucket, key, read_cleanly=read_cleanly))
     if len(r.problems) > problems_before:
         return _MISSING
-    return BucketSpec(period, refill, maximum, name)
+    return bucket
 
 
 def _sequence(r: _Reader, node: yaml.Node, key: str) -> list[yaml.Node]:
@@ -286,99 +211,10 @@ def _sequence(r: _Reader, node: yaml.Node, key: str) -> list[yaml.Node]:
     return list(node.value)
 
 
-def _upstream(r: _Reader, node: yaml.Node | None, root: yaml.Node) -> UpstreamConfig:
-    if node is None:
-        r.problem(root, "upstream.url", "is required (the backend being fronted)")
-        return UpstreamConfig(url="http://127.0.0.1:8000")
-    values = (
-        r.mapping(
-            node,
-            "upstream",
-            (
-                "url",
-                "connect_timeout",
-                "read_timeout",
-                "max_connections",
-                "preserve_host",
-            ),
-        )
-        or {}
-    )
-    if "url" not in values:
-        r.problem(node, "upstream.url", "is required (the backend being fronted)")
-    d = UpstreamConfig(url="http://127.0.0.1:8000")
-    return UpstreamConfig(
-        url=r.field(values, "upstream", "url", _upstream_url, d.url),
-        connect_timeout_seconds=r.field(
-            values,
-            "upstream",
-            "connect_timeout",
-            _positive_duration,
-            d.connect_timeout_seconds,
-        ),
-        read_timeout_seconds=r.field(
-            values,
-            "upstream",
-            "read_timeout",
-            _positive_duration,
-            d.read_timeout_seconds,
-        ),
-        max_connections=r.field(
-            values, "upstream", "max_connections", _positive_int, d.max_connections
-        ),
-        preserve_host=r.field(values, "upstream", "preserve_host", _boolean, d.preserve_host),
-    )
-
-
-def _clients(r: _Reader, node: yaml.Node | None) -> ClientsConfig:
-    d = ClientsConfig()
-    if node is None:
-        return d
-    values = (
-        r.mapping(
-            node,
-            "clients",
-            (
-                "identify_by",
-                "header",
-                "trusted_proxies",
-                "max_tracked",
-                "idle_timeout",
-                "max_concurrent",
-            ),
-        )
-        or {}
-    )
-    networks: list[IPNetwork] = []
-    if "trusted_proxies" in values:
-        for item in _sequence(r, values["trusted_proxies"], "clients.trusted_proxies"):
-            net = r.convert(item, "clients.trusted_proxies", _network)
-            if not isinstance(net, _Missing):
-                networks.append(net)
-    return ClientsConfig(
-        identify_by=r.field(
-            values, "clients", "identify_by", _choice("ip", "header"), d.identify_by
-        ),
-        header=r.field(values, "clients", "header", _header_name, d.header),
-        trusted_proxies=tuple(networks),
-        max_tracked=r.field(values, "clients", "max_tracked", _positive_int, d.max_tracked),
-        idle_timeout_seconds=r.field(
-            values,
-            "clients",
-            "idle_timeout",
-            _positive_duration,
-            d.idle_timeout_seconds,
-        ),
-        max_concurrent=r.field(
-            values, "clients", "max_concurrent", _non_negative_int, d.max_concurrent
-        ),
-    )
-
-
 def _limits(r: _Reader, node: yaml.Node | None) -> LimitsConfig:
     if node is None:
         return LimitsConfig()
-    values = r.mapping(node, "limits", ("default", "overrides")) or {}
+    values = r.mapping(node, "limits", yaml_keys(LimitsConfig)) or {}
     default = LimitsConfig().default
     if "default" in values:
         parsed = _bucket(r, values["default"], "limits.default", default, "default")
@@ -389,14 +225,14 @@ def _limits(r: _Reader, node: yaml.Node | None) -> LimitsConfig:
     if "overrides" in values:
         for i, item in enumerate(_sequence(r, values["overrides"], "limits.overrides")):
             key = f"limits.overrides[{i}]"
-            fields = r.mapping(item, key, ("client", *_BUCKET_KEYS))
+            fields = r.mapping(item, key, ("client", *yaml_keys(BucketSpec)))
             if fields is None:
                 continue
             client_node = fields.pop("client", None)
             if client_node is None:
                 r.problem(item, f"{key}.client", "is required")
                 continue
-            client = r.convert(client_node, f"{key}.client", lambda v: _string(str(v)))
+            client = r.convert(client_node, f"{key}.client", as_text)
             bucket = _bucket_fields(r, fields, item, key, default, "override")
             if isinstance(client, _Missing) or isinstance(bucket, _Missing):
                 continue
@@ -420,7 +256,7 @@ def _routes(r: _Reader, node: yaml.Node | None, default: BucketSpec) -> tuple[Ro
         if "path_prefix" not in values:
             r.problem(item, f"{key}.path_prefix", "is required")
             continue
-        prefix = r.convert(values["path_prefix"], f"{key}.path_prefix", _path_prefix)
+        prefix = r.convert(values["path_prefix"], f"{key}.path_prefix", path_prefix)
         if isinstance(prefix, _Missing):
             prefix = "/"  # keep checking the route's other keys
         limit: BucketSpec | Unlimited | None = None
@@ -434,7 +270,7 @@ def _routes(r: _Reader, node: yaml.Node | None, default: BucketSpec) -> tuple[Ro
                         limit_node,
                         f"{key}.limit",
                         "expected 'unlimited' or a mapping of "
-                        "refill_period, refill_tokens, max_tokens",
+                        + ", ".join(yaml_keys(BucketSpec)),
                     )
             else:
                 parsed = _bucket(r, limit_node, f"{key}.limit", default, prefix)
@@ -443,102 +279,6 @@ def _routes(r: _Reader, node: yaml.Node | None, default: BucketSpec) -> tuple[Ro
         mode = r.field(values, key, "mode", _mode, None)
         routes.append(RouteSpec(prefix, limit, mode))
     return tuple(routes)
-
-
-def _storage(r: _Reader, node: yaml.Node | None) -> StorageConfig:
-    d = StorageConfig()
-    if node is None:
-        return d
-    values = (
-        r.mapping(node, "storage", ("backend", "redis_url", "on_error", "timeout", "cluster"))
-        or {}
-    )
-    return StorageConfig(
-        backend=r.field(values, "storage", "backend", _choice("memory", "redis"), d.backend),
-        redis_url=r.field(values, "storage", "redis_url", _redis_url, d.redis_url),
-        on_error=r.field(
-            values, "storage", "on_error", _choice("allow", "deny", "local"), d.on_error
-        ),
-        timeout_seconds=r.field(
-            values, "storage", "timeout", _positive_duration, d.timeout_seconds
-        ),
-        cluster=r.field(values, "storage", "cluster", _boolean, d.cluster),
-    )
-
-
-def _access_log(r: _Reader, node: yaml.Node | None) -> AccessLogConfig:
-    d = AccessLogConfig()
-    if node is None:
-        return d
-    values = r.mapping(node, "access_log", ("path", "queue_size")) or {}
-    return AccessLogConfig(
-        path=r.field(values, "access_log", "path", lambda v: _string(str(v)), d.path),
-        queue_size=r.field(values, "access_log", "queue_size", _positive_int, d.queue_size),
-    )
-
-
-def _server(r: _Reader, node: yaml.Node | None) -> ServerConfig:
-    d = ServerConfig()
-    if node is None:
-        return d
-    values = (
-        r.mapping(
-            node,
-            "server",
-            (
-                "max_line_size",
-                "max_field_size",
-                "max_headers",
-                "header_timeout",
-                "body_timeout",
-                "keepalive_timeout",
-            ),
-        )
-        or {}
-    )
-    return ServerConfig(
-        max_line_size=r.field(
-            values, "server", "max_line_size", _positive_int, d.max_line_size
-        ),
-        max_field_size=r.field(
-            values, "server", "max_field_size", _positive_int, d.max_field_size
-        ),
-        max_headers=r.field(values, "server", "max_headers", _positive_int, d.max_headers),
-        header_timeout_seconds=r.field(
-            values,
-            "server",
-            "header_timeout",
-            _positive_duration,
-            d.header_timeout_seconds,
-        ),
-        body_timeout_seconds=r.field(
-            values, "server", "body_timeout", _positive_duration, d.body_timeout_seconds
-        ),
-        keepalive_timeout_seconds=r.field(
-            values,
-            "server",
-            "keepalive_timeout",
-            _positive_duration,
-            d.keepalive_timeout_seconds,
-        ),
-    )
-
-
-_TOP_KEYS = (
-    "listen",
-    "admin",
-    "workers",
-    "drain_timeout",
-    "max_body_size",
-    "mode",
-    "upstream",
-    "clients",
-    "limits",
-    "routes",
-    "storage",
-    "access_log",
-    "server",
-)
 
 
 def parse_config(text: str, path: str = "<memory>") -> GatewayConfig:
@@ -564,7 +304,7 @@ def parse_config(text: str, path: str = "<memory>") -> GatewayConfig:
                 [ConfigProblem(path, 1, 1, "upstream.url", "is required; the file is empty")]
             )
         r = _Reader(path, loader)
-        values = r.mapping(root, "", _TOP_KEYS)
+        values = r.mapping(root, "", yaml_keys(GatewayConfig))
         if values is None:
             raise ConfigError(r.problems)
         config = _build(r, root, values)
@@ -576,50 +316,14 @@ def parse_config(text: str, path: str = "<memory>") -> GatewayConfig:
 
 
 def _build(r: _Reader, root: yaml.Node, values: dict[str, yaml.Node]) -> GatewayConfig:
-    d = GatewayConfig(upstream=UpstreamConfig(url="http://127.0.0.1:8000"))
-    listen = r.field(values, "", "listen", parse_hostport, (d.listen_host, d.listen_port))
-    admin = r.field(values, "", "admin", parse_hostport, (d.admin_host, d.admin_port))
-    if listen[1] != 0 and listen[1] == admin[1] and _same_host(listen[0], admin[0]):
-        r.problem(
-            values.get("admin", root),
-            "admin",
-            f"port {admin[1]} is the proxy listener's too; the admin listener needs its own",
-        )
     limits = _limits(r, values.get("limits"))
-    storage = _storage(r, values.get("storage"))
-    workers = r.field(values, "", "workers", _workers, d.workers)
-    if workers > 1 and storage.backend == "memory":
-        r.problem(
-            values["workers"],
-            "workers",
-            f"{workers} workers with storage.backend: memory would give every client "
-            f"{workers}x its limit (each process has its own buckets); "
-            "set storage.backend: redis to share buckets, or workers: 1",
-        )
-    return GatewayConfig(
-        upstream=_upstream(r, values.get("upstream"), root),
-        listen_host=listen[0],
-        listen_port=listen[1],
-        admin_host=admin[0],
-        admin_port=admin[1],
-        workers=workers,
-        drain_timeout_seconds=r.field(
-            values, "", "drain_timeout", _positive_duration, d.drain_timeout_seconds
-        ),
-        max_body_size=r.field(values, "", "max_body_size", _non_negative_int, d.max_body_size),
-        mode=r.field(values, "", "mode", _mode, d.mode),
-        clients=_clients(r, values.get("clients")),
+    config = GatewayConfig(
+        **_settings(r, values, root, "", GatewayConfig),
         limits=limits,
         routes=_routes(r, values.get("routes"), limits.default),
-        storage=storage,
-        access_log=_access_log(r, values.get("access_log")),
-        server=_server(r, values.get("server")),
     )
-
-
-def _same_host(a: str, b: str) -> bool:
-    wildcard = ("0.0.0.0", "::")
-    return a == b or a in wildcard or b in wildcard
+    r.located(validate.config_problems(config))
+    return config
 
 
 def load_config(path: str) -> GatewayConfig:

@@ -1,15 +1,41 @@
-"""The frozen configuration model. Every default lives here, once.
+"""The frozen configuration model and its schema. Every default lives here, once.
 
 A request reads one ``GatewayConfig`` snapshot; reload swaps the whole object,
 never a field of it.
+
+Each field read from YAML says how, in its metadata (``setting``, ``section``,
+``by_hand``): its key, its converter, whether a change needs a restart. The
+loader walks these fields, so adding a key is one line here.
 """
+
+# setting(), section() and by_hand() return dataclasses.field(...): safe as
+# defaults, but ruff cannot see through the wrapper.
+# ruff: noqa: RUF009
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
+
+from gateway.config.convert import (
+    as_text,
+    boolean,
+    choice,
+    enum_choice,
+    header_name,
+    network,
+    non_negative_int,
+    parse_hostport,
+    positive_duration,
+    positive_int,
+    redis_address,
+    upstream_url,
+    worker_count,
+)
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -24,13 +50,97 @@ __all__ = [
     "Override",
     "RouteSpec",
     "ServerConfig",
+    "Setting",
     "StorageConfig",
     "Unlimited",
     "UpstreamConfig",
+    "by_hand",
+    "restart_keys",
+    "section",
+    "setting",
+    "settings",
+    "yaml_keys",
 ]
 
 # The refill clock's resolution: below this, timer jitter would be the limit.
 MIN_REFILL_PERIOD_SECONDS: Final = 0.010
+
+
+# -- the schema: how a field is read from YAML --
+
+_SETTING: Final = "gateway.config"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A field's YAML key and how its value is read; kept in the field's metadata."""
+
+    key: str | None = None  # None: the field's own name
+    parse: Callable[[Any], Any] | None = None  # a converter from gateway.config.convert
+    section: type | None = None  # a nested section, read by the same walk
+    restart: bool = False  # read once at start: a reload warns it changed (restart_keys)
+    each: bool = False  # a YAML list: ``parse`` reads each item, the field is a tuple
+    part: int | None = None  # ``parse`` returns a tuple; the field is this item of it
+    required: str = ""  # no default: the problem reported when the key is absent
+    stand_in: Any = None  # the value held while that problem is reported
+
+    def metadata(self) -> Mapping[str, Setting]:
+        return {_SETTING: self}
+
+
+def setting(
+    default: Any,
+    *,
+    key: str | None = None,
+    parse: Callable[[Any], Any],
+    restart: bool = False,
+    each: bool = False,
+    part: int | None = None,
+) -> Any:
+    """A field read from the YAML key ``key`` (default: its name) by ``parse``."""
+    spec = Setting(key, parse, restart=restart, each=each, part=part)
+    return field(default=default, metadata=spec.metadata())
+
+
+def section(cls: type, *, restart: bool = False) -> Any:
+    """A nested mapping whose own fields are settings; absent: all defaults."""
+    return field(default_factory=cls, metadata=Setting(section=cls, restart=restart).metadata())
+
+
+def by_hand(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Callable[[], Any] | None = None,
+    restart: bool = False,
+) -> Any:
+    """A key the loader reads with code of its own (lists, unions): the walk
+    only allows it."""
+    metadata = Setting(restart=restart).metadata()
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def settings(cls: type) -> list[tuple[str, str, Setting]]:
+    """``(attribute, YAML key, Setting)`` for each field of ``cls`` read from YAML,
+    in declaration order."""
+    found = []
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get(_SETTING)
+        if isinstance(spec, Setting):
+            found.append((f.name, spec.key or f.name, spec))
+    return found
+
+
+def yaml_keys(cls: type) -> tuple[str, ...]:
+    """The keys a mapping read as ``cls`` may hold, in declaration order."""
+    return tuple(dict.fromkeys(key for _, key, _ in settings(cls)))
+
+
+def restart_keys(cls: type | None = None) -> tuple[str, ...]:
+    """The fields of ``GatewayConfig`` (or ``cls``) declared ``restart=True``:
+    read once at start, so a reload that changes one says it needs a restart."""
+    return tuple(name for name, _, spec in settings(cls or GatewayConfig) if spec.restart)
 
 
 class Mode(enum.Enum):
@@ -43,9 +153,12 @@ class BucketSpec:
     """A token bucket: starts full at ``max_tokens``; gains ``refill_tokens``
     every ``refill_period_seconds``, capped at ``max_tokens``."""
 
-    refill_period_seconds: float
-    refill_tokens: int
-    max_tokens: int
+    # No defaults: a bucket's missing keys come from the bucket it refines.
+    refill_period_seconds: float = field(
+        metadata=Setting("refill_period", positive_duration).metadata()
+    )
+    refill_tokens: int = field(metadata=Setting(parse=positive_int).metadata())
+    max_tokens: int = field(metadata=Setting(parse=positive_int).metadata())
     name: str = "default"
 
 
@@ -64,13 +177,21 @@ DEFAULT_BUCKET: Final = BucketSpec(
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    url: str
-    connect_timeout_seconds: float = 2.0
-    read_timeout_seconds: float = 30.0
-    max_connections: int = 256
+    url: str = field(
+        metadata=Setting(
+            parse=upstream_url,
+            required="is required (the backend being fronted)",
+            stand_in="http://127.0.0.1:8000",
+        ).metadata()
+    )
+    connect_timeout_seconds: float = setting(
+        2.0, key="connect_timeout", parse=positive_duration
+    )
+    read_timeout_seconds: float = setting(30.0, key="read_timeout", parse=positive_duration)
+    max_connections: int = setting(256, parse=positive_int)
     # nginx's default is Host: $proxy_host; we forward the client's Host as
     # Envoy and Traefik do, which is what most backends behind a gateway expect.
-    preserve_host: bool = True
+    preserve_host: bool = setting(True, parse=boolean)
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -78,12 +199,12 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True, slots=True)
 class ClientsConfig:
-    identify_by: str = "ip"
-    header: str = "X-API-Key"
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    max_tracked: int = 100_000
-    idle_timeout_seconds: float = 600.0
-    max_concurrent: int = 0
+    identify_by: str = setting("ip", parse=choice("ip", "header"))
+    header: str = setting("X-API-Key", parse=header_name)
+    trusted_proxies: tuple[IPNetwork, ...] = setting((), parse=network, each=True)
+    max_tracked: int = setting(100_000, parse=positive_int)
+    idle_timeout_seconds: float = setting(600.0, key="idle_timeout", parse=positive_duration)
+    max_concurrent: int = setting(0, parse=non_negative_int)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +215,8 @@ class Override:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    default: BucketSpec = DEFAULT_BUCKET
-    overrides: tuple[Override, ...] = ()
+    default: BucketSpec = by_hand(DEFAULT_BUCKET)
+    overrides: tuple[Override, ...] = by_hand(())
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,19 +231,19 @@ class RouteSpec:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    backend: str = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    on_error: str = "allow"
-    timeout_seconds: float = 0.050
+    backend: str = setting("memory", parse=choice("memory", "redis"))
+    redis_url: str = setting("redis://127.0.0.1:6379/0", parse=redis_address)
+    on_error: str = setting("allow", parse=choice("allow", "deny", "local"))
+    timeout_seconds: float = setting(0.050, key="timeout", parse=positive_duration)
     # Not in the contract (an addition): redis_url names a node of a Redis
     # Cluster; batches are then split by hash slot.
-    cluster: bool = False
+    cluster: bool = setting(False, parse=boolean)
 
 
 @dataclass(frozen=True, slots=True)
 class AccessLogConfig:
-    path: str = "-"
-    queue_size: int = 10_000
+    path: str = setting("-", parse=as_text)
+    queue_size: int = setting(10_000, parse=positive_int)
 
     @property
     def enabled(self) -> bool:
@@ -135,29 +256,44 @@ class ServerConfig:
     kept under ``server:``). Defaults follow nginx: 8 KiB lines, 60 s header
     read (``client_header_timeout``), 60 s between body reads."""
 
-    max_line_size: int = 8190
-    max_field_size: int = 8190
-    max_headers: int = 100
-    header_timeout_seconds: float = 60.0
-    body_timeout_seconds: float = 60.0
-    keepalive_timeout_seconds: float = 75.0
+    max_line_size: int = setting(8190, parse=positive_int)
+    max_field_size: int = setting(8190, parse=positive_int)
+    max_headers: int = setting(100, parse=positive_int)
+    header_timeout_seconds: float = setting(60.0, key="header_timeout", parse=positive_duration)
+    body_timeout_seconds: float = setting(60.0, key="body_timeout", parse=positive_duration)
+    keepalive_timeout_seconds: float = setting(
+        75.0, key="keepalive_timeout", parse=positive_duration
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    upstream: UpstreamConfig
-    listen_host: str = "0.0.0.0"
-    listen_port: int = 8080
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 9090
-    workers: int = 1
-    drain_timeout_seconds: float = 30.0
-    max_body_size: int = 0
-    mode: Mode = Mode.ENFORCE
-    clients: ClientsConfig = field(default_factory=ClientsConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    routes: tuple[RouteSpec, ...] = ()
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    source: str = "<memory>"
+    """The whole file. Its fields' order is the order ``gateway check`` lists the
+    top-level keys in."""
+
+    listen_host: str = setting(
+        "0.0.0.0", key="listen", parse=parse_hostport, part=0, restart=True
+    )
+    listen_port: int = setting(8080, key="listen", parse=parse_hostport, part=1, restart=True)
+    admin_host: str = setting(
+        "127.0.0.1", key="admin", parse=parse_hostport, part=0, restart=True
+    )
+    admin_port: int = setting(9090, key="admin", parse=parse_hostport, part=1, restart=True)
+    workers: int = setting(1, parse=worker_count, restart=True)
+    drain_timeout_seconds: float = setting(
+        30.0, key="drain_timeout", parse=positive_duration, restart=True
+    )
+    max_body_size: int = setting(0, parse=non_negative_int)
+    mode: Mode = setting(Mode.ENFORCE, parse=enum_choice(Mode))
+    # Read once at start as well, but not restart=True: server.apply reports an
+    # upstream change on a line of its own.
+    upstream: UpstreamConfig = field(
+        kw_only=True, metadata=Setting(section=UpstreamConfig).metadata()
+    )
+    clients: ClientsConfig = section(ClientsConfig)
+    limits: LimitsConfig = by_hand(factory=LimitsConfig)
+    routes: tuple[RouteSpec, ...] = by_hand(())
+    storage: StorageConfig = section(StorageConfig, restart=True)
+    access_log: AccessLogConfig = section(AccessLogConfig, restart=True)
+    server: ServerConfig = section(ServerConfig, restart=True)
+    source: str = "<memory>"  # the file's path, set by the loader

@@ -7,14 +7,31 @@ files, 1-based like an editor shows them.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from gateway.config import UNLIMITED, BucketSpec, Mode, load_config, parse_config
+from gateway.config import (
+    UNLIMITED,
+    AccessLogConfig,
+    BucketSpec,
+    ClientsConfig,
+    GatewayConfig,
+    Mode,
+    StorageConfig,
+    UpstreamConfig,
+    load_config,
+    parse_config,
+    restart_keys,
+)
+from gateway.config.convert import positive_int
 from gateway.config.durations import parse_duration
+from gateway.config.model import ServerConfig, Setting, setting, settings, yaml_keys
+from gateway.config.validate import bucket_problems, config_problems
 from gateway.errors import ConfigError, ConfigProblem
 
 REPO = Path(__file__).resolve().parents[2]
@@ -271,7 +288,7 @@ def test_negative_max_body_size() -> None:
 def test_workers_auto_with_memory_backend_on_a_multicore_host(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("gateway.config.load.os.cpu_count", lambda: 8)
+    monkeypatch.setattr("gateway.config.convert.os.cpu_count", lambda: 8)
     text = "upstream: {url: 'http://x'}\nworkers: auto\n"
     problems = _text_problems(text)
     assert len(problems) == 1
@@ -282,7 +299,7 @@ def test_workers_auto_with_memory_backend_on_a_multicore_host(
 
 
 def test_workers_auto_on_one_core_is_fine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.config.load.os.cpu_count", lambda: 1)
+    monkeypatch.setattr("gateway.config.convert.os.cpu_count", lambda: 1)
     config = parse_config("upstream: {url: 'http://x'}\nworkers: auto\n")
     assert config.workers == 1
 
@@ -492,3 +509,135 @@ def test_parse_duration_rejects(value: object) -> None:
 def test_parse_duration_rejects_nan() -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(math.nan)
+
+
+# -- the schema is declared once, on the model --
+
+
+@dataclass(frozen=True, slots=True)
+class _ProbeServer(ServerConfig):
+    """ServerConfig with one more key, declared the way every key is."""
+
+    max_uri_size: int = setting(4096, parse=positive_int, restart=True)
+
+
+@pytest.fixture
+def probe_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read the ``server:`` section as _ProbeServer: the loader is not touched."""
+    [server] = [f for f in dataclasses.fields(GatewayConfig) if f.name == "server"]
+    monkeypatch.setattr(server, "metadata", Setting(section=_ProbeServer).metadata())
+
+
+@pytest.mark.usefixtures("probe_server")
+def test_a_key_added_to_the_model_is_read_without_touching_the_loader() -> None:
+    config = parse_config("upstream: {url: 'http://x'}\nserver:\n  max_uri_size: 100\n")
+    assert isinstance(config.server, _ProbeServer)
+    assert config.server.max_uri_size == 100
+    assert config.server.max_headers == 100  # the section's other keys as before
+    absent = parse_config("upstream: {url: 'http://x'}\n").server
+    assert isinstance(absent, _ProbeServer)
+    assert absent.max_uri_size == 4096
+    text = "upstream: {url: 'http://x'}\nserver:\n  max_uri_size: 0\n  max_uri: 5\n"
+    assert _text_problems(text) == [
+        "f.yaml:3:17: server.max_uri_size: must be positive, got 0",
+        "f.yaml:4:3: server.max_uri: unknown key; expected one of: max_line_size, "
+        "max_field_size, max_headers, header_timeout, body_timeout, keepalive_timeout, "
+        "max_uri_size",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("upstream", UpstreamConfig),
+        ("clients", ClientsConfig),
+        ("storage", StorageConfig),
+        ("access_log", AccessLogConfig),
+        ("server", ServerConfig),
+    ],
+)
+def test_unknown_key_lists_are_the_model_fields_keys(name: str, cls: type) -> None:
+    text = f"{name}:\n  url: http://x\n  bogus: 1\n"
+    if name != "upstream":
+        text = f"upstream: {{url: 'http://x'}}\n{name}:\n  bogus: 1\n"
+    keys = ", ".join(yaml_keys(cls))
+    assert _text_problems(text) == [
+        f"f.yaml:3:3: {name}.bogus: unknown key; expected one of: {keys}"
+    ]
+
+
+def test_top_level_keys_follow_the_model_field_order() -> None:
+    assert yaml_keys(GatewayConfig) == (
+        "listen", "admin", "workers", "drain_timeout", "max_body_size", "mode",
+        "upstream", "clients", "limits", "routes", "storage", "access_log", "server",
+    )  # fmt: skip
+    assert yaml_keys(BucketSpec) == ("refill_period", "refill_tokens", "max_tokens")
+
+
+def test_restart_keys_are_derived_from_the_model() -> None:
+    # The set the server kept by hand before it was derived.
+    assert set(restart_keys()) == {
+        "listen_host", "listen_port", "admin_host", "admin_port", "workers",
+        "storage", "access_log", "server", "drain_timeout_seconds",
+    }  # fmt: skip
+    declared = [name for name, _, spec in settings(GatewayConfig) if spec.restart]
+    assert list(restart_keys()) == declared
+
+    @dataclass(frozen=True)
+    class Probe:
+        fixed: int = setting(1, parse=positive_int, restart=True)
+        live: int = setting(2, parse=positive_int)
+
+    assert restart_keys(Probe) == ("fixed",)
+
+
+# -- the rules between keys, on the built model --
+
+
+def test_cross_key_rules_work_on_the_built_model() -> None:
+    upstream = UpstreamConfig(url="http://x")
+    clash = GatewayConfig(upstream=upstream, listen_port=9090, workers=2)
+    assert [key for key, _ in config_problems(clash)] == ["admin", "workers"]
+    assert config_problems(GatewayConfig(upstream=upstream)) == []
+    short = BucketSpec(0.005, 10, 5)
+    assert [key for key, _ in bucket_problems(short, "b", read_cleanly=True)] == [
+        "b.refill_period"
+    ]
+    small = BucketSpec(1.0, 10, 5)
+    assert [key for key, _ in bucket_problems(small, "b", read_cleanly=True)] == [
+        "b.max_tokens"
+    ]
+    assert bucket_problems(small, "b", read_cleanly=False) == []
+
+
+def test_a_rule_on_a_key_the_file_lacks_is_placed_at_the_enclosing_mapping() -> None:
+    # admin is not written: the clash with its default port is placed at the
+    # document (its first key, line 2, after the comment).
+    text = "# gateway\nlisten: ':9090'\nupstream: {url: 'http://x'}\n"
+    assert _text_problems(text) == [
+        "f.yaml:2:1: admin: port 9090 is the proxy listener's too; "
+        "the admin listener needs its own"
+    ]
+    # max_tokens is not written in the route's limit: at the limit's mapping.
+    text = (
+        "upstream: {url: 'http://x'}\n"
+        "routes:\n"
+        "  - {path_prefix: /a, limit: {refill_tokens: 30}}\n"
+    )
+    assert _text_problems(text) == [
+        "f.yaml:3:30: routes[0].limit.max_tokens: max_tokens (20) must be at least "
+        "refill_tokens (30)"
+    ]
+
+
+def test_a_bad_default_bucket_is_reported_once_not_at_each_route_inheriting_it() -> None:
+    text = (
+        "upstream: {url: 'http://x'}\n"
+        "limits: {default: {refill_period: 5ms}}\n"
+        "routes:\n"
+        "  - {path_prefix: /a, limit: {max_tokens: 40}}\n"
+    )
+    assert _text_problems(text) == [
+        "f.yaml:2:35: limits.default.refill_period: must be at least 10ms (the refill "
+        "clock's resolution), got 0.005s"
+    ]
