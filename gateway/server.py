@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, load_config, restart_keys
 from gateway.connection import GuardedServer, bound_port
 from gateway.core import RequestCore, Snapshot
 from gateway.errors import ConfigError
@@ -40,11 +40,8 @@ __all__ = ["Server", "bound_port", "load_for_reload", "settle_heap"]
 
 log = logging.getLogger("gateway")
 
-# Keys read once at start: changing them needs a restart, and a reload says so.
-_RESTART_KEYS: Final = (
-    "listen_host", "listen_port", "admin_host", "admin_port", "workers",
-    "storage", "access_log", "server", "drain_timeout_seconds",
-)  # fmt: skip
+# Keys read once at start (restart=True in the model): a reload that changes one says so.
+_RESTART_KEYS: Final = restart_keys()
 
 
 class Server:

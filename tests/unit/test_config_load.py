@@ -591,6 +591,12 @@ def test_restart_keys_are_derived_from_the_model() -> None:
     assert restart_keys(Probe) == ("fixed",)
 
 
+def test_server_compares_the_derived_restart_keys() -> None:
+    from gateway import server
+
+    assert restart_keys() == server._RESTART_KEYS
+
+
 # -- the rules between keys, on the built model --
 
 
