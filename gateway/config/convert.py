@@ -9,8 +9,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from gateway.config.durations import parse_duration
@@ -19,15 +20,23 @@ __all__ = [
     "as_text",
     "boolean",
     "choice",
+    "client_entry",
     "enum_choice",
     "header_name",
+    "limit_name",
+    "method_set",
+    "method_token",
     "network",
     "non_negative_int",
     "parse_hostport",
     "path_prefix",
+    "per_parts",
     "positive_duration",
     "positive_int",
+    "prefix_length",
     "redis_address",
+    "status_range",
+    "status_set",
     "string",
     "upstream_url",
     "worker_count",
@@ -163,3 +172,110 @@ def path_prefix(value: Any) -> str:
     if not prefix.startswith("/"):
         raise ValueError(f"must start with '/', got {prefix!r}")
     return prefix
+
+
+def prefix_length(bits: int) -> Callable[[Any], int]:
+    """A prefix length from 1 to ``bits``."""
+
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bits:
+            raise ValueError(f"expected a prefix length from 1 to {bits}, got {value!r}")
+        return value
+
+    return convert
+
+
+def client_entry(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
+    """An allow/deny entry: a CIDR, or ``key:VALUE`` (an API key)."""
+    if isinstance(value, str) and value.startswith("key:"):
+        if len(value) == 4:
+            raise ValueError("'key:' needs a value, as in 'key:partner-1'")
+        return value
+    try:
+        return network(value)
+    except ValueError:
+        raise ValueError(
+            f"expected a CIDR such as '10.0.0.0/8' or 'key:VALUE', got {value!r}"
+        ) from None
+
+
+_PER_PARTS: Final = ("client", "ip", "route")
+
+
+def per_parts(value: Any) -> tuple[str, ...]:
+    """``per``: client, ip, route, header:NAME, or a list of these."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("expected client, ip, route, header:NAME or a list of them")
+    parts = []
+    for item in items:
+        if isinstance(item, str) and item.startswith("header:"):
+            parts.append("header:" + header_name(item[7:]))
+        elif item in _PER_PARTS:
+            parts.append(str(item))
+        else:
+            raise ValueError(f"expected client, ip, route or header:NAME, got {item!r}")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"{value!r} names a part twice")
+    return tuple(parts)
+
+
+def limit_name(value: Any) -> str:
+    """A limit's name, as ``RateLimit-Policy`` quotes it: printable ASCII
+    without ``"`` or ``\\``."""
+    name = as_text(value)
+    if not all(" " <= c <= "~" and c not in '"\\' for c in name):
+        raise ValueError(
+            f"expected printable ASCII without quotes or backslashes, got {name!r}"
+        )
+    return name
+
+
+# RFC 9110 5.6.2: a method is a token.
+_TOKEN_CHARS: Final = frozenset(
+    "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+
+
+def method_token(value: Any) -> str:
+    """One of ``methods``: an HTTP method token, upper-cased (``get`` is ``GET``)."""
+    if value == "*":
+        raise ValueError("'*' is not a method; leave methods out to match every method")
+    if not isinstance(value, str) or not value or not set(value) <= _TOKEN_CHARS:
+        raise ValueError(f"expected an HTTP method such as GET or POST, got {value!r}")
+    return value.upper()
+
+
+def method_set(methods: list[str]) -> frozenset[str]:
+    if not methods:
+        raise ValueError(
+            "an empty list matches no request; leave methods out to match every method"
+        )
+    return frozenset(methods)
+
+
+_STATUS_RANGE: Final = re.compile(r"[1-5](?:[0-9][0-9x]|xx)", re.IGNORECASE)
+
+
+def status_range(value: Any) -> range:
+    """One of ``count_statuses``: a code (``401`` or ``"401"``) or a range of
+    codes written with ``x`` for its last digits (``"4xx"``, ``"40x"``)."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(text, str) and _STATUS_RANGE.fullmatch(text):
+        low = int(text.lower().replace("x", "0"))
+        high = int(text.lower().replace("x", "9"))
+        if low >= 100:
+            return range(low, high + 1)
+    raise ValueError(
+        f"expected a status code from 100 to 599 such as 401, or a range such as '4xx', "
+        f"got {value!r}"
+    )
+
+
+def status_set(ranges: list[range]) -> frozenset[int]:
+    if not ranges:
+        raise ValueError(
+            "an empty list would give every token back; "
+            "leave count_statuses out to count every answer"
+        )
+    return frozenset(code for codes in ranges for code in codes)

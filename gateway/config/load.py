@@ -16,20 +16,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import yaml
 
 from gateway.config import validate
-from gateway.config.convert import as_text, enum_choice, parse_hostport, path_prefix
+from gateway.config.convert import as_text, parse_hostport
 from gateway.config.model import (
+    DEFAULT_BUCKET,
+    DEFAULT_PER,
     UNLIMITED,
     BucketSpec,
     GatewayConfig,
     LimitsConfig,
-    Mode,
     Override,
     RouteSpec,
+    Setting,
     Unlimited,
     settings,
     yaml_keys,
@@ -39,8 +41,6 @@ from gateway.errors import ConfigError, ConfigProblem
 __all__ = ["load_config", "parse_config", "parse_hostport"]
 
 T = TypeVar("T")
-
-_mode = enum_choice(Mode)
 
 
 class _Missing:
@@ -90,14 +90,19 @@ class _Reader:
                 self._nodes.setdefault(full, value_node)
         return values
 
+    def node(self, key: str) -> yaml.Node | None:
+        """The node of ``key`` or, when the file does not hold it, of the
+        nearest enclosing key that it holds."""
+        while key and key not in self._nodes:
+            # routes[0].limit[1].name -> routes[0].limit[1] -> routes[0].limit
+            key = key[: key.rindex("[")] if key.endswith("]") else key.rpartition(".")[0]
+        return self._nodes.get(key)
+
     def located(self, problems: list[validate.Problem]) -> None:
         """Record problems found on the built model, each at its key's node or,
         when the file does not hold that key, the nearest enclosing one's."""
         for key, message in problems:
-            path = key
-            while path and path not in self._nodes:
-                path = path.rpartition(".")[0]
-            self.problem(self._nodes.get(path), key, message)
+            self.problem(self.node(key), key, message)
 
     def value(self, node: yaml.Node) -> Any:
         return self._loader.construct_object(node, deep=True)
@@ -108,20 +113,6 @@ class _Reader:
         except (ValueError, TypeError) as exc:
             self.problem(node, key, str(exc))
             return _MISSING
-
-    def field(
-        self,
-        values: dict[str, yaml.Node],
-        parent: str,
-        name: str,
-        convert: Callable[[Any], T],
-        default: T,
-    ) -> T:
-        node = values.get(name)
-        if node is None:
-            return default
-        result = self.convert(node, f"{parent}.{name}" if parent else name, convert)
-        return default if isinstance(result, _Missing) else result
 
 
 # -- sections --
@@ -149,7 +140,8 @@ def _settings(
         full = f"{key}.{yaml_key}" if key else yaml_key
         node = values.get(yaml_key)
         if spec.section is not None:
-            kwargs[name] = _section(r, node, full, spec.section, where)
+            if node is not None or not spec.optional:
+                kwargs[name] = _section(r, node, full, spec.section, where)
             continue
         if spec.parse is None:
             continue
@@ -160,7 +152,7 @@ def _settings(
         elif yaml_key in converted:
             value = converted[yaml_key]
         elif spec.each:
-            value = converted[yaml_key] = _each(r, node, full, spec.parse)
+            value = converted[yaml_key] = _each(r, node, full, spec)
         else:
             value = converted[yaml_key] = r.convert(node, full, spec.parse)
         if not isinstance(value, _Missing):
@@ -170,9 +162,82 @@ def _settings(
     return kwargs
 
 
-def _each(r: _Reader, node: yaml.Node, key: str, convert: Callable[[Any], T]) -> tuple[T, ...]:
-    items = [r.convert(item, key, convert) for item in _sequence(r, node, key)]
-    return tuple(item for item in items if not isinstance(item, _Missing))
+def _each(r: _Reader, node: yaml.Node, key: str, spec: Setting) -> Any:
+    """A YAML list read item by item with ``spec.parse``, then gathered (a tuple
+    by default); _MISSING when an item or the list fails (the field's default
+    stands in)."""
+    assert spec.parse is not None
+    nodes = _sequence(r, node, key)
+    if nodes is None:
+        return _MISSING
+    items = [r.convert(item, key, spec.parse) for item in nodes]
+    if any(isinstance(item, _Missing) for item in items):
+        return _MISSING
+    if spec.gather is None:
+        return tuple(items)
+    try:
+        return spec.gather(items)
+    except ValueError as exc:
+        r.problem(node, key, str(exc))
+        return _MISSING
+
+
+def _sequence(r: _Reader, node: yaml.Node, key: str) -> list[yaml.Node] | None:
+    """The list's item nodes (none for a null); None, a problem recorded, when
+    ``node`` is not a list."""
+    if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+        return []
+    if not isinstance(node, yaml.SequenceNode):
+        r.problem(node, key, "expected a list")
+        return None
+    return list(node.value)
+
+
+# -- limits: a mapping or a list of them, refining a base bucket --
+
+_LIMIT_SHAPE: Final = (
+    f"a mapping of {', '.join(yaml_keys(BucketSpec))}, or a list of such mappings"
+)
+
+
+def _limit(
+    r: _Reader, node: yaml.Node, key: str, base: BucketSpec, name: str
+) -> tuple[BucketSpec, ...] | _Missing:
+    """A limit wherever one is allowed: one mapping, or a list of mappings that
+    must all admit. Each refines ``base`` (its missing refill_period,
+    refill_tokens and max_tokens are base's). Unnamed, a single limit is
+    ``name``; in a list, the first is ``name`` and later ones ``name-2``,
+    ``name-3`` ... (by position). _MISSING after any problem."""
+    items = _limit_items(r, node, key, base, name)
+    if isinstance(items, _Missing) or None in items:
+        return _MISSING
+    return tuple(item for item in items if item is not None)
+
+
+def _limit_items(
+    r: _Reader, node: yaml.Node, key: str, base: BucketSpec, name: str
+) -> list[BucketSpec | None] | _Missing:
+    """_limit's items, None for one with a problem (also a name it shares)."""
+    if isinstance(node, yaml.MappingNode):
+        bucket = _bucket(r, node, key, base, name)
+        return [None if isinstance(bucket, _Missing) else bucket]
+    if not isinstance(node, yaml.SequenceNode):
+        r.problem(node, key, f"expected {_LIMIT_SHAPE}")
+        return _MISSING
+    if not node.value:
+        r.problem(node, key, "an empty list of limits; give at least one")
+        return _MISSING
+    items: list[BucketSpec | None] = []
+    for i, item in enumerate(node.value):
+        item_name = name if i == 0 else f"{name}-{i + 1}"
+        bucket = _bucket(r, item, f"{key}[{i}]", base, item_name)
+        items.append(None if isinstance(bucket, _Missing) else bucket)
+    problems = validate.limit_list_problems(items, key)
+    if problems:
+        r.located(problems)
+        # A name is repeated by a later item, never by the first.
+        items[1:] = [None] * (len(items) - 1)
+    return items
 
 
 def _bucket(
@@ -192,9 +257,12 @@ def _bucket_fields(
     base: BucketSpec,
     name: str,
 ) -> BucketSpec | _Missing:
-    """The keys ``values`` holds over ``base``'s; _MISSING after any problem."""
+    """The keys ``values`` holds over ``base``'s sizes (``name`` and ``per`` are
+    not inherited: ``name`` unless the file names it, per: client unless it
+    says); _MISSING after any problem."""
     problems_before = len(r.problems)
-    bucket = replace(base, name=name, **_settings(r, values, node, key, BucketSpec))
+    read = {"name": name, "per": DEFAULT_PER, **_settings(r, values, node, key, BucketSpec)}
+    bucket = replace(base, **read)
     read_cleanly = len(r.problems) == problems_before
     r.located(validate.bucket_problems(bucket, key, read_cleanly=read_cleanly))
     if len(r.problems) > problems_before:
@@ -202,83 +270,112 @@ def _bucket_fields(
     return bucket
 
 
-def _sequence(r: _Reader, node: yaml.Node, key: str) -> list[yaml.Node]:
-    if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
-        return []
-    if not isinstance(node, yaml.SequenceNode):
-        r.problem(node, key, "expected a list")
-        return []
-    return list(node.value)
+_OVERRIDE_KEYS: Final = ("client", *yaml_keys(BucketSpec), "limit")
 
 
-def _limits(r: _Reader, node: yaml.Node | None) -> LimitsConfig:
+def _limits(r: _Reader, node: yaml.Node | None) -> tuple[LimitsConfig, BucketSpec]:
+    """limits, and the bucket route limits refine: limits.default's first."""
     if node is None:
-        return LimitsConfig()
+        return LimitsConfig(), DEFAULT_BUCKET
     values = r.mapping(node, "limits", yaml_keys(LimitsConfig)) or {}
     default = LimitsConfig().default
+    base = default[0]  # what other limits refine
     if "default" in values:
-        parsed = _bucket(r, values["default"], "limits.default", default, "default")
-        if isinstance(parsed, BucketSpec):
-            default = parsed
+        items = _limit_items(r, values["default"], "limits.default", base, "default")
+        if not isinstance(items, _Missing):
+            if None not in items:
+                default = tuple(item for item in items if item is not None)
+            # A first item that read well is still what routes refine, even
+            # when a later one has a problem (no bogus problems at routes).
+            base = items[0] or base
     overrides: list[Override] = []
     seen: set[str] = set()
-    if "overrides" in values:
-        for i, item in enumerate(_sequence(r, values["overrides"], "limits.overrides")):
-            key = f"limits.overrides[{i}]"
-            fields = r.mapping(item, key, ("client", *yaml_keys(BucketSpec)))
-            if fields is None:
-                continue
-            client_node = fields.pop("client", None)
-            if client_node is None:
-                r.problem(item, f"{key}.client", "is required")
-                continue
-            client = r.convert(client_node, f"{key}.client", as_text)
-            bucket = _bucket_fields(r, fields, item, key, default, "override")
-            if isinstance(client, _Missing) or isinstance(bucket, _Missing):
-                continue
-            if client in seen:
-                r.problem(client_node, f"{key}.client", f"{client!r} is listed twice")
-                continue
-            seen.add(client)
-            overrides.append(Override(client, bucket))
-    return LimitsConfig(default=default, overrides=tuple(overrides))
+    nodes = (
+        _sequence(r, values["overrides"], "limits.overrides") if "overrides" in values else []
+    )
+    for i, item in enumerate(nodes or []):
+        key = f"limits.overrides[{i}]"
+        override = _override(r, item, key, base)
+        if override is None:
+            continue
+        if override.client in seen:
+            client_key = f"{key}.client"
+            r.problem(r.node(client_key), client_key, f"{override.client!r} is listed twice")
+            continue
+        seen.add(override.client)
+        overrides.append(override)
+    return LimitsConfig(default=default, overrides=tuple(overrides)), base
 
 
-def _routes(r: _Reader, node: yaml.Node | None, default: BucketSpec) -> tuple[RouteSpec, ...]:
+def _override(r: _Reader, item: yaml.Node, key: str, base: BucketSpec) -> Override | None:
+    """``{client: ID, <a bucket's keys>}`` or ``{client: ID, limit: <a limit>}``
+    (the form for several limits); None after any problem."""
+    fields = r.mapping(item, key, _OVERRIDE_KEYS)
+    if fields is None:
+        return None
+    client_node = fields.pop("client", None)
+    if client_node is None:
+        r.problem(item, f"{key}.client", "is required")
+        return None
+    client = r.convert(client_node, f"{key}.client", as_text)
+    limit_node = fields.pop("limit", None)
+    buckets: tuple[BucketSpec, ...] | _Missing
+    if limit_node is None:
+        bucket = _bucket_fields(r, fields, item, key, base, "override")
+        buckets = _MISSING if isinstance(bucket, _Missing) else (bucket,)
+    elif fields:
+        r.problem(
+            limit_node,
+            f"{key}.limit",
+            "give the limit either inline (next to client) or under limit, not both; "
+            f"inline here: {', '.join(fields)}",
+        )
+        buckets = _MISSING
+    elif isinstance(limit_node, yaml.ScalarNode):
+        r.problem(
+            limit_node,
+            f"{key}.limit",
+            f"expected {_LIMIT_SHAPE} (clients.allow exempts a client from every limit)",
+        )
+        buckets = _MISSING
+    else:
+        buckets = _limit(r, limit_node, f"{key}.limit", base, "override")
+    if isinstance(client, _Missing) or isinstance(buckets, _Missing):
+        return None
+    return Override(client, buckets)
+
+
+def _routes(r: _Reader, node: yaml.Node | None, base: BucketSpec) -> tuple[RouteSpec, ...]:
+    """One RouteSpec per item, also for an item with problems (a stand-in), so
+    ``config.routes[i]`` is the file's ``routes[i]`` for the rules between
+    routes (gateway.config.validate)."""
     if node is None:
         return ()
     routes: list[RouteSpec] = []
-    for i, item in enumerate(_sequence(r, node, "routes")):
+    for i, item in enumerate(_sequence(r, node, "routes") or []):
         key = f"routes[{i}]"
-        values = r.mapping(item, key, ("path_prefix", "limit", "mode"))
+        values = r.mapping(item, key, yaml_keys(RouteSpec))
         if values is None:
+            routes.append(RouteSpec("/"))
             continue
-        if "path_prefix" not in values:
-            r.problem(item, f"{key}.path_prefix", "is required")
-            continue
-        prefix = r.convert(values["path_prefix"], f"{key}.path_prefix", path_prefix)
-        if isinstance(prefix, _Missing):
-            prefix = "/"  # keep checking the route's other keys
-        limit: BucketSpec | Unlimited | None = None
-        limit_node = values.get("limit")
-        if limit_node is not None:
-            if isinstance(limit_node, yaml.ScalarNode):
-                if r.value(limit_node) == "unlimited":
-                    limit = UNLIMITED
-                else:
-                    r.problem(
-                        limit_node,
-                        f"{key}.limit",
-                        "expected 'unlimited' or a mapping of "
-                        + ", ".join(yaml_keys(BucketSpec)),
-                    )
-            else:
-                parsed = _bucket(r, limit_node, f"{key}.limit", default, prefix)
-                if isinstance(parsed, BucketSpec):
-                    limit = parsed
-        mode = r.field(values, key, "mode", _mode, None)
-        routes.append(RouteSpec(prefix, limit, mode))
+        read = _settings(r, values, item, key, RouteSpec)
+        limit = _route_limit(r, values.get("limit"), f"{key}.limit", base, read["path_prefix"])
+        routes.append(RouteSpec(**read, limit=limit))
     return tuple(routes)
+
+
+def _route_limit(
+    r: _Reader, node: yaml.Node | None, key: str, base: BucketSpec, prefix: str
+) -> tuple[BucketSpec, ...] | Unlimited | None:
+    if node is None:
+        return None
+    if isinstance(node, yaml.ScalarNode):
+        if r.value(node) == "unlimited":
+            return UNLIMITED
+        r.problem(node, key, f"expected 'unlimited', {_LIMIT_SHAPE}")
+        return None
+    limit = _limit(r, node, key, base, prefix)
+    return None if isinstance(limit, _Missing) else limit
 
 
 def parse_config(text: str, path: str = "<memory>") -> GatewayConfig:
@@ -316,13 +413,16 @@ def parse_config(text: str, path: str = "<memory>") -> GatewayConfig:
 
 
 def _build(r: _Reader, root: yaml.Node, values: dict[str, yaml.Node]) -> GatewayConfig:
-    limits = _limits(r, values.get("limits"))
+    limits, base = _limits(r, values.get("limits"))
     config = GatewayConfig(
         **_settings(r, values, root, "", GatewayConfig),
         limits=limits,
-        routes=_routes(r, values.get("routes"), limits.default),
+        routes=_routes(r, values.get("routes"), base),
     )
-    r.located(validate.config_problems(config))
+    # The rules between keys skip what failed to read: its stand-in is a value
+    # the user never wrote.
+    unread = [problem.key for problem in r.problems]
+    r.located(validate.config_problems(config, unread=unread))
     return config
 
 

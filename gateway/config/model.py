@@ -25,29 +25,41 @@ from gateway.config.convert import (
     as_text,
     boolean,
     choice,
+    client_entry,
     enum_choice,
     header_name,
+    limit_name,
+    method_set,
+    method_token,
     network,
     non_negative_int,
     parse_hostport,
+    path_prefix,
+    per_parts,
     positive_duration,
     positive_int,
+    prefix_length,
     redis_address,
+    status_range,
+    status_set,
     upstream_url,
     worker_count,
 )
 
 __all__ = [
     "DEFAULT_BUCKET",
+    "DEFAULT_PER",
     "MIN_REFILL_PERIOD_SECONDS",
     "UNLIMITED",
     "AccessLogConfig",
     "BucketSpec",
+    "ClientEntry",
     "ClientsConfig",
     "GatewayConfig",
     "LimitsConfig",
     "Mode",
     "Override",
+    "QueueSpec",
     "RouteSpec",
     "ServerConfig",
     "Setting",
@@ -55,6 +67,7 @@ __all__ = [
     "Unlimited",
     "UpstreamConfig",
     "by_hand",
+    "optional_section",
     "restart_keys",
     "section",
     "setting",
@@ -78,8 +91,12 @@ class Setting:
     key: str | None = None  # None: the field's own name
     parse: Callable[[Any], Any] | None = None  # a converter from gateway.config.convert
     section: type | None = None  # a nested section, read by the same walk
+    optional: bool = False  # a section the file lacks is None, not all defaults
     restart: bool = False  # read once at start: a reload warns it changed (restart_keys)
     each: bool = False  # a YAML list: ``parse`` reads each item, the field is a tuple
+    # With ``each``: makes the field's value of the converted items instead of
+    # tuple (raises ValueError for a list it refuses, e.g. an empty one).
+    gather: Callable[[list[Any]], Any] | None = None
     part: int | None = None  # ``parse`` returns a tuple; the field is this item of it
     required: str = ""  # no default: the problem reported when the key is absent
     stand_in: Any = None  # the value held while that problem is reported
@@ -95,16 +112,22 @@ def setting(
     parse: Callable[[Any], Any],
     restart: bool = False,
     each: bool = False,
+    gather: Callable[[list[Any]], Any] | None = None,
     part: int | None = None,
 ) -> Any:
     """A field read from the YAML key ``key`` (default: its name) by ``parse``."""
-    spec = Setting(key, parse, restart=restart, each=each, part=part)
+    spec = Setting(key, parse, restart=restart, each=each, gather=gather, part=part)
     return field(default=default, metadata=spec.metadata())
 
 
 def section(cls: type, *, restart: bool = False) -> Any:
     """A nested mapping whose own fields are settings; absent: all defaults."""
     return field(default_factory=cls, metadata=Setting(section=cls, restart=restart).metadata())
+
+
+def optional_section(cls: type) -> Any:
+    """A nested mapping read like ``section``; absent: None (the feature is off)."""
+    return field(default=None, metadata=Setting(section=cls, optional=True).metadata())
 
 
 def by_hand(
@@ -148,6 +171,9 @@ class Mode(enum.Enum):
     SHADOW = "shadow"
 
 
+DEFAULT_PER: Final = ("client",)
+
+
 @dataclass(frozen=True, slots=True)
 class BucketSpec:
     """A token bucket: starts full at ``max_tokens``; gains ``refill_tokens``
@@ -159,7 +185,13 @@ class BucketSpec:
     )
     refill_tokens: int = field(metadata=Setting(parse=positive_int).metadata())
     max_tokens: int = field(metadata=Setting(parse=positive_int).metadata())
-    name: str = "default"
+    # Unique within its list of limits (the limits one request passes). Not
+    # inherited: the loader gives an unnamed limit its place's name ("default",
+    # "override", the route's path_prefix; NAME-2, NAME-3 ... for later items).
+    name: str = setting("default", parse=limit_name)
+    # Whose bucket: "client" (as clients.identify_by says), "ip", "route",
+    # "header:NAME", or several of these (a composite key). Not inherited.
+    per: tuple[str, ...] = setting(DEFAULT_PER, parse=per_parts)
 
 
 class Unlimited(enum.Enum):
@@ -195,6 +227,8 @@ class UpstreamConfig:
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# An allow/deny entry: a network, or "key:VALUE" (the API-key field's value).
+ClientEntry = IPNetwork | str
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,28 +239,61 @@ class ClientsConfig:
     max_tracked: int = setting(100_000, parse=positive_int)
     idle_timeout_seconds: float = setting(600.0, key="idle_timeout", parse=positive_duration)
     max_concurrent: int = setting(0, parse=non_negative_int)
+    # Addresses in one prefix are one client (a subscriber's usual IPv6
+    # allocation is a /64: rotating within it must not mint buckets).
+    ipv4_prefix: int = setting(32, parse=prefix_length(32))
+    ipv6_prefix: int = setting(64, parse=prefix_length(128))
+    allow: tuple[ClientEntry, ...] = setting((), parse=client_entry, each=True)
+    deny: tuple[ClientEntry, ...] = setting((), parse=client_entry, each=True)
 
 
 @dataclass(frozen=True, slots=True)
 class Override:
+    """A client's own limits (e.g. a paid API key), on every route without
+    limits of its own."""
+
     client: str
-    bucket: BucketSpec
+    buckets: tuple[BucketSpec, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    default: BucketSpec = by_hand(DEFAULT_BUCKET)
+    default: tuple[BucketSpec, ...] = by_hand((DEFAULT_BUCKET,))
     overrides: tuple[Override, ...] = by_hand(())
 
 
 @dataclass(frozen=True, slots=True)
-class RouteSpec:
-    """``limit`` is a BucketSpec of its own, UNLIMITED, or None (client's
-    override if any, else limits.default)."""
+class QueueSpec:
+    """Wait for tokens instead of an immediate 429 (nginx ``limit_req burst``
+    with delay): a request whose tokens will be there within ``max_wait``
+    reserves them and waits; at most ``max_queued`` wait per process."""
 
-    path_prefix: str
-    limit: BucketSpec | Unlimited | None = None
-    mode: Mode | None = None
+    max_wait_seconds: float = setting(1.0, key="max_wait", parse=positive_duration)
+    max_queued: int = setting(1000, parse=positive_int)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """``limit`` is the route's own limits (all must admit), UNLIMITED, or
+    None (client's override if any, else limits.default). ``methods``: the
+    methods it matches (None: every one). ``count_statuses``: the statuses
+    whose answers cost tokens (None: every one)."""
+
+    path_prefix: str = field(
+        metadata=Setting(parse=path_prefix, required="is required", stand_in="/").metadata()
+    )
+    # A mapping, a list of mappings or "unlimited"; inherits from
+    # limits.default: read by the loader.
+    limit: tuple[BucketSpec, ...] | Unlimited | None = by_hand(None)
+    mode: Mode | None = setting(None, parse=enum_choice(Mode))
+    methods: frozenset[str] | None = setting(
+        None, parse=method_token, each=True, gather=method_set
+    )
+    cost: int = setting(1, parse=positive_int)
+    queue: QueueSpec | None = optional_section(QueueSpec)
+    count_statuses: frozenset[int] | None = setting(
+        None, parse=status_range, each=True, gather=status_set
+    )
 
 
 @dataclass(frozen=True, slots=True)

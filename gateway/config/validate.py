@@ -8,9 +8,23 @@ file does not hold it, so it still reads ``PATH:LINE:COL: key.path: message``.
 
 from __future__ import annotations
 
-from gateway.config.model import MIN_REFILL_PERIOD_SECONDS, BucketSpec, GatewayConfig
+from collections.abc import Collection, Sequence
 
-__all__ = ["Problem", "bucket_problems", "config_problems"]
+from gateway.config.model import (
+    MIN_REFILL_PERIOD_SECONDS,
+    BucketSpec,
+    GatewayConfig,
+    RouteSpec,
+    Unlimited,
+)
+
+__all__ = [
+    "Problem",
+    "bucket_problems",
+    "config_problems",
+    "limit_list_problems",
+    "route_problems",
+]
 
 Problem = tuple[str, str]  # (key path, message)
 
@@ -42,9 +56,35 @@ def bucket_problems(bucket: BucketSpec, key: str, *, read_cleanly: bool) -> list
     return []
 
 
-def config_problems(config: GatewayConfig) -> list[Problem]:
-    """The rules across sections, on the whole built config."""
+def limit_list_problems(buckets: Sequence[BucketSpec | None], key: str) -> list[Problem]:
+    """A list of limits (``key[i]``; None: an item that did not read): each
+    needs a name of its own, as RateLimit-Policy lists them side by side."""
     problems: list[Problem] = []
+    first: dict[str, int] = {}
+    for i, bucket in enumerate(buckets):
+        if bucket is None:
+            continue
+        if bucket.name in first:
+            problems.append(
+                (
+                    f"{key}[{i}].name",
+                    f"{bucket.name!r} is also the name of {key}[{first[bucket.name]}]; "
+                    "each limit of a list needs a name of its own",
+                )
+            )
+        else:
+            first[bucket.name] = i
+    return problems
+
+
+def config_problems(config: GatewayConfig, *, unread: Collection[str] = ()) -> list[Problem]:
+    """The rules across sections, on the whole built config.
+
+    ``unread``: the key paths of problems already found while reading. A rule
+    skips a part under one of them: that part holds a stand-in the file never
+    said (a route with a bad ``path_prefix`` reads as ``/``), and judging it
+    would report problems that do not exist."""
+    problems = route_problems(config, unread=unread)
     listen, admin = config.listen_port, config.admin_port
     if listen != 0 and listen == admin and _same_host(config.listen_host, config.admin_host):
         problems.append(
@@ -69,3 +109,150 @@ def config_problems(config: GatewayConfig) -> list[Problem]:
 def _same_host(a: str, b: str) -> bool:
     wildcard = ("0.0.0.0", "::")
     return a == b or a in wildcard or b in wildcard
+
+
+# -- routes --
+
+
+def route_problems(config: GatewayConfig, *, unread: Collection[str] = ()) -> list[Problem]:
+    """Each route's keys against its limits and drain_timeout; routes that no
+    request can reach."""
+    problems: list[Problem] = []
+    clean = [_clean(unread, f"routes[{i}]") for i in range(len(config.routes))]
+    for i, route in enumerate(config.routes):
+        if not clean[i]:
+            continue
+        key = f"routes[{i}]"
+        if isinstance(route.limit, Unlimited):
+            problems.extend(_unlimited_problems(route, key))
+            continue
+        if route.cost > 1 and (isinstance(route.limit, tuple) or _clean(unread, "limits")):
+            problems.extend(_cost_problems(config, route, key))
+        queue = route.queue
+        if (
+            queue is not None
+            and queue.max_wait_seconds > config.drain_timeout_seconds
+            and _clean(unread, "drain_timeout")
+        ):
+            problems.append(
+                (
+                    f"{key}.queue.max_wait",
+                    f"{_duration(queue.max_wait_seconds)} is longer than drain_timeout "
+                    f"({_duration(config.drain_timeout_seconds)}): a drain must answer "
+                    "every queued request within drain_timeout",
+                )
+            )
+    problems.extend(_unreachable(config.routes, clean))
+    return problems
+
+
+def _unlimited_problems(route: RouteSpec, key: str) -> list[Problem]:
+    """Keys that do nothing on ``limit: unlimited`` (it takes no tokens): said
+    so rather than ignored, as they suggest a limit the user expects."""
+    problems: list[Problem] = []
+    why = "an unlimited route takes no tokens"
+    if route.cost != 1:
+        problems.append((f"{key}.cost", f"{why}; remove cost or give the route a limit"))
+    if route.queue is not None:
+        problems.append(
+            (f"{key}.queue", f"{why}, so nothing waits; remove queue or give the route a limit")
+        )
+    if route.count_statuses is not None:
+        problems.append(
+            (
+                f"{key}.count_statuses",
+                f"{why}, so none are given back; remove count_statuses or give the "
+                "route a limit",
+            )
+        )
+    return problems
+
+
+def _cost_problems(config: GatewayConfig, route: RouteSpec, key: str) -> list[Problem]:
+    """A cost above a limit's max_tokens: a bucket never holds that many tokens,
+    so such a request would be denied for ever. The limits are the route's
+    own, or else limits.default and every override (a client with an
+    override passes its override's limits on this route)."""
+    passed: list[tuple[BucketSpec, str]]
+    if isinstance(route.limit, tuple):
+        passed = [(bucket, f"{key}.limit") for bucket in route.limit]
+    else:
+        passed = [(bucket, "limits.default") for bucket in config.limits.default]
+        passed += [
+            (bucket, f"limits.overrides[{i}], client {override.client!r}")
+            for i, override in enumerate(config.limits.overrides)
+            for bucket in override.buckets
+        ]
+    bucket, where = min(passed, key=lambda pair: pair[0].max_tokens)
+    if route.cost <= bucket.max_tokens:
+        return []
+    return [
+        (
+            f"{key}.cost",
+            f"{route.cost} is more than max_tokens ({bucket.max_tokens}) of the limit "
+            f"{bucket.name!r} ({where}): such a request could never be admitted",
+        )
+    ]
+
+
+def _unreachable(routes: Sequence[RouteSpec], clean: Sequence[bool]) -> list[Problem]:
+    """Routes no request reaches: the first match wins, so a route is dead when
+    earlier routes whose ``path_prefix`` starts its own (a string prefix, as
+    matching is) together match all of its methods."""
+    problems: list[Problem] = []
+    for j, route in enumerate(routes):
+        if not clean[j]:
+            continue
+        earlier = [
+            i
+            for i in range(j)
+            if clean[i] and route.path_prefix.startswith(routes[i].path_prefix)
+        ]
+        covering = _covering(routes, earlier, route.methods)
+        if covering:
+            names = " and ".join(_describe(routes, i) for i in covering)
+            verb = "matches" if len(covering) == 1 else "match"
+            problems.append(
+                (
+                    f"routes[{j}].path_prefix",
+                    f"unreachable: {names} {verb} every request it would",
+                )
+            )
+    return problems
+
+
+def _covering(
+    routes: Sequence[RouteSpec], earlier: list[int], methods: frozenset[str] | None
+) -> list[int]:
+    """The earlier routes that take all of ``methods`` (None: every method), or
+    [] when some method gets through."""
+    for i in earlier:
+        if routes[i].methods is None:
+            return [i]
+    if methods is None:
+        return []  # only a route without methods takes every method
+    taken: set[str] = set()
+    covering = []
+    for i in earlier:
+        more = (routes[i].methods or frozenset()) & (methods - taken)
+        if more:
+            covering.append(i)
+            taken |= more
+    return covering if taken == methods else []
+
+
+def _describe(routes: Sequence[RouteSpec], i: int) -> str:
+    route = routes[i]
+    methods = "" if route.methods is None else f", methods {', '.join(sorted(route.methods))}"
+    return f"routes[{i}] (path_prefix {route.path_prefix!r}{methods})"
+
+
+def _clean(unread: Collection[str], key: str) -> bool:
+    """No problem was found at ``key`` or under it."""
+    return not any(found == key or found.startswith((f"{key}.", f"{key}[")) for found in unread)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"

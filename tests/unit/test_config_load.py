@@ -28,10 +28,23 @@ from gateway.config import (
     parse_config,
     restart_keys,
 )
-from gateway.config.convert import positive_int
+from gateway.config.convert import method_token, positive_int, status_range
 from gateway.config.durations import parse_duration
-from gateway.config.model import ServerConfig, Setting, setting, settings, yaml_keys
-from gateway.config.validate import bucket_problems, config_problems
+from gateway.config.model import (
+    QueueSpec,
+    RouteSpec,
+    ServerConfig,
+    Setting,
+    setting,
+    settings,
+    yaml_keys,
+)
+from gateway.config.validate import (
+    bucket_problems,
+    config_problems,
+    limit_list_problems,
+    route_problems,
+)
 from gateway.errors import ConfigError, ConfigProblem
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +96,7 @@ def _text_problems(text: str) -> list[str]:
             "unknown_nested_key.yaml",
             [
                 "6:5: limits.default.refil_tokens: unknown key; expected one of: "
-                "refill_period, refill_tokens, max_tokens"
+                "refill_period, refill_tokens, max_tokens, name, per"
             ],
             id="unknown-nested-key",
         ),
@@ -169,8 +182,9 @@ def _text_problems(text: str) -> list[str]:
         pytest.param(
             "bad_route_limit.yaml",
             [
-                "5:12: routes[0].limit: expected 'unlimited' or a mapping of "
-                "refill_period, refill_tokens, max_tokens",
+                "5:12: routes[0].limit: expected 'unlimited', a mapping of "
+                "refill_period, refill_tokens, max_tokens, name, per, or a list of such "
+                "mappings",
                 "7:47: routes[1].limit.refill_tokens: must be positive, got 0",
             ],
             id="bad-route-limit",
@@ -179,6 +193,127 @@ def _text_problems(text: str) -> list[str]:
             "duplicate_override.yaml",
             ["9:15: limits.overrides[2].client: 'key-a' is listed twice"],
             id="duplicate-override-client",
+        ),
+        pytest.param(
+            "limit_list_empty.yaml",
+            ["5:12: routes[0].limit: an empty list of limits; give at least one"],
+            id="empty-list-of-limits",
+        ),
+        pytest.param(
+            "limit_names_repeated.yaml",
+            [
+                # Unnamed, the first limit of limits.default is "default".
+                "6:72: limits.default[1].name: 'default' is also the name of "
+                "limits.default[0]; each limit of a list needs a name of its own",
+                "12:32: routes[0].limit[2].name: 'burst' is also the name of "
+                "routes[0].limit[0]; each limit of a list needs a name of its own",
+            ],
+            id="limit-names-repeated-in-a-list",
+        ),
+        pytest.param(
+            "bad_per.yaml",
+            [
+                "4:18: limits.default.per: expected client, ip, route or header:NAME, "
+                "got 'user'",
+                "7:18: routes[0].limit.per: ['ip', 'ip'] names a part twice",
+                "9:18: routes[1].limit.per: not a valid header name: 'X Tenant'",
+            ],
+            id="bad-per",
+        ),
+        pytest.param(
+            "override_limit_twice.yaml",
+            [
+                "7:14: limits.overrides[0].limit: give the limit either inline (next to "
+                "client) or under limit, not both; inline here: max_tokens",
+                "9:14: limits.overrides[1].limit: expected a mapping of refill_period, "
+                "refill_tokens, max_tokens, name, per, or a list of such mappings "
+                "(clients.allow exempts a client from every limit)",
+            ],
+            id="override-limit-inline-and-listed",
+        ),
+        pytest.param(
+            "bad_methods.yaml",
+            [
+                "5:14: routes[0].methods: an empty list matches no request; leave "
+                "methods out to match every method",
+                "7:20: routes[1].methods: expected an HTTP method such as GET or POST, "
+                "got 'PO ST'",
+                "9:14: routes[2].methods: expected a list",
+            ],
+            id="bad-methods",
+        ),
+        pytest.param(
+            "cost_over_max_tokens.yaml",
+            [
+                # Inherited limits count: a client with the override could never pass.
+                "9:11: routes[0].cost: 15 is more than max_tokens (10) of the limit "
+                "'override' (limits.overrides[0], client 'key-small'): such a request "
+                "could never be admitted",
+                "11:11: routes[1].cost: must be positive, got 0",
+                "16:11: routes[2].cost: 40 is more than max_tokens (30) of the limit "
+                "'per-minute' (routes[2].limit): such a request could never be admitted",
+            ],
+            id="cost-over-max-tokens",
+        ),
+        pytest.param(
+            "queue_longer_than_drain.yaml",
+            [
+                "6:23: routes[0].queue.max_wait: 10s is longer than drain_timeout (5s): "
+                "a drain must answer every queued request within drain_timeout",
+                "8:39: routes[1].queue.max_queued: must be positive, got 0",
+                "8:42: routes[1].queue.max_len: unknown key; expected one of: "
+                "max_wait, max_queued",
+            ],
+            id="bad-queue",
+        ),
+        pytest.param(
+            "unlimited_route_keys.yaml",
+            [
+                "6:11: routes[0].cost: an unlimited route takes no tokens; remove cost "
+                "or give the route a limit",
+                "7:12: routes[0].queue: an unlimited route takes no tokens, so nothing "
+                "waits; remove queue or give the route a limit",
+                "8:21: routes[0].count_statuses: an unlimited route takes no tokens, so "
+                "none are given back; remove count_statuses or give the route a limit",
+            ],
+            id="token-keys-on-an-unlimited-route",
+        ),
+        pytest.param(
+            "bad_count_statuses.yaml",
+            [
+                f"5:{column}: routes[0].count_statuses: expected a status code from 100 "
+                f"to 599 such as 401, or a range such as '4xx', got {value}"
+                for column, value in [(29, "600"), (34, "'4x1'"), (41, "'failed'")]
+            ]
+            + [
+                "7:21: routes[1].count_statuses: an empty list would give every token "
+                "back; leave count_statuses out to count every answer"
+            ],
+            id="bad-count-statuses",
+        ),
+        pytest.param(
+            "unreachable_routes.yaml",
+            [
+                "6:18: routes[1].path_prefix: unreachable: routes[0] (path_prefix '/', "
+                "methods POST) matches every request it would",
+                "9:18: routes[3].path_prefix: unreachable: routes[2] (path_prefix "
+                "'/login') matches every request it would",
+                # A plain string prefix, as matching is: /login takes /login-help too.
+                "10:18: routes[4].path_prefix: unreachable: routes[2] (path_prefix "
+                "'/login') matches every request it would",
+            ],
+            id="unreachable-routes",
+        ),
+        pytest.param(
+            "bad_client_lists.yaml",
+            [
+                "4:16: clients.ipv4_prefix: expected a prefix length from 1 to 32, got 0",
+                "5:16: clients.ipv6_prefix: expected a prefix length from 1 to 128, got 129",
+                "6:25: clients.allow: expected a CIDR such as '10.0.0.0/8' or "
+                "'key:VALUE', got 'partner-1'",
+                "7:10: clients.deny: 'key:' needs a value, as in 'key:partner-1'",
+            ],
+            id="bad-client-lists-and-prefixes",
         ),
     ],
 )
@@ -257,8 +392,9 @@ def test_unknown_key_in_override_and_route() -> None:
     )
     assert _text_problems(text) == [
         "f.yaml:5:7: limits.overrides[0].max_token: unknown key; expected one of: "
-        "client, refill_period, refill_tokens, max_tokens",
-        "f.yaml:8:5: routes[0].limits: unknown key; expected one of: path_prefix, limit, mode",
+        "client, refill_period, refill_tokens, max_tokens, name, per, limit",
+        "f.yaml:8:5: routes[0].limits: unknown key; expected one of: path_prefix, limit, "
+        "mode, methods, cost, queue, count_statuses",
     ]
 
 
@@ -349,17 +485,36 @@ def test_repo_example_config_parses() -> None:
     config = load_config(path)
     assert config.source == path
     assert config.upstream.url == "http://127.0.0.1:8000"
-    assert config.limits.default == BucketSpec(1.0, 10, 20, "default")
-    [premium] = config.limits.overrides
+    assert config.limits.default == (
+        BucketSpec(1.0, 10, 20, "default"),
+        BucketSpec(3600.0, 1000, 1000, "hourly"),
+    )
+    premium, listed = config.limits.overrides
     assert premium.client == "key-premium-1"
-    assert (premium.bucket.refill_period_seconds, premium.bucket.refill_tokens) == (1.0, 100)
-    assert premium.bucket.max_tokens == 200
-    login, healthz, beta = config.routes
+    assert premium.buckets == (BucketSpec(1.0, 100, 200, "override"),)
+    assert listed.buckets == (
+        BucketSpec(1.0, 100, 200, "override"),
+        BucketSpec(3600.0, 50_000, 50_000, "override-hourly"),
+    )
+    login, healthz, beta, api = config.routes
     assert login.path_prefix == "/login"
-    assert login.limit == BucketSpec(60.0, 5, 5, "/login")
+    assert login.methods == {"POST"}
+    assert login.limit == (BucketSpec(60.0, 5, 5, "/login", per=("ip",)),)
+    # Only failed logins cost a token.
+    assert login.count_statuses == {401, 403}
     assert healthz.limit is UNLIMITED
     assert (beta.path_prefix, beta.limit, beta.mode) == ("/beta", None, Mode.SHADOW)
+    assert (api.methods, api.cost) == ({"GET", "HEAD"}, 1)
+    assert isinstance(api.limit, tuple)
+    assert [(b.name, b.per) for b in api.limit] == [
+        ("/api", ("client",)),
+        ("/api-2", ("route",)),
+        ("/api-3", ("ip", "header:X-Tenant")),
+    ]
+    assert api.queue == QueueSpec(0.5, 1000)
     assert config.clients.idle_timeout_seconds == 600.0
+    assert config.clients.allow == (ipaddress.ip_network("10.0.0.0/8"), "key:partner-1")
+    assert config.clients.deny == ()
 
 
 def test_minimal_config_gets_every_documented_default() -> None:
@@ -377,7 +532,8 @@ def test_minimal_config_gets_every_documented_default() -> None:
     cl = config.clients
     assert (cl.identify_by, cl.header, cl.trusted_proxies) == ("ip", "X-API-Key", ())
     assert (cl.max_tracked, cl.idle_timeout_seconds, cl.max_concurrent) == (100_000, 600.0, 0)
-    assert config.limits.default == BucketSpec(1.0, 10, 20, "default")
+    assert (cl.ipv4_prefix, cl.ipv6_prefix, cl.allow, cl.deny) == (32, 64, (), ())
+    assert config.limits.default == (BucketSpec(1.0, 10, 20, "default", per=("client",)),)
     assert config.limits.overrides == ()
     assert config.routes == ()
     st = config.storage
@@ -404,15 +560,43 @@ def test_full_config_values() -> None:
     )
     assert config.clients.idle_timeout_seconds == 3600.0
     assert config.clients.max_concurrent == 4
-    premium, partial = config.limits.overrides
-    assert premium.bucket == BucketSpec(1.0, 100, 200, "override")
-    # An override's missing keys come from limits.default.
-    assert (partial.client, partial.bucket.max_tokens) == ("key-partial", 50)
-    assert (partial.bucket.refill_period_seconds, partial.bucket.refill_tokens) == (1.0, 10)
-    login, healthz, beta = config.routes
-    assert login.limit == BucketSpec(60.0, 5, 5, "/login")
+    assert (config.clients.ipv4_prefix, config.clients.ipv6_prefix) == (24, 56)
+    assert config.clients.allow == (ipaddress.ip_network("192.0.2.0/24"), "key:partner-1")
+    assert config.clients.deny == (ipaddress.ip_network("2001:db8::/32"), "key:banned")
+    assert config.limits.default == (
+        BucketSpec(1.0, 10, 20, "default"),
+        BucketSpec(3600.0, 1000, 1000, "default-2", per=("ip",)),
+        # A later item's missing keys come from the built-in default too.
+        BucketSpec(1.0, 10, 500, "shared", per=("route",)),
+    )
+    premium, partial, listed = config.limits.overrides
+    assert premium.buckets == (
+        BucketSpec(1.0, 100, 200, "premium", per=("client", "header:X-Tenant")),
+    )
+    # An override's missing keys come from limits.default's first limit.
+    assert (partial.client, partial.buckets) == (
+        "key-partial",
+        (BucketSpec(1.0, 10, 50, "override"),),
+    )
+    assert listed.buckets == (
+        BucketSpec(1.0, 10, 40, "override"),
+        BucketSpec(60.0, 60, 60, "override-2"),
+    )
+    login, healthz, beta, api = config.routes
+    assert login.limit == (BucketSpec(60.0, 5, 5, "/login", per=("ip",)),)
+    assert login.methods == frozenset({"POST"})  # upper-cased
+    assert login.count_statuses == frozenset({401, 403, *range(500, 600)})
+    assert (login.cost, login.queue) == (1, None)
     assert healthz.limit is UNLIMITED
+    assert (healthz.methods, healthz.count_statuses) == (None, None)
     assert (beta.limit, beta.mode) == (None, Mode.ENFORCE)
+    assert (api.methods, api.cost) == (frozenset({"GET", "HEAD"}), 2)
+    assert api.limit == (
+        BucketSpec(1.0, 10, 20, "/api"),
+        BucketSpec(1.0, 500, 500, "backend", per=("route",)),
+        BucketSpec(1.0, 10, 30, "/api-3"),
+    )
+    assert api.queue == QueueSpec(max_wait_seconds=0.2, max_queued=50)
     assert config.storage.backend == "redis"
     assert config.storage.on_error == "local"
     assert config.storage.timeout_seconds == pytest.approx(0.02)
@@ -428,7 +612,7 @@ def test_route_limit_inherits_missing_keys_from_default() -> None:
         "    limit: {max_tokens: 4}\n"
     )
     [route] = parse_config(text).routes
-    assert route.limit == BucketSpec(2.0, 3, 4, "/a")
+    assert route.limit == (BucketSpec(2.0, 3, 4, "/a"),)
 
 
 def test_plain_number_durations_are_seconds() -> None:
@@ -440,12 +624,12 @@ def test_plain_number_durations_are_seconds() -> None:
     config = parse_config(text)
     assert config.upstream.read_timeout_seconds == 7.0
     assert config.drain_timeout_seconds == 0.5
-    assert config.limits.default.refill_period_seconds == 2.0
+    assert config.limits.default[0].refill_period_seconds == 2.0
 
 
 def test_refill_period_of_exactly_10ms_is_allowed() -> None:
     text = "upstream: {url: 'http://x'}\nlimits: {default: {refill_period: 10ms}}\n"
-    assert parse_config(text).limits.default.refill_period_seconds == pytest.approx(0.01)
+    assert parse_config(text).limits.default[0].refill_period_seconds == pytest.approx(0.01)
 
 
 def test_null_routes_and_overrides_are_empty() -> None:
@@ -571,7 +755,13 @@ def test_top_level_keys_follow_the_model_field_order() -> None:
         "listen", "admin", "workers", "drain_timeout", "max_body_size", "mode",
         "upstream", "clients", "limits", "routes", "storage", "access_log", "server",
     )  # fmt: skip
-    assert yaml_keys(BucketSpec) == ("refill_period", "refill_tokens", "max_tokens")
+    assert yaml_keys(BucketSpec) == (
+        "refill_period",
+        "refill_tokens",
+        "max_tokens",
+        "name",
+        "per",
+    )
 
 
 def test_restart_keys_are_derived_from_the_model() -> None:
@@ -646,4 +836,296 @@ def test_a_bad_default_bucket_is_reported_once_not_at_each_route_inheriting_it()
     assert _text_problems(text) == [
         "f.yaml:2:35: limits.default.refill_period: must be at least 10ms (the refill "
         "clock's resolution), got 0.005s"
+    ]
+
+
+# -- several limits, names, per --
+
+_UP = "upstream: {url: 'http://x'}\n"
+
+
+def test_unnamed_limits_of_a_list_are_name_then_name_2_name_3() -> None:
+    text = _UP + (
+        "limits:\n"
+        "  default: [{max_tokens: 20}, {max_tokens: 30}, {max_tokens: 40, name: big}, {}]\n"
+        "  overrides:\n"
+        "    - {client: a, limit: [{max_tokens: 50}, {max_tokens: 60}]}\n"
+        "    - {client: b, max_tokens: 70}\n"
+        "    - {client: c, limit: {max_tokens: 80, name: gold}}\n"
+        "routes:\n"
+        "  - path_prefix: /api\n"
+        "    limit: [{max_tokens: 20}, {max_tokens: 30}, {max_tokens: 40}]\n"
+        "  - path_prefix: /one\n"
+        "    limit: [{max_tokens: 20}]\n"
+    )
+    config = parse_config(text)
+    # By position: a named item does not shift the names of the others.
+    assert [b.name for b in config.limits.default] == [
+        "default",
+        "default-2",
+        "big",
+        "default-4",
+    ]
+    a, b, c = config.limits.overrides
+    assert [x.name for x in a.buckets] == ["override", "override-2"]
+    assert [x.name for x in b.buckets] == ["override"]
+    assert [x.name for x in c.buckets] == ["gold"]
+    api, one = config.routes
+    assert isinstance(api.limit, tuple)
+    assert [x.name for x in api.limit] == ["/api", "/api-2", "/api-3"]
+    assert one.limit == (BucketSpec(1.0, 10, 20, "/one"),)
+
+
+def test_a_list_of_one_limit_is_the_single_limit() -> None:
+    single = parse_config(_UP + "limits: {default: {max_tokens: 30}}\n")
+    listed = parse_config(_UP + "limits: {default: [{max_tokens: 30}]}\n")
+    assert single.limits == listed.limits
+
+
+def test_every_item_of_a_list_refines_the_first_default_limit() -> None:
+    text = _UP + (
+        "limits:\n"
+        "  default:\n"
+        "    - {refill_period: 2s, refill_tokens: 3, max_tokens: 9, per: route, name: base}\n"
+        "    - {refill_period: 1h, refill_tokens: 100, max_tokens: 100}\n"
+        "  overrides:\n"
+        "    - {client: k, max_tokens: 12}\n"
+        "routes:\n"
+        "  - path_prefix: /a\n"
+        "    limit: [{max_tokens: 4}, {refill_tokens: 5, max_tokens: 5}]\n"
+    )
+    config = parse_config(text)
+    # name and per are not inherited: the item's place names it; per is client.
+    [override] = config.limits.overrides
+    assert override.buckets == (BucketSpec(2.0, 3, 12, "override"),)
+    [route] = config.routes
+    assert route.limit == (BucketSpec(2.0, 3, 4, "/a"), BucketSpec(2.0, 5, 5, "/a-2"))
+
+
+def test_per_is_read_for_each_limit() -> None:
+    text = _UP + (
+        "routes:\n"
+        "  - path_prefix: /a\n"
+        "    limit:\n"
+        "      - {per: client}\n"
+        "      - {per: ip}\n"
+        "      - {per: route}\n"
+        "      - {per: 'header:X-Tenant'}\n"
+        "      - {per: [ip, 'header:X-Tenant']}\n"
+    )
+    [route] = parse_config(text).routes
+    assert isinstance(route.limit, tuple)
+    assert [b.per for b in route.limit] == [
+        ("client",), ("ip",), ("route",), ("header:X-Tenant",), ("ip", "header:X-Tenant"),
+    ]  # fmt: skip
+
+
+def test_a_limit_list_item_that_is_not_a_mapping() -> None:
+    text = _UP + "routes:\n  - path_prefix: /a\n    limit: [unlimited]\n"
+    assert _text_problems(text) == ["f.yaml:4:13: routes[0].limit[0]: expected a mapping"]
+
+
+def test_a_limit_name_must_be_printable_ascii_without_quotes() -> None:
+    text = _UP + "limits: {default: {name: 'a\"b'}}\n"
+    assert _text_problems(text) == [
+        "f.yaml:2:26: limits.default.name: expected printable ASCII without quotes or "
+        "backslashes, got 'a\"b'"
+    ]
+
+
+def test_a_default_name_repeated_by_a_later_item_is_placed_at_that_item() -> None:
+    # Item 1 is unnamed, so it is "/x-2": the name item 0 chose.
+    text = _UP + "routes:\n  - {path_prefix: /x, limit: [{name: /x-2}, {max_tokens: 30}]}\n"
+    assert _text_problems(text) == [
+        "f.yaml:3:45: routes[0].limit[1].name: '/x-2' is also the name of "
+        "routes[0].limit[0]; each limit of a list needs a name of its own"
+    ]
+
+
+def test_a_later_default_item_with_a_problem_leaves_the_first_to_refine() -> None:
+    """limits.default[1] has a typo; routes still refine limits.default[0] as
+    written (refill_tokens 1), not the built-in default (10), which would add
+    a problem at the route that the file does not have."""
+    text = _UP + (
+        "limits:\n"
+        "  default:\n"
+        "    - {refill_tokens: 1, max_tokens: 2}\n"
+        "    - {max_token: 5}\n"
+        "routes:\n"
+        "  - {path_prefix: /a, limit: {max_tokens: 5}}\n"
+    )
+    assert _text_problems(text) == [
+        "f.yaml:5:8: limits.default[1].max_token: unknown key; expected one of: "
+        "refill_period, refill_tokens, max_tokens, name, per"
+    ]
+
+
+# -- routes: methods, cost, queue, count_statuses --
+
+
+def test_route_keys_and_their_defaults() -> None:
+    text = _UP + (
+        "routes:\n"
+        "  - path_prefix: /a\n"
+        "    methods: [get, Post, GET]\n"
+        "    cost: 3\n"
+        "    queue: {max_wait: 250ms}\n"
+        "    count_statuses: [401, '403', '5xx', '42x', '4XX']\n"
+        "  - path_prefix: /b\n"
+    )
+    a, b = parse_config(text).routes
+    assert a.methods == frozenset({"GET", "POST"})
+    assert a.cost == 3
+    assert a.queue == QueueSpec(max_wait_seconds=0.25, max_queued=1000)
+    assert a.count_statuses == frozenset(range(400, 600))
+    assert b == RouteSpec("/b")
+    assert (b.methods, b.cost, b.queue, b.count_statuses) == (None, 1, None, None)
+
+
+def test_count_statuses_ranges() -> None:
+    text = _UP + "routes:\n  - {path_prefix: /a, count_statuses: ['40x', 429, '1xx']}\n"
+    [route] = parse_config(text).routes
+    assert route.count_statuses == frozenset([*range(400, 410), 429, *range(100, 200)])
+
+
+@pytest.mark.parametrize("value", ["0xx", "6xx", "4x1", "x01", "99", "600", "4xxx", True, 4.0])
+def test_count_statuses_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match="expected a status code"):
+        status_range(value)
+
+
+@pytest.mark.parametrize("value", ["*", "", "GE T", "GET/1", 5, None, ["GET"]])
+def test_methods_reject(value: object) -> None:
+    with pytest.raises(ValueError, match="method"):
+        method_token(value)
+
+
+def test_extension_methods_are_tokens() -> None:
+    assert method_token("m-search") == "M-SEARCH"
+    assert method_token("PROPFIND") == "PROPFIND"
+
+
+def test_a_null_methods_list_is_an_empty_one() -> None:
+    text = _UP + "routes:\n  - path_prefix: /a\n    methods:\n"
+    assert _text_problems(text) == [
+        "f.yaml:4:13: routes[0].methods: an empty list matches no request; leave methods "
+        "out to match every method"
+    ]
+
+
+def test_cost_equal_to_the_smallest_max_tokens_is_allowed() -> None:
+    text = _UP + (
+        "limits: {default: {max_tokens: 20}, overrides: [{client: k, max_tokens: 10}]}\n"
+        "routes:\n"
+        "  - {path_prefix: /a, cost: 10}\n"
+        "  - {path_prefix: /b, cost: 11}\n"
+        "  - {path_prefix: /c, cost: 11, limit: {max_tokens: 11}}\n"
+    )
+    assert _text_problems(text) == [
+        "f.yaml:5:29: routes[1].cost: 11 is more than max_tokens (10) of the limit "
+        "'override' (limits.overrides[0], client 'k'): such a request could never be "
+        "admitted"
+    ]
+
+
+def test_queue_max_wait_equal_to_drain_timeout_is_allowed() -> None:
+    text = _UP + "drain_timeout: 2s\nroutes:\n  - {path_prefix: /a, queue: {max_wait: 2s}}\n"
+    [route] = parse_config(text).routes
+    assert route.queue == QueueSpec(2.0, 1000)
+
+
+def test_queue_must_be_a_mapping() -> None:
+    text = _UP + "routes:\n  - {path_prefix: /a, queue: 1s}\n"
+    assert _text_problems(text) == ["f.yaml:3:30: routes[0].queue: expected a mapping"]
+
+
+# -- unreachable routes --
+
+
+@pytest.mark.parametrize(
+    ("routes", "unreachable"),
+    [
+        pytest.param([("/", None), ("/api", None)], {1: [0]}, id="slash-first"),
+        pytest.param([("/api", None), ("/", None)], {}, id="slash-last"),
+        pytest.param([("/api", None), ("/api", None)], {1: [0]}, id="duplicate"),
+        pytest.param([("/a", None), ("/ab", None)], {1: [0]}, id="string-prefix"),
+        pytest.param([("/ab", None), ("/a", None)], {}, id="longer-first"),
+        pytest.param([("/a", {"GET"}), ("/a", {"POST"})], {}, id="other-method"),
+        pytest.param([("/a", {"GET"}), ("/a", None)], {}, id="rest-of-methods"),
+        pytest.param([("/a", {"GET"}), ("/a/b", {"GET"})], {1: [0]}, id="same-method"),
+        pytest.param([("/a", None), ("/a", {"GET"})], {1: [0]}, id="all-methods-first"),
+        pytest.param(
+            [("/a", {"GET"}), ("/", {"POST"}), ("/a/b", {"GET", "POST"})],
+            {2: [0, 1]},
+            id="methods-covered-together",
+        ),
+        pytest.param(
+            [("/a", {"GET"}), ("/x", {"POST"}), ("/a/b", {"GET", "POST"})],
+            {},
+            id="methods-partly-covered",
+        ),
+    ],
+)
+def test_unreachable_routes(
+    routes: list[tuple[str, set[str] | None]], unreachable: dict[int, list[int]]
+) -> None:
+    specs = tuple(
+        RouteSpec(prefix, methods=None if methods is None else frozenset(methods))
+        for prefix, methods in routes
+    )
+    config = GatewayConfig(upstream=UpstreamConfig(url="http://x"), routes=specs)
+    found = {key: message for key, message in route_problems(config)}
+    assert set(found) == {f"routes[{j}].path_prefix" for j in unreachable}
+    for j, earlier in unreachable.items():
+        message = found[f"routes[{j}].path_prefix"]
+        assert message.startswith("unreachable: ")
+        assert [f"routes[{i}] " in message for i in range(j)] == [
+            i in earlier for i in range(j)
+        ]
+
+
+def test_a_route_with_a_bad_path_prefix_does_not_make_later_routes_unreachable() -> None:
+    # routes[0] stands in as "/" while its problem is reported; judging that
+    # stand-in would call every later route unreachable.
+    text = _UP + "routes:\n  - path_prefix: api\n  - path_prefix: /login\n  - {}\n"
+    assert _text_problems(text) == [
+        "f.yaml:3:18: routes[0].path_prefix: must start with '/', got 'api'",
+        "f.yaml:5:5: routes[2].path_prefix: is required",
+    ]
+
+
+def test_a_bad_default_limit_does_not_judge_route_costs() -> None:
+    text = (
+        _UP
+        + "limits: {default: {max_tokens: 5, refill_tokens: 0}}\n"
+        + ("routes:\n  - {path_prefix: /a, cost: 8}\n")
+    )
+    assert _text_problems(text) == [
+        "f.yaml:2:50: limits.default.refill_tokens: must be positive, got 0"
+    ]
+
+
+def test_route_rules_on_the_built_model() -> None:
+    upstream = UpstreamConfig(url="http://x")
+    route = RouteSpec("/a", cost=30, queue=QueueSpec(60.0, 10))
+    config = GatewayConfig(upstream=upstream, routes=(route,))
+    assert [key for key, _ in route_problems(config)] == [
+        "routes[0].cost",
+        "routes[0].queue.max_wait",
+    ]
+    # Skipped where reading found problems: those values are stand-ins.
+    assert route_problems(config, unread=["routes[0].mode"]) == []
+    assert [key for key, _ in route_problems(config, unread=["limits.default"])] == [
+        "routes[0].queue.max_wait"
+    ]
+    assert [key for key, _ in route_problems(config, unread=["drain_timeout"])] == [
+        "routes[0].cost"
+    ]
+    assert [key for key, _ in config_problems(config, unread=["routes[0]"])] == []
+    named = [BucketSpec(1.0, 1, 1, "a"), None, BucketSpec(1.0, 1, 1, "a")]
+    assert limit_list_problems(named, "k") == [
+        (
+            "k[2].name",
+            "'a' is also the name of k[0]; each limit of a list needs a name of its own",
+        )
     ]
