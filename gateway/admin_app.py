@@ -65,5 +65,6 @@ def build_admin_app(server: AdminView) -> web.Application:
     app.router.add_get("/metrics", make_aiohttp_handler(server.metrics_registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/admin/clients/{client_id}", client)
+    # ".+": an IPv6 client is a network, "2001:db8:1:2::/64"
+    app.router.add_get("/admin/clients/{client_id:.+}", client)
     return app

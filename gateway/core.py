@@ -28,14 +28,15 @@ import asyncio
 import itertools
 import os
 import time
-from typing import Final
+from collections.abc import Coroutine
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from gateway.access_log import AccessLog
-from gateway.clients import ClientIdentifier
+from gateway.clients import EXEMPT, ClientIdentifier
 from gateway.config.model import GatewayConfig
 from gateway.errors import UpstreamError
 from gateway.headers import (
@@ -46,12 +47,22 @@ from gateway.headers import (
     rate_limit_fields,
     upstream_request_headers,
 )
-from gateway.limiting.limiter import DENIED, Decision, Limiter
+from gateway.limiting.limiter import (
+    ALLOWED,
+    BLOCKED,
+    BLOCKED_DECISION,
+    DELAYED,
+    DENIED,
+    EXEMPT_DECISION,
+    Decision,
+    Limiter,
+)
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.routes import Route
 from gateway.limiting.store import BucketStore
 from gateway.metrics import Metrics
 from gateway.raw_response import whole_response
+from gateway.responses import JSON_CONTENT_TYPE as _JSON
 from gateway.responses import Answer, error_answer, rate_limited, upstream_failed
 
 __all__ = [
@@ -72,7 +83,8 @@ __all__ = [
 
 # nginx's $status for "client closed the connection before we answered".
 CLIENT_CLOSED_STATUS: Final = 499
-_CONCURRENCY_DENIED: Final = Decision(DENIED, None, 0, 1.0, 1.0)
+_CONCURRENCY_DENIED: Final = Decision(DENIED, None, EXEMPT_DECISION.result)
+_FORBIDDEN_BODY: Final = b'{"error": "forbidden"}'
 
 
 class RequestHead:
@@ -182,24 +194,35 @@ class Outcome:
 
 
 class Call(Outcome):
-    """One request on either path, from ``open`` to ``close``."""
+    """One request on either path, from ``open`` to ``close``; also the
+    ``policy.Identity`` its limits key on (client, ip, headers)."""
 
-    __slots__ = ("client", "closed", "decision", "head", "holds_slot", "request_id", "route",
-                 "snapshot", "started")  # fmt: skip
+    __slots__ = ("client", "closed", "decision", "head", "holds_slot", "ip", "listed",
+                 "queued", "request_id", "route", "snapshot", "started")  # fmt: skip
 
     def __init__(
-        self, head: RequestHead, snapshot: Snapshot, route: Route, client: str, request_id: str
+        self,
+        head: RequestHead,
+        snapshot: Snapshot,
+        route: Route,
+        identity: tuple[str, str, str | None],
+        request_id: str,
     ) -> None:
         super().__init__()
         self.started = time.perf_counter()
         self.head = head
         self.snapshot = snapshot
         self.route = route
-        self.client = client
+        self.client, self.ip, self.listed = identity
         self.request_id = request_id
         self.holds_slot = False
+        self.queued = False  # waiting for reserved tokens
         self.decision: Decision | None = None
         self.closed = False
+
+    @property
+    def headers(self) -> MultiMapping[str]:
+        return self.head.headers
 
 
 class Deny:
@@ -223,14 +246,19 @@ class Refuse:
 
 class Forward:
     """Send upstream: ``target`` (origin-form), ``headers`` for the upstream,
-    ``ours`` for the response."""
+    ``ours`` for the response; after ``delay_seconds`` when the request
+    reserved tokens that are not there yet (a route's ``queue``): the shell
+    waits, then calls ``RequestCore.waited``."""
 
-    __slots__ = ("headers", "ours", "target")
+    __slots__ = ("delay_seconds", "headers", "ours", "target")
 
-    def __init__(self, target: str, headers: CIMultiDict[str], ours: Ours) -> None:
+    def __init__(
+        self, target: str, headers: CIMultiDict[str], ours: Ours, delay_seconds: float = 0.0
+    ) -> None:
         self.target = target
         self.headers = headers
         self.ours = ours
+        self.delay_seconds = delay_seconds
 
 
 Verdict = Deny | Refuse | Forward
@@ -252,6 +280,8 @@ class RequestCore:
         # processes and restarts without a getrandom() syscall per request
         # (os.urandom showed up in the denied path's profile).
         self._request_id_prefix = os.urandom(8).hex()
+        # Delayed requests waiting now, per route (bounded by queue.max_queued).
+        self._queued: dict[str, int] = {}
         self._request_ids = itertools.count()
 
     def open(self, head: RequestHead) -> Call:
@@ -259,12 +289,12 @@ class RequestCore:
         snapshot = self.snapshot
         target = origin_form(head.method, head.target)
         route = snapshot.limiter.routes.match(
-            decoded_path(head.target if target is None else target)
+            decoded_path(head.target if target is None else target), head.method
         )
         headers = head.headers
         identifier = snapshot.identifier
         api_header = identifier.header
-        client = identifier.identify(
+        identity = identifier.identify(
             head.peer,
             forwarded_for(headers),
             headers.get(api_header) if api_header else None,
@@ -272,7 +302,7 @@ class RequestCore:
         request_id = headers.get("X-Request-ID") or (
             f"{self._request_id_prefix}{next(self._request_ids):016x}"
         )
-        return Call(head, snapshot, route, client, request_id)
+        return Call(head, snapshot, route, identity, request_id)
 
     def enter(self, call: Call) -> Answer | None:
         """Take the client's in-flight slot; the 429 to send when it is at
@@ -280,7 +310,7 @@ class RequestCore:
         asked, so a burst cannot slip past the cap while a (redis) decision
         is pending; a request refused for concurrency costs no token."""
         max_concurrent = call.snapshot.config.clients.max_concurrent
-        if max_concurrent:
+        if max_concurrent and call.listed is None:  # allow/deny lists: no limit applies
             client = call.client
             current = self._inflight_by_client.get(client, 0)
             if current >= max_concurrent:
@@ -302,23 +332,46 @@ class RequestCore:
 
     def decide_now(self, call: Call) -> Verdict | None:
         """③ Decide at once; None when the store needs I/O (redis): then the
-        shell awaits ``limiter.decide`` and calls ``settle``."""
-        decision = call.snapshot.limiter.decide_now(call.route, call.client)
+        shell awaits ``decision(call)`` and calls ``settle``."""
+        listed = call.listed
+        if listed is not None:
+            return self.settle(call, EXEMPT_DECISION if listed == EXEMPT else BLOCKED_DECISION)
+        decision = call.snapshot.limiter.decide_now(
+            call.route, call, self._max_wait(call.route)
+        )
         if decision is None:
             return None
         return self.settle(call, decision)
+
+    def decision(self, call: Call) -> Coroutine[Any, Any, Decision]:
+        """The decision ``decide_now`` could not make at once, for the shell
+        to await (the core itself never awaits)."""
+        return call.snapshot.limiter.decide(call.route, call, self._max_wait(call.route))
+
+    def _max_wait(self, route: Route) -> float:
+        """The route's queue, while it has room in this process."""
+        if (
+            route.max_wait_seconds
+            and not route.shadow
+            and self._queued.get(route.label, 0) < route.max_queued
+        ):
+            return route.max_wait_seconds
+        return 0.0
 
     def settle(self, call: Call, decision: Decision) -> Verdict:
         """What to do now that ``decision`` is made (counted here, once)."""
         call.decision = decision
         self.metrics.route(call.route.label).decisions[decision.outcome].inc()
         head = call.head
-        if decision.outcome is DENIED:
+        outcome = decision.outcome
+        if outcome is DENIED:
             data, body_length = rate_limited(
                 decision, call.request_id, keep_alive=head.keep_alive, http10=head.http10,
                 head_only=head.method == "HEAD",
             )  # fmt: skip
             return Deny(data, body_length)
+        if outcome is BLOCKED:
+            return Refuse(Answer(403, [("Content-Type", _JSON)], _FORBIDDEN_BODY))
         config = call.snapshot.config
         max_body = config.max_body_size
         if max_body and (head.content_length or 0) > max_body:
@@ -348,9 +401,35 @@ class RequestCore:
             + b"\r\n"
         )
         replaced = (
-            OUR_RESPONSE_FIELDS if decision.limit is not None else OUR_UNLIMITED_RESPONSE_FIELDS
+            OUR_RESPONSE_FIELDS
+            if decision.limits is not None
+            else OUR_UNLIMITED_RESPONSE_FIELDS
         )
+        if outcome is DELAYED:
+            call.queued = True
+            label = call.route.label
+            self._queued[label] = self._queued.get(label, 0) + 1
+            return Forward(
+                target, upstream_headers, Ours(fields, replaced), decision.delay_seconds
+            )
         return Forward(target, upstream_headers, Ours(fields, replaced))
+
+    def waited(self, call: Call, *, client_left: bool = False) -> None:
+        """A delayed request's wait is over: it goes on to be forwarded, or,
+        when its client left meanwhile, gives its reserved tokens back."""
+        if not call.queued:
+            return
+        call.queued = False
+        label = call.route.label
+        self._queued[label] -= 1
+        decision = call.decision
+        assert decision is not None
+        if client_left:
+            call.client_gone = True
+            call.snapshot.limiter.give_back(decision)
+            return
+        waited = time.perf_counter() - call.started
+        self.metrics.route(label).queue_wait.observe(waited)
 
     def _refuse(self, status: int, reason: str, detail: str) -> Refuse:
         self.metrics.count_rejected(reason)
@@ -374,7 +453,7 @@ class RequestCore:
         fields = answer.headers
         if (
             decision is not None
-            and decision.limit is not None
+            and decision.limits is not None
             and decision.outcome is not DENIED
         ):
             fields = fields + field_pairs(rate_limit_fields(decision))
@@ -404,16 +483,29 @@ class RequestCore:
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
+        if call.queued:  # cut while it waited: its reservation goes back
+            self.waited(call, client_left=True)
         decision = call.decision
         if decision is None:  # cut before it was decided: nothing to count
             return
-        route_metrics = self.metrics.route(call.route.label)
+        route = call.route
+        route_metrics = self.metrics.route(route.label)
+        status = CLIENT_CLOSED_STATUS if call.client_gone else call.status
+        charged = route.count_statuses
+        if (
+            charged is not None
+            and status not in charged
+            and (decision.outcome is ALLOWED or decision.outcome is DELAYED)
+        ):
+            # Tokens are taken at admission, so concurrent requests cannot
+            # overshoot; an answer the route does not charge gives them back.
+            call.snapshot.limiter.give_back(decision)
+            route_metrics.refunded.inc()
         if call.error is not None:
             route_metrics.upstream_errors[call.error.kind].inc()
         upstream_seconds = call.upstream_seconds
         if upstream_seconds is not None:
             route_metrics.upstream_duration.observe(upstream_seconds)
-        status = CLIENT_CLOSED_STATUS if call.client_gone else call.status
         route_metrics.response(status).inc()
         duration = time.perf_counter() - call.started
         route_metrics.duration.observe(duration)
@@ -421,7 +513,7 @@ class RequestCore:
         self.access_log.put((
             time.time(), call.request_id, call.client, head.method, head.target,
             route_metrics.label, decision.outcome, status,
-            decision.tokens_left if decision.limit is not None else None,
+            decision.tokens_left if decision.limits is not None else None,
             upstream_seconds * 1000 if upstream_seconds is not None else None,
             duration * 1000, call.bytes_in, call.bytes_out,
         ))  # fmt: skip

@@ -24,13 +24,25 @@ clients:
   # else the peer address as "ip:<address>".
   identify_by: header
   header: X-API-Key
+  allow: ["key:demo-partner"]   # no limit applies
+  deny: ["key:demo-banned"]     # 403 at once
 limits:
   default: {{refill_period: 1s, refill_tokens: 2, max_tokens: 5}}
   overrides:
     - {{client: "key-premium-1", refill_period: 1s, refill_tokens: 50, max_tokens: 100}}
 routes:
   - path_prefix: /login
-    limit: {{refill_period: 1m, refill_tokens: 3, max_tokens: 3}}
+    methods: [POST]
+    # Per address, whatever key is sent; only failed logins (401) cost a
+    # token, so users behind one NAT do not lock each other out.
+    limit: {{refill_period: 1m, refill_tokens: 3, max_tokens: 3, per: ip}}
+    count_statuses: ["401"]
+  - path_prefix: /api
+    limit:
+      - {{refill_period: 1s, refill_tokens: 2, max_tokens: 5}}
+      - {{refill_period: 1m, refill_tokens: 30, max_tokens: 30, name: per-minute}}
+      - {{refill_period: 1s, refill_tokens: 20, max_tokens: 20, per: route, name: backend}}
+    queue: {{max_wait: 1s, max_queued: 100}}   # a burst waits for its token
   - path_prefix: /healthz
     limit: unlimited
   - path_prefix: /beta
@@ -62,6 +74,12 @@ def build_demo_upstream() -> web.Application:
         await response.write_eof()
         return response
 
+    async def login(request: web.Request) -> web.Response:
+        form = await request.post()
+        if form.get("password") == "secret":
+            return web.json_response({"login": "ok"})
+        return web.json_response({"login": "failed"}, status=401)
+
     async def echo_ws(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
@@ -73,6 +91,7 @@ def build_demo_upstream() -> web.Application:
     app = web.Application()
     app.router.add_get("/stream", stream)
     app.router.add_get("/ws", echo_ws)
+    app.router.add_post("/login", login)
     app.router.add_route("*", "/{tail:.*}", hello)
     return app
 
@@ -104,7 +123,11 @@ async def run_demo(listen: str, admin: str) -> None:
             f"Try:\n"
             f"  curl -i {proxy}/hello            # 5 at once, then 2 per second; then 429\n"
             f"  curl -i -H 'X-API-Key: key-premium-1' {proxy}/hello   # 100 at once\n"
-            f"  curl -i {proxy}/login            # 3 per minute\n"
+            f"  curl -i {proxy}/api/items        # 5 at once, 2/s, 30/min; bursts wait 1s\n"
+            f"  curl -i -d password=wrong {proxy}/login    # failed logins: 3 per minute\n"
+            f"  curl -i -d password=secret {proxy}/login   # a good login costs nothing\n"
+            f"  curl -i -H 'X-API-Key: demo-partner' {proxy}/hello   # allow list: no limit\n"
+            f"  curl -i -H 'X-API-Key: demo-banned' {proxy}/hello    # deny list: 403\n"
             f"  curl -i {proxy}/beta             # shadow mode: never denied, counted\n"
             f"  curl {admin_url}/metrics | grep gateway_requests_total\n"
             f"  curl {admin_url}/admin/clients/ip:127.0.0.1\n\n"

@@ -442,6 +442,11 @@ class FrontConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def is_closing(self) -> bool:
+        """The client's connection is closed or closing (it left)."""
+        transport = self.transport
+        return transport is None or transport.is_closing()
+
     def abort(self) -> None:
         """Cut the connection: the response cannot be completed."""
         self._closing = True

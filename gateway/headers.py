@@ -113,14 +113,20 @@ OUR_UNLIMITED_RESPONSE_FIELDS: Final = frozenset({b"x-request-id"})
 
 
 def rate_limit_fields(decision: Decision) -> bytes:
-    """RateLimit-Policy / RateLimit (IETF httpapi draft) and X-RateLimit-*,
-    as header lines ready to write (each ends in CRLF); b"" when unlimited."""
-    limit = decision.limit
-    if limit is None:
+    """RateLimit-Policy (every limit) / RateLimit (IETF httpapi draft) and
+    X-RateLimit-* (the limit that denied, else the one with the fewest
+    requests left), as header lines ready to write (each ends in CRLF); b""
+    when no limit applies."""
+    limits = decision.limits
+    if limits is None:
         return b""
-    reset = math.ceil(decision.reset_seconds)
-    remaining = decision.tokens_left
-    return limit.fields_template % (remaining, reset, remaining, reset)
+    result = decision.result
+    at = result.reporting
+    tokens = result.tokens_left[at]
+    remaining = tokens if tokens > 0 else 0
+    limit = limits.limits[at]
+    reset = 0 if tokens >= limit.spec.max_tokens else math.ceil(result.to_next_seconds[at])
+    return limits.fields_templates[at] % (remaining, reset, remaining, reset)
 
 
 def field_pairs(lines: bytes) -> list[tuple[str, str]]:

@@ -25,7 +25,9 @@ __all__ = ["DECISIONS", "MULTIPROCESS", "Metrics", "RouteMetrics"]
 # supervisor sets it before any worker starts (gateway/workers.py).
 MULTIPROCESS: Final = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
-DECISIONS: Final = ("allowed", "denied", "shadow_denied", "unlimited")
+DECISIONS: Final = (
+    "allowed", "denied", "shadow_denied", "unlimited", "exempt", "blocked", "delayed",
+)  # fmt: skip
 REJECT_REASONS: Final = (
     "header_timeout", "body_timeout", "headers_too_large", "bad_request",
     "body_too_large", "concurrency", "bad_target",
@@ -41,8 +43,8 @@ LATENCY_BUCKETS_SECONDS: Final = (
 class RouteMetrics:
     """The children of one route label, bound once."""
 
-    __slots__ = ("_metrics", "_responses", "decisions", "duration", "label",
-                 "upstream_duration", "upstream_errors")  # fmt: skip
+    __slots__ = ("_metrics", "_responses", "decisions", "duration", "label", "queue_wait",
+                 "refunded", "upstream_duration", "upstream_errors")  # fmt: skip
 
     def __init__(self, metrics: Metrics, label: str) -> None:
         self._metrics = metrics
@@ -50,6 +52,8 @@ class RouteMetrics:
         self.decisions = {d: metrics.requests.labels(label, d) for d in DECISIONS}
         self.duration = metrics.request_duration.labels(label)
         self.upstream_duration = metrics.upstream_duration.labels(label)
+        self.queue_wait = metrics.queue_wait.labels(label)
+        self.refunded = metrics.tokens_refunded.labels(label)
         self.upstream_errors = {
             k: metrics.upstream_errors.labels(label, k) for k in UPSTREAM_ERROR_KINDS
         }
@@ -96,6 +100,19 @@ class Metrics:
             "Time from upstream request sent to upstream response headers, by route.",
             ["route"],
             buckets=LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time a delayed request waited for its reserved tokens, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.tokens_refunded = Counter(
+            "gateway_tokens_refunded_total",
+            "Requests whose tokens were given back (count_statuses), by route.",
+            ["route"],
             registry=r,
         )
         self.upstream_errors = Counter(

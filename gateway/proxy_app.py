@@ -66,6 +66,11 @@ def _write_denial(call: Call, down: Downstream, deny: Deny) -> None:
     call.bytes_out = deny.body_length
 
 
+def _gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 class ProxyHandlers:
     """The proxy listener's handlers, one per path, over one core."""
 
@@ -117,10 +122,14 @@ class ProxyHandlers:
             else:
                 verdict = core.decide_now(call)
                 if verdict is None:
-                    limiter = call.snapshot.limiter
-                    verdict = core.settle(call, await limiter.decide(call.route, call.client))
+                    verdict = core.settle(call, await core.decision(call))
                 if isinstance(verdict, Forward):
-                    if is_websocket_upgrade(request.headers):
+                    if verdict.delay_seconds:
+                        await asyncio.sleep(verdict.delay_seconds)  # its reserved tokens
+                        core.waited(call, client_left=_gone(request))
+                    if call.client_gone:
+                        pass  # it left while it waited: nothing to answer
+                    elif is_websocket_upgrade(request.headers):
                         upgraded = await self._upgrade(request, call, verdict, down)
                         if upgraded is not None:
                             return upgraded
@@ -187,7 +196,7 @@ class PlainCall:
     they run at once, in a callback or in a task. Also what a drain that ran
     out of time cancels (``front.InFlight``)."""
 
-    __slots__ = ("call", "conn", "core", "ours", "request_head", "sent", "shell",
+    __slots__ = ("call", "conn", "core", "ours", "request_head", "sent", "shell", "timer",
                  "upstream_conn")  # fmt: skip
 
     def __init__(self, shell: ProxyHandlers, conn: FrontConnection, call: Call) -> None:
@@ -200,6 +209,7 @@ class PlainCall:
         self.sent = 0.0
         # The upstream connection this request holds outside forward_plain.
         self.upstream_conn: UpstreamConnection | None = None
+        self.timer: asyncio.TimerHandle | None = None  # a delayed request's wait
 
     def act(self, verdict: Verdict) -> PlainOutcome:
         """Carry out the core's verdict."""
@@ -217,12 +227,17 @@ class PlainCall:
     async def decide_and_act(self) -> bool:
         """The decision needs I/O (redis): await it, then act in this task."""
         call = self.call
+        core = self.core
         try:
-            decision = await call.snapshot.limiter.decide(call.route, call.client)
+            verdict = core.settle(call, await core.decision(call))
+            if isinstance(verdict, Forward) and verdict.delay_seconds:
+                await asyncio.sleep(verdict.delay_seconds)  # its reserved tokens
+                core.waited(call, client_left=self.conn.is_closing())
+                if call.client_gone:
+                    return self.end(False)
         except BaseException:
             self.end(False)
             raise
-        verdict = self.core.settle(call, decision)
         if isinstance(verdict, Forward):
             self._prepare(verdict)
             return await self.forward_in_task()
@@ -238,12 +253,32 @@ class PlainCall:
 
     def forward(self, forward: Forward) -> PlainOutcome:
         """Send upstream: at once on an idle pooled connection (PENDING; the
-        answer comes to ``on_head``), else in a task."""
+        answer comes to ``on_head``), else in a task; a delayed request
+        first waits for its reserved tokens, on a timer (PENDING)."""
         self._prepare(forward)
+        if forward.delay_seconds:
+            self.timer = asyncio.get_running_loop().call_later(
+                forward.delay_seconds, self._waited
+            )
+            return PENDING
         self.upstream_conn = self.shell.upstream.send_plain(self.request_head, self.on_head)
         if self.upstream_conn is not None:
             return PENDING
         return self.forward_in_task()
+
+    def _waited(self) -> None:
+        """A delayed request's tokens are there: send it, unless its client
+        left (its reservation goes back)."""
+        self.timer = None
+        conn = self.conn
+        call = self.call
+        self.core.waited(call, client_left=conn.is_closing())
+        if call.client_gone:
+            conn.finish(self.end(False))
+            return
+        self.upstream_conn = self.shell.upstream.send_plain(self.request_head, self.on_head)
+        if self.upstream_conn is None:
+            conn.continue_with(self.forward_in_task())
 
     def _release(self) -> None:
         upstream_conn, self.upstream_conn = self.upstream_conn, None
@@ -253,6 +288,9 @@ class PlainCall:
     def cancel(self) -> None:
         """Cut by a drain that ran out of time (front.InFlight): give the
         upstream connection back unread, free the slot, log it as 499."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         upstream_conn = self.upstream_conn
         if upstream_conn is not None:
             upstream_conn.cancel_send()

@@ -17,9 +17,9 @@ from gateway.headers import rate_limit_fields
 from gateway.limiting.limiter import Decision
 from gateway.raw_response import connection_field, date_header
 
-__all__ = ["Answer", "error_answer", "rate_limited", "upstream_failed"]
+__all__ = ["JSON_CONTENT_TYPE", "Answer", "error_answer", "rate_limited", "upstream_failed"]
 
-_JSON: Final = "application/json; charset=utf-8"
+JSON_CONTENT_TYPE: Final = "application/json; charset=utf-8"
 
 
 # Reason phrases looked up once: HTTPStatus(code) is an enum call per answer.
@@ -85,4 +85,4 @@ def upstream_failed(error: UpstreamError) -> Answer:
 def error_answer(status: int, error: str, detail: str) -> Answer:
     """A JSON body naming the error and a detail."""
     body = json.dumps({"error": error, "detail": detail}).encode()
-    return Answer(status, [("Content-Type", _JSON)], body)
+    return Answer(status, [("Content-Type", JSON_CONTENT_TYPE)], body)

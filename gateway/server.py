@@ -105,7 +105,9 @@ class Server:
         return self.metrics.registry
 
     async def client_buckets(self, client: str) -> list[BucketSnapshot]:
-        return await self.core.snapshot.limiter.client_buckets(client)
+        snapshot = self.core.snapshot
+        client, ip = snapshot.identifier.normalised_id(client)
+        return await snapshot.limiter.client_buckets(client, ip)
 
     def background_parts(self) -> dict[str, Callable[[], bool]]:
         return {

@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prometheus_multiprocess
 
 from gateway.admin_app import build_admin_app
+from gateway.clients import ClientIdentifier
 from gateway.config import GatewayConfig, load_config
 from gateway.limiting.limiter import Limiter
 from gateway.limiting.memory_store import MemoryStore
@@ -92,6 +93,7 @@ class Supervisor:
         self._local = MemoryStore(self._clock, 1, 1.0)
         self._store = RedisStore(config.storage, self._local)
         self._limiter = Limiter(config, self._clock, self._store)
+        self._identifier = ClientIdentifier(config.clients)
 
     # -- admin_app.AdminView --
 
@@ -112,7 +114,8 @@ class Supervisor:
         }
 
     async def client_buckets(self, client: str) -> list[BucketSnapshot]:
-        return await self._limiter.client_buckets(client)
+        client, ip = self._identifier.normalised_id(client)
+        return await self._limiter.client_buckets(client, ip)
 
     # -- lifecycle --
 
@@ -250,6 +253,7 @@ class Supervisor:
             log.warning("reload: workers changed; it takes effect only after a restart")
         self.config = new
         self._limiter = Limiter(new, self._clock, self._store)
+        self._identifier = ClientIdentifier(new.clients)
         self._signal_workers(signal.SIGHUP)
         self.metrics.config_reloads.labels("success").inc()
         log.info("supervisor: config reloaded from %s; workers signalled", self.config_path)

@@ -8,7 +8,7 @@ client that sends nothing (its bucket is just not looked at).
 
 from __future__ import annotations
 
-__all__ = ["Bucket", "is_full", "refill", "take"]
+__all__ = ["Bucket", "is_full", "refill", "seconds_until", "take"]
 
 
 class Bucket:
@@ -48,3 +48,15 @@ def is_full(bucket: Bucket, tick: int, refill_tokens: int, max_tokens: int) -> b
     """A full bucket is indistinguishable from a missing one: forgetting it loses
     nothing."""
     return bucket.tokens + (tick - bucket.tick) * refill_tokens >= max_tokens
+
+
+def seconds_until(
+    tokens: int, cost: int, refill_tokens: int, period_seconds: float, to_next_seconds: float
+) -> float:
+    """Seconds until a bucket holding ``tokens`` holds ``cost`` (0 when it
+    does already), ``to_next_seconds`` being the time to its next refill."""
+    missing = cost - tokens
+    if missing <= 0:
+        return 0.0
+    ticks = -(-missing // refill_tokens)
+    return to_next_seconds + (ticks - 1) * period_seconds

@@ -1,57 +1,92 @@
-"""③ Decide: admit or deny one request of one client on one route.
+"""③ Decide: admit, delay or deny one request over every limit it must pass.
 
-Resolution order for a request's bucket: the route's own ``limit``; else the
-client's entry in ``limits.overrides``; else ``limits.default``. Routes with
-``limit: unlimited`` have no bucket. Mode (enforce | shadow) only changes what
-the caller does with a denial: shadow decides and counts exactly like enforce
-(tokens are taken) but lets the request through.
+Resolution order for a request's limits: the route's own ``limit`` (one or a
+list); else the client's entry in ``limits.overrides``; else
+``limits.default``. Routes with ``limit: unlimited`` have none. Each limit
+keys its bucket on what its ``per`` names (the client, its ip network, a
+header, the route itself, or a composite of those); a request is admitted
+only when every limit holds ``cost`` tokens, and then all are taken together
+(the store makes it atomic). Mode (enforce | shadow) only changes what the
+caller does with a denial: shadow decides and counts exactly like enforce
+(tokens are taken) but lets the request through, without queueing it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
-from gateway.config.model import GatewayConfig
-from gateway.limiting.policy import Limit
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.config.model import BucketSpec, GatewayConfig
+from gateway.limiting.policy import Client, Identity, RouteLimits
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.routes import Route, RouteTable
-from gateway.limiting.store import BucketSnapshot, BucketStore, TakeResult
+from gateway.limiting.store import BucketKey, BucketSnapshot, BucketStore, TakeResult
 
-__all__ = ["ALLOWED", "DENIED", "SHADOW_DENIED", "UNLIMITED", "Decision", "Limiter"]
+__all__ = [
+    "ALLOWED",
+    "BLOCKED",
+    "DELAYED",
+    "DENIED",
+    "EXEMPT",
+    "SHADOW_DENIED",
+    "UNLIMITED",
+    "Decision",
+    "Identity",
+    "Limiter",
+]
 
 ALLOWED: Final = "allowed"
 DENIED: Final = "denied"
 SHADOW_DENIED: Final = "shadow_denied"
 UNLIMITED: Final = "unlimited"
+EXEMPT: Final = "exempt"
+BLOCKED: Final = "blocked"
+DELAYED: Final = "delayed"
 
 
 class Decision:
-    """``limit`` is None for unlimited routes; the other fields then mean nothing."""
+    """``limits`` is None for requests no limit applies to (unlimited routes,
+    exempt and blocked clients); ``result`` then means nothing. ``keys``:
+    the buckets taken from (``cost`` each), for giving tokens back."""
 
-    __slots__ = (
-        "limit",
-        "outcome",
-        "reset_seconds",
-        "retry_after_seconds",
-        "tokens_left",
-    )
+    __slots__ = ("cost", "keys", "limits", "outcome", "result")
 
     def __init__(
         self,
         outcome: str,
-        limit: Limit | None,
-        tokens_left: int,
-        retry_after_seconds: float,
-        reset_seconds: float,
+        limits: RouteLimits | None,
+        result: TakeResult,
+        keys: Sequence[BucketKey] = (),
+        cost: int = 1,
     ) -> None:
         self.outcome = outcome
-        self.limit = limit
-        self.tokens_left = tokens_left
-        self.retry_after_seconds = retry_after_seconds
-        self.reset_seconds = reset_seconds
+        self.limits = limits
+        self.result = result
+        self.keys = keys
+        self.cost = cost
+
+    @property
+    def tokens_left(self) -> int:
+        """What the single-limit headers and the access log report."""
+        result = self.result
+        return max(0, result.tokens_left[result.reporting])
+
+    @property
+    def retry_after_seconds(self) -> float:
+        return self.result.retry_after_seconds
+
+    @property
+    def delay_seconds(self) -> float:
+        return self.result.delay_seconds
 
 
-_UNLIMITED_DECISION: Final = Decision(UNLIMITED, None, 0, 0.0, 0.0)
+_NO_FIELDS: Final[CIMultiDictProxy[str]] = CIMultiDictProxy(CIMultiDict())
+_NO_RESULT: Final = TakeResult(True, [0], [0.0], 0.0, 0)
+UNLIMITED_DECISION: Final = Decision(UNLIMITED, None, _NO_RESULT)
+EXEMPT_DECISION: Final = Decision(EXEMPT, None, _NO_RESULT)
+BLOCKED_DECISION: Final = Decision(BLOCKED, None, _NO_RESULT)
 
 
 class Limiter:
@@ -60,53 +95,81 @@ class Limiter:
     def __init__(self, config: GatewayConfig, clock: RefillClock, store: BucketStore) -> None:
         self.store = store
         self.routes = RouteTable(config, clock)
-        self.default = Limit(config.limits.default, clock)
-        self.overrides: dict[str, Limit] = {
-            o.client: Limit(o.bucket, clock) for o in config.limits.overrides
+        self._clock = clock
+        self._default = config.limits.default
+        self._overrides: dict[str, tuple[BucketSpec, ...]] = {
+            o.client: o.buckets for o in config.limits.overrides
         }
+        # A route's limits when it has none of its own: per (route, override).
+        self._inherited: dict[tuple[str, str], RouteLimits] = {}
 
-    def limit_for(self, route: Route, client: str) -> Limit | None:
+    def limits_for(self, route: Route, client: str) -> RouteLimits | None:
         if route.unlimited:
             return None
-        if route.limit is not None:
-            return route.limit
-        return self.overrides.get(client, self.default)
+        if route.limits is not None:
+            return route.limits
+        specs = self._overrides.get(client)
+        owner = client if specs is not None else ""
+        cached = self._inherited.get((route.label, owner))
+        if cached is None:
+            cached = RouteLimits(route.label, specs or self._default, self._clock)
+            self._inherited[(route.label, owner)] = cached
+        return cached
 
-    async def decide(self, route: Route, client: str) -> Decision:
-        limit = self.limit_for(route, client)
-        if limit is None:
-            return _UNLIMITED_DECISION
-        result = await self.store.take((route.label, client), limit)
-        return self._decision(route, limit, result)
+    async def decide(
+        self, route: Route, identity: Identity, max_wait_seconds: float = 0.0
+    ) -> Decision:
+        """``max_wait_seconds``: how long a request may wait for tokens it
+        reserves (the route's queue, when it has room)."""
+        limits = self.limits_for(route, identity.client)
+        if limits is None:
+            return UNLIMITED_DECISION
+        keys = limits.keys(identity)
+        result = await self.store.take(keys, limits.limits, route.cost, max_wait_seconds)
+        return self._decision(route, limits, keys, result)
 
-    def decide_now(self, route: Route, client: str) -> Decision | None:
+    def decide_now(
+        self, route: Route, identity: Identity, max_wait_seconds: float = 0.0
+    ) -> Decision | None:
         """``decide`` without waiting; None when the store needs I/O (redis)."""
-        limit = self.limit_for(route, client)
-        if limit is None:
-            return _UNLIMITED_DECISION
-        result = self.store.take_now((route.label, client), limit)
+        limits = self.limits_for(route, identity.client)
+        if limits is None:
+            return UNLIMITED_DECISION
+        keys = limits.keys(identity)
+        result = self.store.take_now(keys, limits.limits, route.cost, max_wait_seconds)
         if result is None:
             return None
-        return self._decision(route, limit, result)
+        return self._decision(route, limits, keys, result)
 
-    def _decision(self, route: Route, limit: Limit, result: TakeResult) -> Decision:
-        outcome = ALLOWED if result.admitted else SHADOW_DENIED if route.shadow else DENIED
-        return Decision(
-            outcome,
-            limit,
-            result.tokens_left,
-            result.retry_after_seconds,
-            result.reset_seconds,
-        )
+    def _decision(
+        self, route: Route, limits: RouteLimits, keys: list[BucketKey], result: TakeResult
+    ) -> Decision:
+        if result.admitted:
+            outcome = DELAYED if result.delay_seconds > 0 else ALLOWED
+        else:
+            outcome = SHADOW_DENIED if route.shadow else DENIED
+        return Decision(outcome, limits, result, keys, route.cost)
 
-    async def client_buckets(self, client: str) -> list[BucketSnapshot]:
-        """Every limited route's bucket of ``client`` (full when never seen)."""
+    def give_back(self, decision: Decision) -> None:
+        """Return an admitted request's tokens (count_statuses, a queued
+        client that left)."""
+        if decision.limits is not None and decision.keys:
+            self.store.give_back(decision.keys, decision.limits.limits, decision.cost)
+
+    async def client_buckets(self, client: str, ip: str) -> list[BucketSnapshot]:
+        """Every limited route's buckets of ``client`` whose network is ``ip``
+        ("" when unknown: limits keyed on the ip or a header are left out),
+        full when never seen."""
+        identity = Client(client, ip, _NO_FIELDS)
         snapshots = []
         for route in (self.routes.default, *self.routes.routes):
-            limit = self.limit_for(route, client)
-            if limit is None:
+            limits = self.limits_for(route, client)
+            if limits is None:
                 continue
-            snapshot = await self.store.snapshot((route.label, client), limit)
-            if snapshot is not None:
-                snapshots.append(snapshot)
+            for key, limit in zip(limits.keys(identity), limits.limits, strict=True):
+                if not ip and any(part != "client" and part != "route" for part in limit.per):
+                    continue
+                snapshot = await self.store.snapshot(key, limit)
+                if snapshot is not None:
+                    snapshots.append(snapshot)
         return snapshots

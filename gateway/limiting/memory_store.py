@@ -14,12 +14,12 @@ cost follows the clients leaving, not the clients held.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Final
 
 from gateway.config.model import BucketSpec
-from gateway.limiting.bucket import Bucket, is_full, refill, take
+from gateway.limiting.bucket import Bucket, is_full, refill, seconds_until
 from gateway.limiting.policy import Limit
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketKey, BucketSnapshot, TakeResult
@@ -63,10 +63,60 @@ class MemoryStore:
     async def close(self) -> None:
         pass
 
-    async def take(self, key: BucketKey, limit: Limit) -> TakeResult:
-        return self.take_now(key, limit)
+    async def take(
+        self,
+        keys: Sequence[BucketKey],
+        limits: Sequence[Limit],
+        cost: int = 1,
+        max_wait_seconds: float = 0.0,
+    ) -> TakeResult:
+        return self.take_now(keys, limits, cost, max_wait_seconds)
 
-    def take_now(self, key: BucketKey, limit: Limit) -> TakeResult:
+    def take_now(
+        self,
+        keys: Sequence[BucketKey],
+        limits: Sequence[Limit],
+        cost: int = 1,
+        max_wait_seconds: float = 0.0,
+    ) -> TakeResult:
+        clock = self._clock
+        if len(keys) == 1:  # the common case, without the loops' lists
+            limit = limits[0]
+            spec = limit.spec
+            bucket = self._bucket(keys[0], limit)
+            to_next = clock.seconds_to_next(limit.ticker)
+            tokens = bucket.tokens
+            if tokens >= cost:
+                bucket.tokens = tokens - cost
+                return TakeResult(True, [tokens - cost], [to_next], to_next, 0)
+            wait = seconds_until(
+                tokens, cost, spec.refill_tokens, spec.refill_period_seconds, to_next
+            )
+            if wait <= max_wait_seconds:
+                bucket.tokens = tokens - cost
+                return TakeResult(True, [tokens - cost], [to_next], wait, 0, wait)
+            return TakeResult(False, [tokens], [to_next], wait, 0)
+        buckets = [self._bucket(key, limit) for key, limit in zip(keys, limits, strict=True)]
+        to_next_all = [clock.seconds_to_next(limit.ticker) for limit in limits]
+        waits = [
+            seconds_until(
+                bucket.tokens, cost, limit.spec.refill_tokens,
+                limit.spec.refill_period_seconds, to_next,
+            )
+            for bucket, limit, to_next in zip(buckets, limits, to_next_all, strict=True)
+        ]  # fmt: skip
+        wait = max(waits)
+        if wait <= max_wait_seconds:
+            for bucket in buckets:
+                bucket.tokens -= cost
+            left = [bucket.tokens for bucket in buckets]
+            reporting = left.index(min(left))
+            return TakeResult(True, left, to_next_all, wait, reporting, wait)
+        left = [bucket.tokens for bucket in buckets]
+        return TakeResult(False, left, to_next_all, wait, waits.index(wait))
+
+    def _bucket(self, key: BucketKey, limit: Limit) -> Bucket:
+        """``key``'s bucket brought up to date, as the most recently seen."""
         spec = limit.spec
         tick = limit.ticker.count
         buckets = self._buckets
@@ -79,14 +129,20 @@ class MemoryStore:
             if bucket.spec is not spec:
                 self._respec(bucket, spec, tick)
             bucket.seen = self._clock.seconds
+            refill(bucket, tick, spec.refill_tokens, spec.max_tokens)
         buckets[key] = bucket
-        admitted = take(bucket, tick, spec.refill_tokens, spec.max_tokens)
-        return self._result(admitted, bucket.tokens, limit)
+        return bucket
 
-    def _result(self, admitted: bool, tokens: int, limit: Limit) -> TakeResult:
-        to_next = self._clock.seconds_to_next(limit.ticker)
-        reset = 0.0 if tokens >= limit.spec.max_tokens else to_next
-        return TakeResult(admitted, tokens, to_next, reset)
+    def give_back(self, keys: Sequence[BucketKey], limits: Sequence[Limit], cost: int) -> None:
+        for key, limit in zip(keys, limits, strict=True):
+            bucket = self._buckets.get(key)
+            if bucket is None:  # forgotten full: nothing to give back to
+                continue
+            spec = limit.spec
+            if bucket.spec is not spec:
+                self._respec(bucket, spec, limit.ticker.count)
+            refill(bucket, limit.ticker.count, spec.refill_tokens, spec.max_tokens)
+            bucket.tokens = min(spec.max_tokens, bucket.tokens + cost)
 
     def _respec(self, bucket: Bucket, spec: BucketSpec, tick: int) -> None:
         """A reload gave this (route, client) a new spec object. Equal values:
@@ -143,7 +199,8 @@ class MemoryStore:
             tokens = settled.tokens
         return BucketSnapshot(
             route=key[0],
-            policy=spec.name,
+            policy=key[1],
+            key=key[2],
             tokens=tokens,
             max_tokens=spec.max_tokens,
             refill_tokens=spec.refill_tokens,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Final
 
@@ -42,7 +42,7 @@ __all__ = [
     "BREAKER_FAILURES",
     "BREAKER_OPEN_SECONDS",
     "MAX_BATCHES_IN_FLIGHT",
-    "MAX_BATCH_KEYS",
+    "MAX_BATCH_REQUESTS",
     "RedisStore",
 ]
 
@@ -50,8 +50,8 @@ log = logging.getLogger("gateway.redis_store")
 
 BREAKER_FAILURES: Final = 3
 BREAKER_OPEN_SECONDS: Final = 1.0
-# Keys per EVALSHA: bounds one script's run time on the Redis server.
-MAX_BATCH_KEYS: Final = 256
+# Requests per EVALSHA (each with its few keys): bounds one script's run on the server.
+MAX_BATCH_REQUESTS: Final = 256
 # Calls in flight per process (= connections used): pipelining depth.
 MAX_BATCHES_IN_FLIGHT: Final = 4
 # Both scripts take the time first: '' is the Redis server's clock (TIME).
@@ -64,20 +64,38 @@ def _script(name: str) -> str:
 
 
 def redis_key(key: BucketKey) -> str:
-    """The Redis key of a (route, client) bucket, hash-tagged by client."""
-    route, client = key
-    # The hash tag is the client: a client's buckets share a slot; clients
-    # spread over the cluster. Braces inside the id would end the tag early.
-    tag = client.replace("{", "(").replace("}", ")")
-    return f"rl:{{{tag}}}:{route}"
+    """The Redis key of a bucket, hash-tagged by the key's tag: on a Cluster
+    a script's keys must share a slot, and every bucket of one request
+    carries the same tag (see policy.BucketKey). A route's one limit keyed
+    on the client keeps the key it always had, ``rl:{client}:route``; other
+    limits add ``#name``, other subjects ``@subject``."""
+    route, name, subject, tag = key
+    # Braces inside the tag would end it early.
+    text = "rl:{" + tag.replace("{", "(").replace("}", ")") + "}:" + route
+    if name != route and name != "default" and name != "override":
+        text += "#" + name
+    if subject != tag:
+        text += "@" + subject
+    return text
 
 
-class _Pending:
-    __slots__ = ("future", "key", "limit")
+class _Request:
+    """One decision waiting for its batch's call."""
 
-    def __init__(self, key: str, limit: Limit, future: asyncio.Future[TakeResult]) -> None:
-        self.key = key
-        self.limit = limit
+    __slots__ = ("cost", "future", "keys", "limits", "max_wait_ms")
+
+    def __init__(
+        self,
+        keys: list[str],
+        limits: Sequence[Limit],
+        cost: int,
+        max_wait_ms: int,
+        future: asyncio.Future[TakeResult] | None,
+    ) -> None:
+        self.keys = keys
+        self.limits = limits
+        self.cost = cost
+        self.max_wait_ms = max_wait_ms
         self.future = future
 
 
@@ -124,7 +142,7 @@ class RedisStore:
         # AttributeError in connect): one task initialises, others wait.
         self._cluster_init = asyncio.Lock() if config.cluster else None
         self._cluster_ready = False
-        self._pending: list[_Pending] = []
+        self._pending: list[_Request] = []
         self._flush_scheduled = False
         self._failures = 0
         self._open_until = 0.0
@@ -148,38 +166,69 @@ class RedisStore:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
 
-    def take_now(self, key: BucketKey, limit: Limit) -> TakeResult | None:
-        return None  # the bucket lives in Redis: always a round trip
+    def take_now(
+        self,
+        keys: Sequence[BucketKey],
+        limits: Sequence[Limit],
+        cost: int = 1,
+        max_wait_seconds: float = 0.0,
+    ) -> TakeResult | None:
+        return None  # the buckets live in Redis: always a round trip
 
-    async def take(self, key: BucketKey, limit: Limit) -> TakeResult:
+    async def take(
+        self,
+        keys: Sequence[BucketKey],
+        limits: Sequence[Limit],
+        cost: int = 1,
+        max_wait_seconds: float = 0.0,
+    ) -> TakeResult:
         if self._breaker_open:
-            return self._fallback(key, limit)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[TakeResult] = loop.create_future()
-        self._pending.append(_Pending(redis_key(key), limit, future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+            return self._fallback(keys, limits, cost, max_wait_seconds)
+        future: asyncio.Future[TakeResult] = asyncio.get_running_loop().create_future()
+        self._enqueue(keys, limits, cost, round(max_wait_seconds * 1000), future)
         try:
             return await future
         except _StorageFailedError:
-            return self._fallback(key, limit)
+            return self._fallback(keys, limits, cost, max_wait_seconds)
+
+    def give_back(self, keys: Sequence[BucketKey], limits: Sequence[Limit], cost: int) -> None:
+        if self._breaker_open:
+            if self.config.on_error == "local":
+                self._local.give_back(keys, limits, cost)
+            return
+        self._enqueue(keys, limits, -cost, 0, None)
+
+    def _enqueue(
+        self,
+        keys: Sequence[BucketKey],
+        limits: Sequence[Limit],
+        cost: int,
+        max_wait_ms: int,
+        future: asyncio.Future[TakeResult] | None,
+    ) -> None:
+        self._pending.append(
+            _Request([redis_key(key) for key in keys], limits, cost, max_wait_ms, future)
+        )
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Send what is pending, at most MAX_BATCH_KEYS keys per call and
+        """Send what is pending, at most MAX_BATCH_REQUESTS requests per call and
         MAX_BATCHES_IN_FLIGHT calls at once; the rest waits for a reply.
         While Redis is busy, requests pile into bigger batches instead of
         more connections (redis-py's pool would otherwise grow per batch)."""
         self._flush_scheduled = False
         loop = asyncio.get_running_loop()
         while self._pending and len(self._tasks) < MAX_BATCHES_IN_FLIGHT:
-            batch = self._pending[:MAX_BATCH_KEYS]
-            del self._pending[:MAX_BATCH_KEYS]
+            batch = self._pending[:MAX_BATCH_REQUESTS]
+            del self._pending[:MAX_BATCH_REQUESTS]
             if self.config.cluster:
-                # A script's keys must share a hash slot on a Cluster.
-                by_slot: dict[int, list[_Pending]] = {}
+                # A script's keys must share a hash slot on a Cluster (one
+                # request's keys share a tag, so they share a slot).
+                by_slot: dict[int, list[_Request]] = {}
                 for item in batch:
-                    by_slot.setdefault(key_slot(item.key.encode()), []).append(item)
+                    by_slot.setdefault(key_slot(item.keys[0].encode()), []).append(item)
                 batches = list(by_slot.values())
             else:
                 batches = [batch]
@@ -202,16 +251,19 @@ class RedisStore:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _send(self, batch: list[_Pending]) -> None:
-        keys = [item.key for item in batch]
+    async def _send(self, batch: list[_Request]) -> None:
+        keys: list[str] = []
         args: list[int | str] = [self._script_now()]
         for item in batch:
-            spec = item.limit.spec
-            args += (
-                round(spec.refill_period_seconds * 1000),
-                spec.refill_tokens,
-                spec.max_tokens,
-            )
+            keys += item.keys
+            args += (len(item.keys), item.cost, item.max_wait_ms)
+            for limit in item.limits:
+                spec = limit.spec
+                args += (
+                    round(spec.refill_period_seconds * 1000),
+                    spec.refill_tokens,
+                    spec.max_tokens,
+                )
         try:
             async with asyncio.timeout(self.config.timeout_seconds):
                 if self._cluster_init is not None and not self._cluster_ready:
@@ -224,19 +276,30 @@ class RedisStore:
                 log.exception("redis: unexpected error from the client library")
             self._record_failure(exc)
             for item in batch:
-                if not item.future.done():
+                if item.future is not None and not item.future.done():
                     item.future.set_exception(_StorageFailedError())
             return
         self._failures = 0
-        for i, item in enumerate(batch):
-            admitted, tokens, to_next_ms = reply[3 * i : 3 * i + 3]
-            to_next = int(to_next_ms) / 1000
-            max_tokens = item.limit.spec.max_tokens
-            result = TakeResult(
-                bool(admitted), int(tokens), to_next, 0.0 if tokens >= max_tokens else to_next
-            )
-            if not item.future.done():
-                item.future.set_result(result)
+        at = 0
+        for item in batch:
+            admitted, wait_ms, reporting = reply[at], int(reply[at + 1]), int(reply[at + 2]) - 1
+            n = len(item.keys)
+            values = reply[at + 3 : at + 3 + 2 * n]
+            at += 3 + 2 * n
+            if item.future is None or item.future.done():
+                continue
+            to_next = [int(ms) / 1000 for ms in values[1::2]]
+            wait = wait_ms / 1000
+            if admitted:
+                result = TakeResult(
+                    True, [int(t) for t in values[::2]], to_next, to_next[reporting],
+                    reporting, wait,
+                )  # fmt: skip
+            else:
+                result = TakeResult(
+                    False, [int(t) for t in values[::2]], to_next, wait, reporting
+                )
+            item.future.set_result(result)
 
     def _script_now(self) -> int | str:
         return _REDIS_TIME if self._now_ms is None else self._now_ms()
@@ -252,14 +315,22 @@ class RedisStore:
                 self.config.on_error,
             )  # fmt: skip
 
-    def _fallback(self, key: BucketKey, limit: Limit) -> TakeResult:
+    def _fallback(
+        self,
+        keys: Sequence[BucketKey],
+        limits: Sequence[Limit],
+        cost: int,
+        max_wait_seconds: float,
+    ) -> TakeResult:
         policy = self.config.on_error
         if policy == "local":
-            return self._local.take_now(key, limit)
-        spec = limit.spec
+            return self._local.take_now(keys, limits, cost, max_wait_seconds)
+        n = len(limits)
         if policy == "deny":  # retry once the breaker will have let a probe through
-            return TakeResult(False, 0, BREAKER_OPEN_SECONDS, BREAKER_OPEN_SECONDS)
-        return TakeResult(True, spec.max_tokens, 0.0, 0.0)
+            return TakeResult(
+                False, [0] * n, [BREAKER_OPEN_SECONDS] * n, BREAKER_OPEN_SECONDS, 0
+            )
+        return TakeResult(True, [limit.spec.max_tokens for limit in limits], [0.0] * n, 0.0, 0)
 
     async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot | None:
         spec = limit.spec
@@ -278,7 +349,8 @@ class RedisStore:
             return None
         return BucketSnapshot(
             route=key[0],
-            policy=spec.name,
+            policy=key[1],
+            key=key[2],
             tokens=int(tokens),
             max_tokens=spec.max_tokens,
             refill_tokens=spec.refill_tokens,

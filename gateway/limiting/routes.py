@@ -11,8 +11,8 @@ from __future__ import annotations
 import posixpath
 from typing import Final
 
-from gateway.config.model import BucketSpec, GatewayConfig, Mode, Unlimited
-from gateway.limiting.policy import Limit
+from gateway.config.model import GatewayConfig, Mode, RouteSpec, Unlimited
+from gateway.limiting.policy import RouteLimits
 from gateway.limiting.refill_clock import RefillClock
 
 __all__ = ["DEFAULT_ROUTE_LABEL", "Route", "RouteTable", "normalise_path"]
@@ -21,24 +21,38 @@ DEFAULT_ROUTE_LABEL: Final = "default"
 
 
 class Route:
-    """``limit`` is the route's own bucket, or None: the client's override, else
-    limits.default. ``unlimited`` routes have no bucket at all."""
+    """One ``routes[]`` entry as requests meet it. ``limits``: the route's own
+    (None: the client's override, else limits.default); ``unlimited`` routes
+    have none at all. ``methods``: the methods it matches (None: every one).
+    ``count_statuses``: the statuses that cost tokens (None: every one)."""
 
-    __slots__ = ("label", "limit", "prefix", "shadow", "unlimited")
+    __slots__ = ("cost", "count_statuses", "label", "limits", "max_queued", "max_wait_seconds",
+                 "methods", "prefix", "shadow", "unlimited")  # fmt: skip
 
     def __init__(
         self,
         label: str,
         prefix: str,
-        limit: Limit | None,
+        limits: RouteLimits | None,
         unlimited: bool,
         shadow: bool,
+        *,
+        methods: frozenset[str] | None = None,
+        cost: int = 1,
+        max_wait_seconds: float = 0.0,
+        max_queued: int = 0,
+        count_statuses: frozenset[int] | None = None,
     ) -> None:
         self.label = label
         self.prefix = prefix
-        self.limit = limit
+        self.limits = limits
         self.unlimited = unlimited
         self.shadow = shadow
+        self.methods = methods
+        self.cost = cost
+        self.max_wait_seconds = max_wait_seconds
+        self.max_queued = max_queued
+        self.count_statuses = count_statuses
 
 
 def normalise_path(path: str) -> str:
@@ -59,14 +73,7 @@ class RouteTable:
     def __init__(self, config: GatewayConfig, clock: RefillClock) -> None:
         global_shadow = config.mode is Mode.SHADOW
         self.routes: tuple[Route, ...] = tuple(
-            Route(
-                label=spec.path_prefix,
-                prefix=spec.path_prefix,
-                limit=Limit(spec.limit, clock) if isinstance(spec.limit, BucketSpec) else None,
-                unlimited=isinstance(spec.limit, Unlimited),
-                shadow=global_shadow if spec.mode is None else spec.mode is Mode.SHADOW,
-            )
-            for spec in config.routes
+            _route(spec, clock, global_shadow) for spec in config.routes
         )
         self.default = Route(DEFAULT_ROUTE_LABEL, "/", None, False, global_shadow)
         self.labels: tuple[str, ...] = (
@@ -74,12 +81,33 @@ class RouteTable:
             *(r.label for r in self.routes),
         )
 
-    def match(self, path: str) -> Route:
+    def match(self, path: str, method: str = "GET") -> Route:
         """``path`` is the decoded request path (no query)."""
         if not self.routes:
             return self.default
         path = normalise_path(path)
         for route in self.routes:
-            if path.startswith(route.prefix):
+            if path.startswith(route.prefix) and (
+                route.methods is None or method in route.methods
+            ):
                 return route
         return self.default
+
+
+def _route(spec: RouteSpec, clock: RefillClock, global_shadow: bool) -> Route:
+    limit = spec.limit
+    queue = spec.queue
+    return Route(
+        label=spec.path_prefix,
+        prefix=spec.path_prefix,
+        limits=RouteLimits(spec.path_prefix, limit, clock)
+        if isinstance(limit, tuple)
+        else None,
+        unlimited=isinstance(limit, Unlimited),
+        shadow=global_shadow if spec.mode is None else spec.mode is Mode.SHADOW,
+        methods=spec.methods,
+        cost=spec.cost,
+        max_wait_seconds=queue.max_wait_seconds if queue is not None else 0.0,
+        max_queued=queue.max_queued if queue is not None else 0,
+        count_statuses=spec.count_statuses,
+    )

@@ -207,7 +207,7 @@ async def test_denied_response_body_headers_and_no_upstream_contact(
 
     status, headers, _ = await fetch(http, url)
     assert status == 200
-    assert headers["RateLimit-Policy"] == '"default";q=2;w=30'
+    assert headers["RateLimit-Policy"] == '"default";q=2;w=60'  # 30s * ceil(2 / 1)
     assert headers["RateLimit"] == '"default";r=1;t=30'
     assert headers["X-RateLimit-Limit"] == "2"
     assert headers["X-RateLimit-Remaining"] == "1"
@@ -223,7 +223,7 @@ async def test_denied_response_body_headers_and_no_upstream_contact(
     assert headers["Content-Type"].startswith("application/json")
     assert json.loads(body) == {"error": "rate_limited", "retry_after": 30}
     assert headers["Retry-After"] == "30"
-    assert headers["RateLimit-Policy"] == '"default";q=2;w=30'
+    assert headers["RateLimit-Policy"] == '"default";q=2;w=60'  # 30s * ceil(2 / 1)
     assert headers["RateLimit"] == '"default";r=0;t=30'
     assert headers["X-RateLimit-Limit"] == "2"
     assert headers["X-RateLimit-Remaining"] == "0"
@@ -359,8 +359,10 @@ async def test_first_matching_route_wins_with_own_bucket_per_route(
     gw = await start_gateway(
         limits=limits(5),
         routes=[
-            {"path_prefix": "/api", "limit": bucket(4)},
-            {"path_prefix": "/api/admin", "limit": bucket(1)},  # shadowed by /api
+            # /api/admin is reachable only by methods /api does not take
+            # (gateway check refuses a route no request can reach).
+            {"path_prefix": "/api", "methods": ["GET", "HEAD"], "limit": bucket(4)},
+            {"path_prefix": "/api/admin", "limit": bucket(1)},  # shadowed by /api for GET
             {"path_prefix": "/login", "limit": bucket(2)},
         ],
     )

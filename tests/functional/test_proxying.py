@@ -662,7 +662,8 @@ async def test_rate_limit_headers_on_allowed_responses(
             await response.read()
             assert response.status in (200, 204)
             headers = response.headers
-        assert headers.getall("RateLimit-Policy") == ['"default";q=5;w=10'], path
+        # w: seconds from empty to full, 10s * ceil(5 / 1)
+        assert headers.getall("RateLimit-Policy") == ['"default";q=5;w=50'], path
         assert headers.getall("RateLimit") == [f'"default";r={expected_remaining};t=10'], path
         assert headers.getall("X-RateLimit-Limit") == ["5"], path
         assert headers.getall("X-RateLimit-Remaining") == [str(expected_remaining)], path
@@ -683,7 +684,7 @@ async def test_upstream_failure_responses_carry_rate_limit_headers(
     async with http.get(gw.url + "/x") as response:
         await response.read()
     assert response.status == 502
-    assert response.headers.getall("RateLimit-Policy") == ['"default";q=5;w=10']
+    assert response.headers.getall("RateLimit-Policy") == ['"default";q=5;w=50']  # 10s * 5
     assert response.headers.getall("RateLimit") == ['"default";r=4;t=10']
     assert response.headers.getall("X-RateLimit-Remaining") == ["4"]
 

@@ -1,0 +1,158 @@
+"""User-space instructions per request under valgrind's callgrind, by build.
+
+    .venv/bin/python -m bench.callgrind --src TREE-A --src TREE-B [--requests 2000]
+
+CPU time per request moves with the machine's speed and load; instructions
+do not. Each source tree's gateway (``python -m gateway run`` with
+``PYTHONPATH`` set to the tree) runs under callgrind with instrumentation
+off, serves a warm-up over one keep-alive connection, then
+``callgrind_control`` turns instrumentation on, zeroes the counters, a fixed
+number of requests is sent one after another on that connection, and the
+counters are dumped: the total ``Ir`` (every thread of the process, the
+access-log consumer included) divided by the requests. Cases: the plain path
+(GET) and the aiohttp path (POST with a one-byte body), allowed and denied;
+metrics on, access log to a file, nginx as the upstream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.run import ALLOWED, DENIED, GATEWAY_CONFIG, NGINX_UPSTREAM, free_port, nginx
+
+CASES = (
+    ("plain allowed", "GET", ALLOWED),
+    ("plain denied", "GET", DENIED),
+    ("aiohttp allowed", "POST", ALLOWED),
+    ("aiohttp denied", "POST", DENIED),
+)
+
+
+def _request(method: str) -> bytes:
+    body = b"x" if method == "POST" else b""
+    length = b"Content-Length: 1\r\n" if body else b""
+    return b"%s /bench HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n%s" % (
+        method.encode(),
+        length,
+        body,
+    )
+
+
+def _exchange(sock: socket.socket, request: bytes, count: int) -> None:
+    """Send ``request`` ``count`` times, each after the previous answer."""
+    buffer = b""
+    for _ in range(count):
+        sock.sendall(request)
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                head = buffer[:end].lower()
+                match = re.search(rb"content-length: *(\d+)", head)
+                total = end + 4 + (int(match.group(1)) if match else 0)
+                if len(buffer) >= total:
+                    buffer = buffer[total:]
+                    break
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("the gateway closed the connection")
+            buffer += chunk
+
+
+def _wait_for(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listening on {port} after {timeout:.0f}s")
+
+
+def measure(src: Path, method: str, limits: dict[str, object], upstream: int, tmp: Path,
+            requests: int, warmup: int) -> float:  # fmt: skip
+    port = free_port()
+    config = tmp / f"gw-{port}.yaml"
+    config.write_text(
+        GATEWAY_CONFIG.format(
+            tmp=tmp, name=f"gw-{port}", port=port, admin=free_port(), workers=1,
+            backend="memory", upstream=upstream, redis=free_port(),
+            period=limits["period"], refill=limits["refill"], max_tokens=limits["max_tokens"],
+        )
+    )  # fmt: skip
+    out = tmp / f"callgrind.{port}"
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+         sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        cwd=src, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(port, 180)
+        request = _request(method)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            _exchange(sock, request, warmup)
+            control = ["callgrind_control"]
+            subprocess.run(
+                [*control, "-i", "on", str(proc.pid)], check=True, capture_output=True
+            )
+            subprocess.run([*control, "-z", str(proc.pid)], check=True, capture_output=True)
+            _exchange(sock, request, requests)
+            subprocess.run([*control, "-d", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    total = 0
+    for dump in tmp.glob(f"callgrind.{port}*"):
+        text = dump.read_text(errors="replace")
+        found = re.search(r"^(?:summary|totals): *(\d+)", text, re.M)
+        # The dump taken around the measured requests, not the one at exit.
+        if found and dump.name != out.name:
+            total += int(found.group(1))
+    return total / requests
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", action="append", type=Path, help="a source tree (repeat)")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--warmup", type=int, default=300)
+    args = parser.parse_args()
+    sources = [
+        path.resolve() for path in (args.src or [Path(__file__).resolve().parent.parent])
+    ]
+    with tempfile.TemporaryDirectory(prefix="gateway-callgrind-") as name:
+        tmp = Path(name)
+        up = free_port()
+        with nginx(tmp, "upstream", NGINX_UPSTREAM.format(tmp=tmp, port=up), up):
+            print(f"instructions per request (callgrind Ir), {args.requests} requests on one "
+                  f"keep-alive connection after {args.warmup}")  # fmt: skip
+            print(f"  {'case':<17}" + "".join(f"{f'[{i}]':>12}" for i in range(len(sources))))
+            for label, method, limits in CASES:
+                row = [
+                    measure(src, method, limits, up, tmp, args.requests, args.warmup)
+                    for src in sources
+                ]
+                ratios = "".join(f"  x{value / row[0]:.3f}" for value in row[1:])
+                print(f"  {label:<17}" + "".join(f"{v:>12,.0f}" for v in row) + ratios,
+                      flush=True)  # fmt: skip
+            for i, src in enumerate(sources):
+                print(f"  [{i}] {src}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
