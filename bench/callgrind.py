@@ -130,6 +130,7 @@ def main() -> int:
     parser.add_argument("--src", action="append", type=Path, help="a source tree (repeat)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--case", action="append", help="only these cases (repeat)")
     args = parser.parse_args()
     sources = [
         path.resolve() for path in (args.src or [Path(__file__).resolve().parent.parent])
@@ -142,6 +143,8 @@ def main() -> int:
                   f"keep-alive connection after {args.warmup}")  # fmt: skip
             print(f"  {'case':<17}" + "".join(f"{f'[{i}]':>12}" for i in range(len(sources))))
             for label, method, limits in CASES:
+                if args.case and label not in args.case:
+                    continue
                 row = [
                     measure(src, method, limits, up, tmp, args.requests, args.warmup)
                     for src in sources

@@ -33,6 +33,7 @@ class ClientIdentifier:
         self._network = lru_cache(maxsize=65536)(
             partial(_masked, config.ipv4_prefix, config.ipv6_prefix)
         )
+        self._v4_whole = config.ipv4_prefix == 32
         if config.ipv4_prefix == 32 and config.ipv6_prefix == 128:
             self._network = _unmasked  # type: ignore[assignment]
         self._allow_keys = frozenset(e for e in config.allow if isinstance(e, str))
@@ -78,7 +79,8 @@ class ClientIdentifier:
         (a distinct namespace, so nobody can send another client's IP as a key).
         """
         address = self.client_address(peer, forwarded_for)
-        network = self._network(address)
+        # An IPv4 address at /32 is its own network: no lookup.
+        network = address if self._v4_whole and ":" not in address else self._network(address)
         listed = None
         if self._lists:
             listed = self._listed(address, api_key)

@@ -183,9 +183,6 @@ class AiohttpDownstream:
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         transport.write(data)
-        # What aiohttp reads as "the response started": it must not append
-        # an error answer of its own behind ours.
-        request.writer.output_size += len(data)
 
     async def drain(self) -> None:
         await self._request.writer.drain()

@@ -29,7 +29,7 @@ import itertools
 import os
 import time
 from collections.abc import Coroutine
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, MultiMapping
@@ -93,31 +93,33 @@ class RequestHead:
     ``target`` is the request target as received; ``headers`` decoded as
     aiohttp decodes them (UTF-8 with surrogateescape), on both paths, so a
     client is identified and logged alike whichever path served it.
-    ``content_length`` is None without a body or with a chunked one."""
+    ``scheme`` and ``content_length`` (None without a body or with a chunked
+    one) are class attributes here, what a plain request always has; a
+    shell whose requests differ overrides them (proxy_app.AiohttpHead reads
+    them from aiohttp's request, and only when a request is forwarded)."""
 
-    __slots__ = ("content_length", "headers", "http10", "keep_alive", "method", "peer",
-                 "scheme", "target")  # fmt: skip
+    __slots__ = ("headers", "http10", "keep_alive", "method", "peer", "target")
+
+    scheme: str = "http"
+    content_length: int | None = None
 
     def __init__(
         self,
         method: str,
         target: str,
         headers: MultiMapping[str],
-        *,
         peer: str,
         http10: bool,
         keep_alive: bool,
-        scheme: str = "http",
-        content_length: int | None = None,
     ) -> None:
+        # Positional parameters: built on every request, and CPython matches
+        # positional arguments faster than keywords.
         self.method = method
         self.target = target
         self.headers = headers
         self.peer = peer
         self.http10 = http10
         self.keep_alive = keep_alive
-        self.scheme = scheme
-        self.content_length = content_length
 
 
 def origin_form(method: str, target: str) -> str | None:
@@ -139,7 +141,9 @@ def origin_form(method: str, target: str) -> str | None:
 def decoded_path(target: str) -> str:
     """The path of a target without query and fragment, percent-decoded as
     aiohttp's ``request.path`` is: routes match on it."""
-    path = target.partition("?")[0].partition("#")[0]
+    path = target.partition("?")[0]
+    if "#" in path:
+        path = path.partition("#")[0]
     if "%" not in path:
         return path
     return URL(path, encoded=True).path
@@ -208,7 +212,15 @@ class Call(Outcome):
         identity: tuple[str, str, str | None],
         request_id: str,
     ) -> None:
-        super().__init__()
+        # Outcome's fields set here, not through super().__init__(): one
+        # call less on every request.
+        self.status = 0
+        self.response_started = False
+        self.upstream_seconds: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.error: UpstreamError | None = None
+        self.client_gone = False
         self.started = time.perf_counter()
         self.head = head
         self.snapshot = snapshot
@@ -225,14 +237,10 @@ class Call(Outcome):
         return self.head.headers
 
 
-class Deny:
-    """Answer 429: ``data`` is the whole response."""
-
-    __slots__ = ("body_length", "data")
-
-    def __init__(self, data: bytes, body_length: int) -> None:
-        self.data = data
-        self.body_length = body_length
+# Answer 429: the whole response, ready to write (the core set the call's
+# status and bytes_out). Plain bytes, not an object around them: the denied
+# path is the one a flood hits.
+Deny = bytes
 
 
 class Refuse:
@@ -262,6 +270,7 @@ class Forward:
 
 
 Verdict = Deny | Refuse | Forward
+C = TypeVar("C", bound=Call)
 
 
 class RequestCore:
@@ -284,13 +293,20 @@ class RequestCore:
         self._queued: dict[str, int] = {}
         self._request_ids = itertools.count()
 
-    def open(self, head: RequestHead) -> Call:
-        """① Who is the client, and the request id; ② which route."""
+    @overload
+    def open(self, head: RequestHead) -> Call: ...
+
+    @overload
+    def open(self, head: RequestHead, cls: type[C]) -> C: ...
+
+    def open(self, head: RequestHead, cls: type[Call] = Call) -> Call:
+        """① Who is the client, and the request id; ② which route. ``cls``: a
+        shell's own kind of Call, holding what its steps share."""
         snapshot = self.snapshot
-        target = origin_form(head.method, head.target)
-        route = snapshot.limiter.routes.match(
-            decoded_path(head.target if target is None else target), head.method
-        )
+        target = head.target
+        if target[:1] != "/":  # absolute-form, or nothing we forward
+            target = origin_form(head.method, target) or target
+        route = snapshot.limiter.routes.match(decoded_path(target), head.method)
         headers = head.headers
         identifier = snapshot.identifier
         api_header = identifier.header
@@ -302,7 +318,7 @@ class RequestCore:
         request_id = headers.get("X-Request-ID") or (
             f"{self._request_id_prefix}{next(self._request_ids):016x}"
         )
-        return Call(head, snapshot, route, identity, request_id)
+        return cls(head, snapshot, route, identity, request_id)
 
     def enter(self, call: Call) -> Answer | None:
         """Take the client's in-flight slot; the 429 to send when it is at
@@ -337,7 +353,7 @@ class RequestCore:
         if listed is not None:
             return self.settle(call, EXEMPT_DECISION if listed == EXEMPT else BLOCKED_DECISION)
         decision = call.snapshot.limiter.decide_now(
-            call.route, call, self._max_wait(call.route)
+            call.route, call, self._max_wait(call.route) if call.route.max_wait_seconds else 0.0
         )
         if decision is None:
             return None
@@ -369,7 +385,9 @@ class RequestCore:
                 decision, call.request_id, keep_alive=head.keep_alive, http10=head.http10,
                 head_only=head.method == "HEAD",
             )  # fmt: skip
-            return Deny(data, body_length)
+            call.status = 429
+            call.bytes_out = body_length
+            return data
         if outcome is BLOCKED:
             return Refuse(Answer(403, [("Content-Type", _JSON)], _FORBIDDEN_BODY))
         config = call.snapshot.config

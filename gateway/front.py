@@ -307,9 +307,9 @@ class FrontConnection(asyncio.Protocol):
             method.decode(),
             self._url.decode("utf-8", "surrogateescape"),
             headers,
-            peer=self.peer,
-            http10=self._http10,
-            keep_alive=self._keep_alive,
+            self.peer,
+            self._http10,
+            self._keep_alive,
         )
 
     def track(self, in_flight: InFlight) -> None:

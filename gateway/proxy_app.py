@@ -25,9 +25,10 @@ from typing import Final
 from aiohttp import HttpVersion11, web
 
 from gateway.connection import AiohttpDownstream
-from gateway.core import Call, Deny, Forward, Ours, Refuse, RequestCore, RequestHead, Verdict
+from gateway.core import Call, Deny, Forward, Ours, Refuse, RequestCore, RequestHead, Snapshot
 from gateway.errors import ClientBodyError, UpstreamResetError
 from gateway.front import PENDING, FrontConnection, PlainOutcome
+from gateway.limiting.routes import Route
 from gateway.relay import Downstream, relay_stream, relay_whole
 from gateway.responses import Answer
 from gateway.upstream import Upstream
@@ -56,14 +57,40 @@ def _write_answer(core: RequestCore, call: Call, down: Downstream, answer: Answe
 
 
 def _write_denial(call: Call, down: Downstream, deny: Deny) -> None:
-    call.status = 429
     try:
-        down.write(deny.data)
+        down.write(deny)
     except ConnectionError:
         call.client_gone = True
+        call.bytes_out = 0
         return
     call.response_started = True
-    call.bytes_out = deny.body_length
+
+
+class AiohttpHead(RequestHead):
+    """A request aiohttp's server parsed, as the core reads it; its scheme
+    and body length are read only when the request is forwarded."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        # RequestHead's fields set here, not through its __init__: one call
+        # less on every request of this path.
+        self.method = request.method
+        self.target = request.raw_path
+        self.headers = request.headers
+        self.peer = request.remote or "-"
+        self.http10 = request.version < HttpVersion11
+        self.keep_alive = request.keep_alive
+        self._request = request
+
+    # Read-only here: the core only reads them.
+    @property
+    def scheme(self) -> str:  # type: ignore[override]
+        return self._request.scheme
+
+    @property
+    def content_length(self) -> int | None:  # type: ignore[override]
+        return self._request.content_length
 
 
 def _gone(request: web.BaseRequest) -> bool:
@@ -85,34 +112,34 @@ class ProxyHandlers:
         the connection stay open?), PENDING when the answer will come from
         the upstream's callback, else the coroutine that finishes it."""
         core = self.core
-        call = core.open(head)
-        plain = PlainCall(self, conn, call)
+        plain = core.open(head, PlainCall)
+        plain.conn = conn
+        plain.shell = self
+        plain.core = core
         conn.track(plain)
-        refusal = core.enter(call)
+        refusal = core.enter(plain)
         if refusal is not None:
             return plain.answer(refusal)
-        verdict = core.decide_now(call)
+        verdict = core.decide_now(plain)
         if verdict is None:  # the store is remote: await its answer
             return plain.decide_and_act()
-        return plain.act(verdict)
+        if isinstance(verdict, Forward):
+            return plain.forward(verdict)
+        if isinstance(verdict, bytes):  # Deny: the 429, inlined (the flood's path)
+            try:
+                conn.write(verdict)
+            except ConnectionError:
+                plain.client_gone = True
+                plain.bytes_out = 0
+            return plain.end(True)
+        return plain.answer(verdict.answer)
 
     # -- the aiohttp path --
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every request front.py handed to aiohttp: bodies, HEAD, upgrades."""
         core = self.core
-        call = core.open(
-            RequestHead(
-                request.method,
-                request.raw_path,
-                request.headers,
-                peer=request.remote or "-",
-                http10=request.version < HttpVersion11,
-                keep_alive=request.keep_alive,
-                scheme=request.scheme,
-                content_length=request.content_length,
-            )
-        )
+        call = core.open(AiohttpHead(request))
         down = AiohttpDownstream(request)
         keep_alive = False
         try:
@@ -135,9 +162,13 @@ class ProxyHandlers:
                             return upgraded
                     else:
                         keep_alive = await self._forward(request, call, verdict, down)
-                elif isinstance(verdict, Deny):
-                    _write_denial(call, down, verdict)
-                    keep_alive = True
+                elif isinstance(verdict, bytes):  # Deny: the 429, inlined (the flood's path)
+                    try:
+                        down.write(verdict)
+                        keep_alive = True
+                    except ConnectionError:
+                        call.client_gone = True
+                        call.bytes_out = 0
                 else:
                     keep_alive = _write_answer(core, call, down, verdict.answer)
             if call.status in _CLOSE_AFTER_STATUSES and not keep_alive:
@@ -146,6 +177,10 @@ class ProxyHandlers:
                 down.close()
         except asyncio.CancelledError:  # cut by a drain past drain_timeout
             call.client_gone = True
+            raise
+        except Exception:
+            if call.response_started:  # aiohttp must not add its 500 behind ours
+                request.writer.output_size += 1
             raise
         finally:
             core.close(call)
@@ -191,19 +226,29 @@ class ProxyHandlers:
         return response
 
 
-class PlainCall:
-    """One plain request between the core's steps: what they share, whether
-    they run at once, in a callback or in a task. Also what a drain that ran
-    out of time cancels (``front.InFlight``)."""
+class PlainCall(Call):
+    """One plain request: the core's ``Call`` with what the plain path's
+    steps share, whether they run at once, in a callback or in a task
+    (one object per request, not two). Also what a drain that ran out of
+    time cancels (``front.InFlight``). ``conn`` and ``shell`` are set by
+    ``ProxyHandlers.serve_plain`` right after ``RequestCore.open``."""
 
-    __slots__ = ("call", "conn", "core", "ours", "request_head", "sent", "shell", "timer",
+    __slots__ = ("conn", "core", "ours", "request_head", "sent", "shell", "timer",
                  "upstream_conn")  # fmt: skip
 
-    def __init__(self, shell: ProxyHandlers, conn: FrontConnection, call: Call) -> None:
-        self.shell = shell
-        self.core = shell.core
-        self.conn = conn
-        self.call = call
+    conn: FrontConnection
+    shell: ProxyHandlers
+    core: RequestCore
+
+    def __init__(
+        self,
+        head: RequestHead,
+        snapshot: Snapshot,
+        route: Route,
+        identity: tuple[str, str, str | None],
+        request_id: str,
+    ) -> None:
+        Call.__init__(self, head, snapshot, route, identity, request_id)
         self.ours: Ours | None = None
         self.request_head = b""
         self.sent = 0.0
@@ -211,22 +256,16 @@ class PlainCall:
         self.upstream_conn: UpstreamConnection | None = None
         self.timer: asyncio.TimerHandle | None = None  # a delayed request's wait
 
-    def act(self, verdict: Verdict) -> PlainOutcome:
-        """Carry out the core's verdict."""
-        if isinstance(verdict, Forward):
-            return self.forward(verdict)
-        return self.answer_now(verdict)
-
     def answer_now(self, verdict: Deny | Refuse) -> bool:
         """The 429 or one of our answers; the request is done."""
-        if isinstance(verdict, Deny):
-            _write_denial(self.call, self.conn, verdict)
+        if isinstance(verdict, bytes):  # Deny
+            _write_denial(self, self.conn, verdict)
             return self.end(True)
         return self.answer(verdict.answer)
 
     async def decide_and_act(self) -> bool:
         """The decision needs I/O (redis): await it, then act in this task."""
-        call = self.call
+        call = self
         core = self.core
         try:
             verdict = core.settle(call, await core.decision(call))
@@ -244,7 +283,7 @@ class PlainCall:
         return self.answer_now(verdict)
 
     def _prepare(self, forward: Forward) -> None:
-        head = self.call.head
+        head = self.head
         self.ours = forward.ours
         self.request_head = self.shell.upstream.pool.request_head(
             head.method, forward.target, forward.headers
@@ -271,7 +310,7 @@ class PlainCall:
         left (its reservation goes back)."""
         self.timer = None
         conn = self.conn
-        call = self.call
+        call = self
         self.core.waited(call, client_left=conn.is_closing())
         if call.client_gone:
             conn.finish(self.end(False))
@@ -296,13 +335,13 @@ class PlainCall:
             upstream_conn.cancel_send()
             upstream_conn.close()
             self._release()
-        self.call.client_gone = True
+        self.client_gone = True
         self.end(False)
 
     def on_head(self, upstream_conn: UpstreamConnection) -> None:
         """The upstream's answer arrived (or the exchange failed)."""
         conn = self.conn
-        call = self.call
+        call = self
         error = upstream_conn.error
         if isinstance(error, UpstreamResetError) and not upstream_conn.got_bytes:
             # The upstream had closed this kept-alive connection before our
@@ -331,7 +370,7 @@ class PlainCall:
         try:
             reusable = await relay_stream(
                 upstream_conn.status, upstream_conn.raw_reason, upstream_conn.raw_headers,
-                upstream_conn.next_chunk, self.conn, self.ours, self.call.head, self.call,
+                upstream_conn.next_chunk, self.conn, self.ours, self.head, self,
             )  # fmt: skip
         finally:
             self._release()
@@ -341,7 +380,7 @@ class PlainCall:
     async def forward_in_task(self) -> bool:
         """Connect (or wait for a pooled connection) and relay, in a task."""
         assert self.ours is not None
-        call = self.call
+        call = self
         try:
             reusable = await self.shell.upstream.forward_plain(
                 self.request_head, self.conn, self.ours, call.head, call
@@ -355,12 +394,12 @@ class PlainCall:
 
     def answer(self, answer: Answer) -> bool:
         """Write one of our answers; the request is done."""
-        return self.end(_write_answer(self.core, self.call, self.conn, answer))
+        return self.end(_write_answer(self.core, self, self.conn, answer))
 
     def end(self, reusable: bool) -> bool:
         """Close the request in the core (slot, metrics, log). True when the
         client connection may carry the next request."""
-        call = self.call
+        call = self
         if call.closed:
             return False
         self.core.close(call)

@@ -92,9 +92,14 @@ while arg <= #ARGV do
     admitted = 1
     for j = 1, n do
       tokens[j] = math.min(maxes[j], tokens[j] - cost)
-      store(KEYS[first_key + j - 1], tokens[j], ticks[j], periods[j], refills[j], maxes[j],
-        to_next[j])
     end
+  end
+  -- Denied too, each bucket is written as settled: after a reload the new
+  -- limit applies from the first request that meets it, admitted or not
+  -- (MemoryStore._bucket settles and re-specs on every take).
+  for j = 1, n do
+    store(KEYS[first_key + j - 1], tokens[j], ticks[j], periods[j], refills[j], maxes[j],
+      to_next[j])
   end
   local reporting = waiting
   if admitted == 1 then

@@ -51,7 +51,8 @@ class Decision:
     exempt and blocked clients); ``result`` then means nothing. ``keys``:
     the buckets taken from (``cost`` each), for giving tokens back."""
 
-    __slots__ = ("cost", "keys", "limits", "outcome", "result")
+    __slots__ = ("cost", "keys", "limits", "outcome", "result", "retry_after_seconds",
+                 "tokens_left")  # fmt: skip
 
     def __init__(
         self,
@@ -66,16 +67,10 @@ class Decision:
         self.result = result
         self.keys = keys
         self.cost = cost
-
-    @property
-    def tokens_left(self) -> int:
-        """What the single-limit headers and the access log report."""
-        result = self.result
-        return max(0, result.tokens_left[result.reporting])
-
-    @property
-    def retry_after_seconds(self) -> float:
-        return self.result.retry_after_seconds
+        # What the single-limit headers and the access log report.
+        tokens = result.tokens_left[result.reporting]
+        self.tokens_left = tokens if tokens > 0 else 0
+        self.retry_after_seconds = result.retry_after_seconds
 
     @property
     def delay_seconds(self) -> float:
@@ -100,21 +95,29 @@ class Limiter:
         self._overrides: dict[str, tuple[BucketSpec, ...]] = {
             o.client: o.buckets for o in config.limits.overrides
         }
-        # A route's limits when it has none of its own: per (route, override).
+        # A route's limits when it has none of its own: limits.default's,
+        # built once per route; a client's override's, per (route, client).
+        self._defaults = {
+            route.label: RouteLimits(route.label, self._default, clock)
+            for route in (self.routes.default, *self.routes.routes)
+        }
         self._inherited: dict[tuple[str, str], RouteLimits] = {}
 
     def limits_for(self, route: Route, client: str) -> RouteLimits | None:
+        limits = route.limits
+        if limits is not None:
+            return limits
         if route.unlimited:
             return None
-        if route.limits is not None:
-            return route.limits
-        specs = self._overrides.get(client)
-        owner = client if specs is not None else ""
-        cached = self._inherited.get((route.label, owner))
-        if cached is None:
-            cached = RouteLimits(route.label, specs or self._default, self._clock)
-            self._inherited[(route.label, owner)] = cached
-        return cached
+        if self._overrides:
+            specs = self._overrides.get(client)
+            if specs is not None:
+                cached = self._inherited.get((route.label, client))
+                if cached is None:
+                    cached = RouteLimits(route.label, specs, self._clock)
+                    self._inherited[(route.label, client)] = cached
+                return cached
+        return self._defaults[route.label]
 
     async def decide(
         self, route: Route, identity: Identity, max_wait_seconds: float = 0.0
@@ -139,7 +142,12 @@ class Limiter:
         result = self.store.take_now(keys, limits.limits, route.cost, max_wait_seconds)
         if result is None:
             return None
-        return self._decision(route, limits, keys, result)
+        # _decision, inlined: this runs on every request of the memory store.
+        if result.admitted:
+            outcome = DELAYED if result.delay_seconds > 0 else ALLOWED
+        else:
+            outcome = SHADOW_DENIED if route.shadow else DENIED
+        return Decision(outcome, limits, result, keys, route.cost)
 
     def _decision(
         self, route: Route, limits: RouteLimits, keys: list[BucketKey], result: TakeResult

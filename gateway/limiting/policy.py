@@ -54,12 +54,13 @@ class Client:
 class Limit:
     """One configured bucket spec on the refill clock."""
 
-    __slots__ = ("name", "per", "policy_item", "spec", "ticker")
+    __slots__ = ("by_client", "name", "per", "policy_item", "spec", "ticker")
 
     def __init__(self, spec: BucketSpec, clock: RefillClock) -> None:
         self.spec = spec
         self.name = spec.name
         self.per = spec.per
+        self.by_client = spec.per == ("client",)  # the common case, keyed without subject()
         self.ticker: Ticker = clock.ticker(spec.refill_period_seconds)
         # IETF httpapi ratelimit-headers: q = quota units, w = the seconds a
         # bucket takes from empty to full, so a client pacing itself at q/w
@@ -122,7 +123,7 @@ class RouteLimits:
         route = self.route
         if len(self.limits) == 1:
             limit = self.limits[0]
-            who = subject(limit.per, identity)
+            who = identity.client if limit.by_client else subject(limit.per, identity)
             return [(route, limit.name, who, self.shared_tag or who)]
         keys = []
         for limit in self.limits:
