@@ -286,11 +286,13 @@ def memory_section() -> None:
     limit = Limit(BucketSpec(1.0, 10, 20), clock)
     # Client ids as the gateway makes them (IPv4 text), created before the
     # baseline: the request already holds them; the table's cost is measured.
-    keys = [("default", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") for i in range(count)]
+    ids = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(count)]
+    keys = [[("default", "default", client, client)] for client in ids]
+    limits = [limit]
     gc.collect()
     before = rss_bytes()
     for key in keys:
-        store.take_now(key, limit)
+        store.take_now(key, limits)
     gc.collect()
     grown = rss_bytes() - before
     print(
@@ -315,13 +317,23 @@ def decision_section() -> None:
 
     clock = ManualRefillClock()
     store = MemoryStore(clock, max_tracked=100_000, idle_timeout_seconds=600)
-    limit = Limit(BucketSpec(1.0, 10**9, 10**9), clock)
-    key = ("default", "10.0.0.1")
+    one = [Limit(BucketSpec(1.0, 10**9, 10**9), clock)]
+    three = [
+        Limit(BucketSpec(period, 10**9, 10**9, name), clock)
+        for period, name in ((1.0, "default"), (60.0, "minute"), (3600.0, "hourly"))
+    ]
+    client = "10.0.0.1"
+    one_key = [("default", "default", client, client)]
+    three_keys = [("default", limit.name, client, client) for limit in three]
     rows = [
         (
             "ratelimit-gateway MemoryStore.take_now",
-            _ns_per_call(lambda: store.take_now(key, limit)),
-        )
+            _ns_per_call(lambda: store.take_now(one_key, one)),
+        ),
+        (
+            "ratelimit-gateway MemoryStore.take_now, 3 limits",
+            _ns_per_call(lambda: store.take_now(three_keys, three)),
+        ),
     ]
     try:
         from limits import RateLimitItemPerSecond, storage, strategies
@@ -376,15 +388,16 @@ async def _redis_decisions(url: str, seconds: float, concurrency: int) -> int:
         StorageConfig(backend="redis", redis_url=url, timeout_seconds=1.0),
         MemoryStore(clock, 10, 60.0),
     )
-    limit = Limit(BucketSpec(1.0, 10**9, 10**9), clock)
+    limits = [Limit(BucketSpec(1.0, 10**9, 10**9), clock)]
     done = 0
     deadline = time.monotonic() + seconds
 
     async def client(i: int) -> None:
         nonlocal done
-        key = ("default", f"client-{os.getpid()}-{i}")
+        who = f"client-{os.getpid()}-{i}"
+        keys = [("default", "default", who, who)]
         while time.monotonic() < deadline:
-            await store.take(key, limit)
+            await store.take(keys, limits)
             done += 1
 
     await asyncio.gather(*(client(i) for i in range(concurrency)))
@@ -402,13 +415,13 @@ def decisions_per_second_section(seconds: float = 3.0, concurrency: int = 256) -
 
     clock = ManualRefillClock()
     store = MemoryStore(clock, max_tracked=100_000, idle_timeout_seconds=600)
-    limit = Limit(BucketSpec(1.0, 10**9, 10**9), clock)
-    keys = [("default", f"client-{i}") for i in range(concurrency)]
+    limits = [Limit(BucketSpec(1.0, 10**9, 10**9), clock)]
+    keys = [[("default", "default", f"client-{i}", f"client-{i}")] for i in range(concurrency)]
     count = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         for key in keys:
-            store.take_now(key, limit)
+            store.take_now(key, limits)
         count += len(keys)
     print(f"\nDecisions per second ({concurrency} concurrent clients, {seconds:.0f} s):")
     print(f"  memory backend, one process               {count / seconds:>10.0f} /s")

@@ -96,7 +96,10 @@ class MemoryStore:
                 bucket.tokens = tokens - cost
                 return TakeResult(True, [tokens - cost], [to_next], wait, 0, wait)
             return TakeResult(False, [tokens], [to_next], wait, 0)
-        buckets = [self._bucket(key, limit) for key, limit in zip(keys, limits, strict=True)]
+        # keys: making room for one of them must not evict another
+        buckets = [
+            self._bucket(key, limit, keys) for key, limit in zip(keys, limits, strict=True)
+        ]
         to_next_all = [clock.seconds_to_next(limit.ticker) for limit in limits]
         waits = [
             seconds_until(
@@ -115,15 +118,16 @@ class MemoryStore:
         left = [bucket.tokens for bucket in buckets]
         return TakeResult(False, left, to_next_all, wait, waits.index(wait))
 
-    def _bucket(self, key: BucketKey, limit: Limit) -> Bucket:
-        """``key``'s bucket brought up to date, as the most recently seen."""
+    def _bucket(self, key: BucketKey, limit: Limit, keep: Sequence[BucketKey] = ()) -> Bucket:
+        """``key``'s bucket brought up to date, as the most recently seen.
+        ``keep``: the request's other buckets, which room is not made from."""
         spec = limit.spec
         tick = limit.ticker.count
         buckets = self._buckets
         bucket = buckets.pop(key, None)
         if bucket is None:
             if len(buckets) >= self.max_tracked:
-                self._make_room()
+                self._make_room(keep)
             bucket = Bucket(spec.max_tokens, tick, self._clock.seconds, spec)
         else:
             if bucket.spec is not spec:
@@ -156,15 +160,22 @@ class MemoryStore:
         bucket.tokens = min(bucket.tokens, spec.max_tokens)
         bucket.spec = spec
 
-    def _make_room(self) -> None:
+    def _make_room(self, keep: Sequence[BucketKey] = ()) -> None:
+        """Forget one bucket, never one of ``keep`` (the request's own, fetched
+        before it takes from them: one forgotten would lose that take). Only
+        when ``max_tracked`` is below a route's number of limits is there none
+        to forget; the table then holds as many as that request has."""
         buckets = self._buckets
         for key in islice(buckets, EVICTION_SCAN):
-            if self._is_full(buckets[key]):
+            if key not in keep and self._is_full(buckets[key]):
                 del buckets[key]
                 self._on_evict("idle")
                 return
-        del buckets[next(iter(buckets))]
-        self._on_evict("pressure")
+        for key in buckets:
+            if key not in keep:
+                del buckets[key]
+                self._on_evict("pressure")
+                return
 
     def _is_full(self, bucket: Bucket) -> bool:
         spec = bucket.spec

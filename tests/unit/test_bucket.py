@@ -17,6 +17,7 @@ from gateway.limiting.bucket import Bucket, is_full, refill, take
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.policy import Limit
 from gateway.limiting.refill_clock import ManualRefillClock
+from gateway.limiting.store import BucketKey, TakeResult
 
 SPEC = BucketSpec(refill_period_seconds=1.0, refill_tokens=10, max_tokens=20)
 # Refills so rarely that a drained bucket stays drained for the whole test.
@@ -32,17 +33,28 @@ def _store(
     return clock, store, reasons
 
 
+def _key(key: tuple[str, str], limit: Limit) -> BucketKey:
+    """The store's bucket key of (route, client) under ``limit`` (per client)."""
+    route, client = key
+    return (route, limit.name, client, client)
+
+
+def _take(store: MemoryStore, key: tuple[str, str], limit: Limit) -> TakeResult:
+    """One request of ``key``'s client on ``key``'s route, under ``limit`` alone."""
+    return store.take_now([_key(key, limit)], [limit])
+
+
 def _drain(store: MemoryStore, key: tuple[str, str], limit: Limit) -> int:
     """Take until denied; return how many were admitted."""
     admitted = 0
-    while store.take_now(key, limit).admitted:
+    while _take(store, key, limit).admitted:
         admitted += 1
         assert admitted <= 10_000, "a bucket never ran dry"
     return admitted
 
 
 async def _tokens(store: MemoryStore, key: tuple[str, str], limit: Limit) -> int:
-    snapshot = await store.snapshot(key, limit)
+    snapshot = await store.snapshot(_key(key, limit), limit)
     assert snapshot is not None
     return snapshot.tokens
 
@@ -148,13 +160,13 @@ def test_manual_clock_partial_periods_and_time_to_next() -> None:
 def test_new_bucket_starts_full_and_each_request_takes_one() -> None:
     clock, store, _ = _store()
     limit = Limit(SPEC, clock)
-    result = store.take_now(("default", "a"), limit)
+    result = _take(store, ("default", "a"), limit)
     assert result.admitted
-    assert result.tokens_left == 19
+    assert result.tokens_left[0] == 19
     assert _drain(store, ("default", "a"), limit) == 19
-    denied = store.take_now(("default", "a"), limit)
+    denied = _take(store, ("default", "a"), limit)
     assert not denied.admitted
-    assert denied.tokens_left == 0
+    assert denied.tokens_left[0] == 0
 
 
 def test_refill_every_period_capped_at_max() -> None:
@@ -163,7 +175,7 @@ def test_refill_every_period_capped_at_max() -> None:
     key = ("default", "a")
     assert _drain(store, key, limit) == 20
     clock.advance(0.999)
-    assert not store.take_now(key, limit).admitted
+    assert not _take(store, key, limit).admitted
     clock.advance(0.001)
     assert _drain(store, key, limit) == 10
     clock.advance(5.0)  # five refills owed, capped at max_tokens
@@ -174,10 +186,10 @@ async def test_retry_after_is_time_to_next_refill_and_reset_zero_only_when_full(
     clock, store, _ = _store()
     limit = Limit(SPEC, clock)
     clock.advance(0.25)
-    result = store.take_now(("default", "a"), limit)
+    result = _take(store, ("default", "a"), limit)
     assert math.isclose(result.retry_after_seconds, 0.75)
-    assert math.isclose(result.reset_seconds, 0.75)
-    snapshot = await store.snapshot(("default", "a"), limit)
+    assert math.isclose(result.to_next_seconds[0], 0.75)
+    snapshot = await store.snapshot(_key(("default", "a"), limit), limit)
     assert snapshot is not None
     assert (snapshot.tokens, snapshot.max_tokens) == (19, 20)
     assert snapshot.next_refill_seconds == 0.75
@@ -206,8 +218,8 @@ async def test_snapshot_of_unknown_client_is_full_and_credits_owed_refills() -> 
 async def test_async_take_is_take_now() -> None:
     clock, store, _ = _store()
     limit = Limit(SPEC, clock)
-    result = await store.take(("default", "a"), limit)
-    assert (result.admitted, result.tokens_left) == (True, 19)
+    result = await store.take([_key(("default", "a"), limit)], [limit])
+    assert (result.admitted, result.tokens_left[0]) == (True, 19)
 
 
 # -- properties: exactness under continuous demand, bounds under any interleaving --
@@ -290,13 +302,13 @@ def test_any_interleaving_stays_within_bounds(
             ticks = new_ticks
             continue
         for _ in range(n):
-            result = store.take_now(key, limit)
+            result = _take(store, key, limit)
             assert result.admitted == (model > 0)
             if result.admitted:
                 model -= 1
                 admitted += 1
-            assert result.tokens_left == model
-            assert 0 <= result.tokens_left <= spec.max_tokens
+            assert result.tokens_left[0] == model
+            assert 0 <= result.tokens_left[0] <= spec.max_tokens
         assert admitted <= spec.max_tokens + spec.refill_tokens * ticks
 
 
@@ -307,7 +319,7 @@ def test_table_never_exceeds_max_tracked() -> None:
     clock, store, reasons = _store(max_tracked=10)
     fast, slow = Limit(SPEC, clock), Limit(SLOW, clock)
     for i in range(200):
-        store.take_now(("default", f"c{i}"), slow if i % 3 else fast)
+        _take(store, ("default", f"c{i}"), slow if i % 3 else fast)
         assert store.tracked <= 10
         if i % 7 == 0:
             clock.advance(1.0)
@@ -319,11 +331,11 @@ def test_table_never_exceeds_max_tracked() -> None:
 async def test_full_bucket_is_evicted_first_with_reason_idle() -> None:
     clock, store, reasons = _store(max_tracked=3)
     fast, slow = Limit(SPEC, clock), Limit(SLOW, clock)
-    store.take_now(("default", "a"), slow)  # oldest, drained by one, stays short
-    store.take_now(("default", "b"), fast)
-    store.take_now(("default", "c"), slow)
+    _take(store, ("default", "a"), slow)  # oldest, drained by one, stays short
+    _take(store, ("default", "b"), fast)
+    _take(store, ("default", "c"), slow)
     clock.advance(1.0)  # b is full again; a and c are not
-    store.take_now(("default", "d"), slow)
+    _take(store, ("default", "d"), slow)
     assert reasons == ["idle"]
     assert store.tracked == 3
     # a and c kept their (short) buckets; b's was forgotten, which loses nothing.
@@ -337,8 +349,8 @@ async def test_least_recently_seen_is_evicted_under_pressure() -> None:
     slow = Limit(SLOW, clock)
     for client in ("a", "b", "c"):
         _drain(store, ("default", client), slow)
-    store.take_now(("default", "a"), slow)  # a is now the most recently seen
-    store.take_now(("default", "d"), slow)
+    _take(store, ("default", "a"), slow)  # a is now the most recently seen
+    _take(store, ("default", "d"), slow)
     assert reasons == ["pressure"]
     assert store.tracked == 3
     # b, the least recently seen, was forgotten: its next request finds a full bucket.
@@ -353,7 +365,7 @@ def test_existing_clients_do_not_evict() -> None:
     slow = Limit(SLOW, clock)
     for _ in range(3):
         for client in ("a", "b"):
-            store.take_now(("default", client), slow)
+            _take(store, ("default", client), slow)
     assert reasons == []
     assert store.tracked == 2
 
@@ -364,7 +376,7 @@ def test_existing_clients_do_not_evict() -> None:
 def test_full_idle_bucket_is_forgotten_after_idle_timeout() -> None:
     clock, store, reasons = _store(idle_timeout=10.0)
     limit = Limit(SPEC, clock)
-    store.take_now(("default", "a"), limit)
+    _take(store, ("default", "a"), limit)
     clock.advance(9.0)
     assert store.tracked == 1
     assert reasons == []
@@ -388,15 +400,15 @@ def test_drained_bucket_is_kept_past_idle_timeout_until_full() -> None:
 def test_idle_sweep_respects_each_clients_last_request() -> None:
     clock, store, reasons = _store(idle_timeout=10.0)
     limit = Limit(SPEC, clock)
-    store.take_now(("default", "a"), limit)
+    _take(store, ("default", "a"), limit)
     clock.advance(5.0)
-    store.take_now(("default", "b"), limit)
+    _take(store, ("default", "b"), limit)
     clock.advance(3.0)
-    store.take_now(("default", "a"), limit)  # a seen at 8 s, b at 5 s
+    _take(store, ("default", "a"), limit)  # a seen at 8 s, b at 5 s
     clock.advance(8.0)  # 16 s: b idle 11 s, a idle 8 s
     assert store.tracked == 1
     assert reasons == ["idle"]
-    store.take_now(("default", "b"), limit)  # b was the one forgotten: a new bucket
+    _take(store, ("default", "b"), limit)  # b was the one forgotten: a new bucket
     assert store.tracked == 2
     clock.advance(3.0)  # 19 s: a idle 11 s, b idle 3 s
     assert store.tracked == 1
@@ -407,7 +419,7 @@ def test_idle_sweep_runs_once_per_clock_second_without_requests() -> None:
     clock, store, reasons = _store(idle_timeout=2.0)
     limit = Limit(SPEC, clock)
     for i in range(5):
-        store.take_now(("default", f"c{i}"), limit)
+        _take(store, ("default", f"c{i}"), limit)
     for _ in range(3):
         clock.advance(1.0)
     assert store.tracked == 0
@@ -422,11 +434,11 @@ def test_reload_lowering_max_clamps_tokens() -> None:
     key = ("default", "a")
     old = Limit(SPEC, clock)
     for _ in range(5):
-        store.take_now(key, old)  # 15 left
+        _take(store, key, old)  # 15 left
     new = Limit(BucketSpec(1.0, 2, 4), clock)
-    result = store.take_now(key, new)
+    result = _take(store, key, new)
     assert result.admitted
-    assert result.tokens_left == 3  # clamped to 4, then one taken
+    assert result.tokens_left[0] == 3  # clamped to 4, then one taken
     clock.advance(1.0)
     assert _drain(store, key, new) == 4  # +2, capped at the new max
 
@@ -437,7 +449,7 @@ def test_reload_raising_max_does_not_hand_out_tokens() -> None:
     old = Limit(SPEC, clock)
     _drain(store, key, old)
     new = Limit(BucketSpec(1.0, 10, 100), clock)
-    assert not store.take_now(key, new).admitted
+    assert not _take(store, key, new).admitted
     clock.advance(1.0)
     assert _drain(store, key, new) == 10
 
@@ -461,7 +473,7 @@ def test_reload_with_new_period_does_not_refill_early() -> None:
     _drain(store, key, old)
     clock.advance(0.6)
     new = Limit(BucketSpec(0.5, 10, 20), clock)  # its ticker already counts 1
-    assert not store.take_now(key, new).admitted
+    assert not _take(store, key, new).admitted
     clock.advance(0.4)
     assert _drain(store, key, new) == 10
 
@@ -476,6 +488,6 @@ def test_reload_with_new_period_keeps_refills_already_owed() -> None:
     _drain(store, key, old)
     clock.advance(5.0)
     new = Limit(BucketSpec(2.0, 10, 20), clock)
-    result = store.take_now(key, new)
+    result = _take(store, key, new)
     assert result.admitted
-    assert result.tokens_left == 19
+    assert result.tokens_left[0] == 19

@@ -14,9 +14,10 @@ from gateway.headers import (
     upstream_request_headers,
 )
 from gateway.limiting.limiter import ALLOWED, DENIED, UNLIMITED, Decision
-from gateway.limiting.policy import Limit
+from gateway.limiting.policy import RouteLimits
 from gateway.limiting.refill_clock import ManualRefillClock
 from gateway.limiting.routes import DEFAULT_ROUTE_LABEL, RouteTable, normalise_path
+from gateway.limiting.store import TakeResult
 from gateway.raw_response import response_head
 from gateway.responses import rate_limited
 
@@ -68,31 +69,35 @@ def test_first_matching_prefix_wins(path: str, label: str) -> None:
 
 
 def test_first_match_wins_even_when_a_later_prefix_is_longer() -> None:
+    # /api takes GET only: a config where /api/login is reachable (for the
+    # other methods), as one where /api takes every method is refused.
     yaml_text = (
         "upstream: {url: 'http://x'}\n"
         "routes:\n"
         "  - path_prefix: /api\n"
+        "    methods: [GET]\n"
         "    limit: unlimited\n"
         "  - path_prefix: /api/login\n"
         "    limit: {refill_tokens: 1, max_tokens: 3}\n"
     )
     table = RouteTable(parse_config(yaml_text), ManualRefillClock())
-    assert table.match("/api/login").label == "/api"
+    assert table.match("/api/login", "GET").label == "/api"
+    assert table.match("/api/login", "POST").label == "/api/login"
 
 
 def test_route_limits_and_default_route() -> None:
     table = _table()
     login = table.match("/login")
-    assert login.limit is not None
-    assert login.limit.spec == BucketSpec(60.0, 5, 5, "/login")
+    assert login.limits is not None
+    assert [limit.spec for limit in login.limits.limits] == [BucketSpec(60.0, 5, 5, "/login")]
     assert not login.unlimited
     healthz = table.match("/healthz")
-    assert (healthz.unlimited, healthz.limit) == (True, None)
+    assert (healthz.unlimited, healthz.limits) == (True, None)
     api = table.match("/api/x")
-    assert (api.unlimited, api.limit) == (False, None)  # override, else limits.default
+    assert (api.unlimited, api.limits) == (False, None)  # override, else limits.default
     default = table.match("/elsewhere")
     assert default is table.default
-    assert (default.label, default.limit, default.unlimited) == ("default", None, False)
+    assert (default.label, default.limits, default.unlimited) == ("default", None, False)
     assert table.labels == ("default", "/login", "/api/v1/admin", "/api", "/healthz", "/beta")
 
 
@@ -330,14 +335,19 @@ def test_downstream_keeps_duplicate_set_cookie_in_order() -> None:
 def _decision(
     spec: BucketSpec, tokens_left: int, reset: float, outcome: str = ALLOWED
 ) -> Decision:
-    limit = Limit(spec, ManualRefillClock())
-    return Decision(outcome, limit, tokens_left, reset, reset)
+    """One limit's decision: ``reset`` is the time to its next refill, and a
+    denied request's retry-after."""
+    limits = RouteLimits("default", (spec,), ManualRefillClock())
+    result = TakeResult(outcome != DENIED, [tokens_left], [reset], reset, 0)
+    return Decision(outcome, limits, result)
 
 
 def test_rate_limit_headers_format() -> None:
     decision = _decision(BucketSpec(1.0, 10, 20), tokens_left=7, reset=0.4)
     assert rate_limit_headers(decision) == [
-        ("RateLimit-Policy", '"default";q=20;w=1'),
+        # w: 2 s from empty to full (10 per second up to 20), so pacing at q/w
+        # = 10/s is never denied; q=20;w=1 would tell clients 20/s.
+        ("RateLimit-Policy", '"default";q=20;w=2'),
         ("RateLimit", '"default";r=7;t=1'),
         ("X-RateLimit-Limit", "20"),
         ("X-RateLimit-Remaining", "7"),
@@ -356,11 +366,70 @@ def test_rate_limit_headers_when_denied_and_for_a_route_policy() -> None:
     }
 
 
-def test_rate_limit_window_is_at_least_one_second() -> None:
-    decision = _decision(BucketSpec(0.25, 1, 4), 3, 0.1)
+@pytest.mark.parametrize(
+    ("spec", "window"),
+    [
+        (BucketSpec(0.25, 1, 4), 1),  # 4 refills of 0.25 s
+        (BucketSpec(0.25, 4, 4), 1),  # 0.25 s: whole seconds, at least 1
+        (BucketSpec(1.5, 1, 1), 2),  # 1.5 s, rounded up
+        (BucketSpec(1.0, 2, 5), 3),  # ceil(5 / 2) refills
+    ],
+)
+def test_rate_limit_window_is_the_time_from_empty_to_full(
+    spec: BucketSpec, window: int
+) -> None:
+    """w = refill_period * ceil(max_tokens / refill_tokens) in whole seconds,
+    at least one: a client pacing itself at q/w is never denied."""
+    decision = _decision(spec, 0, 0.1)
     headers = dict(rate_limit_headers(decision))
-    assert headers["RateLimit-Policy"] == '"default";q=4;w=1'
-    assert headers["RateLimit"] == '"default";r=3;t=1'
+    assert headers["RateLimit-Policy"] == f'"default";q={spec.max_tokens};w={window}'
+    assert headers["RateLimit"] == '"default";r=0;t=1'
+
+
+HOURLY = BucketSpec(3600.0, 1000, 1000, "hourly")
+
+
+def _several(
+    tokens_left: list[int], to_next: list[float], reporting: int, admitted: bool = True
+) -> Decision:
+    """A decision over limits.default's 10/s burst 20 and 1000/h."""
+    limits = RouteLimits("default", (BucketSpec(1.0, 10, 20), HOURLY), ManualRefillClock())
+    retry_after = max(to_next)
+    result = TakeResult(admitted, tokens_left, to_next, retry_after, reporting)
+    return Decision(ALLOWED if admitted else DENIED, limits, result)
+
+
+def test_several_limits_are_all_in_the_policy_and_one_is_reported() -> None:
+    headers = dict(rate_limit_headers(_several([15, 3], [0.5, 1200.2], reporting=1)))
+    assert headers == {
+        "RateLimit-Policy": '"default";q=20;w=2, "hourly";q=1000;w=3600',
+        "RateLimit": '"hourly";r=3;t=1201',
+        "X-RateLimit-Limit": "1000",
+        "X-RateLimit-Remaining": "3",
+        "X-RateLimit-Reset": "1201",
+    }
+    headers = dict(rate_limit_headers(_several([2, 900], [0.5, 1200.2], reporting=0)))
+    assert headers["RateLimit-Policy"] == '"default";q=20;w=2, "hourly";q=1000;w=3600'
+    assert headers["RateLimit"] == '"default";r=2;t=1'
+    assert headers["X-RateLimit-Limit"] == "20"
+    assert headers["X-RateLimit-Remaining"] == "2"
+
+
+def test_a_reservation_below_zero_reports_none_remaining() -> None:
+    headers = dict(rate_limit_headers(_several([-2, 990], [0.5, 1200.2], reporting=0)))
+    assert headers["RateLimit"] == '"default";r=0;t=1'
+    assert headers["X-RateLimit-Remaining"] == "0"
+
+
+def test_a_denial_by_one_of_several_limits() -> None:
+    decision = _several([12, 0], [0.3, 55.2], reporting=1, admitted=False)
+    headers = dict(rate_limit_headers(decision))
+    assert headers["RateLimit"] == '"hourly";r=0;t=56'
+    assert headers["X-RateLimit-Limit"] == "1000"
+    data, _sent = rate_limited(decision, "r", keep_alive=True, http10=False, head_only=False)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert body == b'{"error": "rate_limited", "retry_after": 56}'
+    assert b"Retry-After: 56" in head.split(b"\r\n")
 
 
 def test_rate_limit_reset_zero_when_full() -> None:
@@ -376,17 +445,18 @@ def test_policy_name_is_a_quoted_sf_string() -> None:
 
 
 def test_unlimited_decision_has_no_rate_limit_headers() -> None:
-    assert rate_limit_headers(Decision(UNLIMITED, None, 0, 0.0, 0.0)) == []
+    result = TakeResult(True, [0], [0.0], 0.0, 0)
+    assert rate_limit_headers(Decision(UNLIMITED, None, result)) == []
 
 
 def test_percent_in_a_route_name_is_written_as_is() -> None:
     # The fields are filled from a bytes %-template built per config.
     decision = _decision(BucketSpec(1.0, 1, 3, "/a%d%s%%"), 2, 1.0)
     headers = dict(rate_limit_headers(decision))
-    assert headers["RateLimit-Policy"] == '"/a%d%s%%";q=3;w=1'
+    assert headers["RateLimit-Policy"] == '"/a%d%s%%";q=3;w=3'
     assert headers["RateLimit"] == '"/a%d%s%%";r=2;t=1'
     assert rate_limit_fields(decision) == (
-        b'RateLimit-Policy: "/a%d%s%%";q=3;w=1\r\nRateLimit: "/a%d%s%%";r=2;t=1\r\n'
+        b'RateLimit-Policy: "/a%d%s%%";q=3;w=3\r\nRateLimit: "/a%d%s%%";r=2;t=1\r\n'
         b"X-RateLimit-Limit: 3\r\nX-RateLimit-Remaining: 2\r\nX-RateLimit-Reset: 1\r\n"
     )
 
