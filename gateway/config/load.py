@@ -14,7 +14,8 @@ so their problems are located too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Final, TypeVar
 
@@ -60,6 +61,9 @@ class _Reader:
         # Every mapping's and read key's node by key path, for problems found
         # after reading (gateway.config.validate).
         self._nodes: dict[str, yaml.Node] = {}
+        # The sizes each bucket read from the file inherits, and from where
+        # (validate.Written.inherited); keyed by id, the bucket kept alive.
+        self._inherited: dict[int, tuple[BucketSpec, dict[str, str]]] = {}
 
     def problem(self, node: yaml.Node | None, key: str, message: str) -> None:
         line, column = (1, 1)
@@ -73,7 +77,11 @@ class _Reader:
         """The mapping's value nodes by key; unknown and repeated keys are
         problems (a typo must not silently disable a limit)."""
         if not isinstance(node, yaml.MappingNode):
-            self.problem(node, key or "<document>", "expected a mapping")
+            if not key:
+                self.problem(node, "<document>", "expected a mapping")
+            else:
+                expected = f"expected a mapping of {', '.join(allowed)}"
+                self.problem(node, key, f"{expected}; got {self.shape(node)}")
             return None
         self._nodes.setdefault(key, node)
         values: dict[str, yaml.Node] = {}
@@ -81,8 +89,7 @@ class _Reader:
             name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
             full = f"{key}.{name}" if key else str(name)
             if not isinstance(name, str) or name not in allowed:
-                hint = f"; expected one of: {', '.join(allowed)}"
-                self.problem(key_node, full, f"unknown key{hint}")
+                self.problem(key_node, full, _unknown_key(key, name, allowed))
             elif name in values:
                 self.problem(key_node, full, "key given twice")
             else:
@@ -107,12 +114,53 @@ class _Reader:
     def value(self, node: yaml.Node) -> Any:
         return self._loader.construct_object(node, deep=True)
 
+    def shape(self, node: yaml.Node) -> str:
+        """What a node that has the wrong shape holds, for a message."""
+        if isinstance(node, yaml.SequenceNode):
+            return "a list"
+        if isinstance(node, yaml.MappingNode):
+            return "a mapping"
+        if node.tag.endswith(":null"):
+            return "nothing"
+        return repr(self.value(node))
+
+    def written(self) -> validate.Written:
+        """What the file holds, for the rules between keys."""
+        return validate.Written(keys=self._nodes, inherited=self.inherited)
+
+    def inherit(self, bucket: BucketSpec, sizes: dict[str, str]) -> None:
+        self._inherited[id(bucket)] = (bucket, sizes)
+
+    def inherited(self, bucket: BucketSpec) -> Mapping[str, str]:
+        """The sizes ``bucket`` does not write, by YAML key, with their origin;
+        the built-in default bucket (no limits.default in the file) writes none."""
+        if bucket is DEFAULT_BUCKET:
+            return dict.fromkeys(_SIZES, validate.DEFAULT)
+        entry = self._inherited.get(id(bucket))
+        return entry[1] if entry is not None and entry[0] is bucket else {}
+
     def convert(self, node: yaml.Node, key: str, convert: Callable[[Any], T]) -> T | _Missing:
         try:
             return convert(self.value(node))
         except (ValueError, TypeError) as exc:
             self.problem(node, key, str(exc))
             return _MISSING
+
+
+def _unknown_key(section: str, name: str | None, allowed: tuple[str, ...]) -> str:
+    """``unknown key; did you mean 'refill_tokens'? expected one of: ...``."""
+    expected = f"expected one of: {', '.join(allowed)}"
+    if name is None:
+        return f"unknown key; {expected}"
+    if section == "limits" and name in yaml_keys(BucketSpec):
+        return (
+            f"unknown key; a limit's keys go under limits.default "
+            f"(limits: {{default: {{{name}: ...}}}}); {expected}"
+        )
+    close = difflib.get_close_matches(name, allowed, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}? {expected}"
+    return f"unknown key; {expected}"
 
 
 # -- sections --
@@ -123,8 +171,16 @@ def _section(
 ) -> Any:
     """A mapping read as ``cls``; absent (``node`` None) it is read as empty,
     its required keys' problems placed at ``parent``."""
-    values = {} if node is None else r.mapping(node, key, yaml_keys(cls)) or {}
-    return cls(**_settings(r, values, parent if node is None else node, key, cls))
+    if node is None:
+        return cls(**_settings(r, {}, parent, key, cls))
+    before = len(r.problems)
+    values = r.mapping(node, key, yaml_keys(cls))
+    kwargs = _settings(r, values or {}, node, key, cls)
+    if values is None:
+        # "upstream: expected a mapping of url, ..." says it all: not also
+        # "upstream.url: is required" at the same place.
+        del r.problems[before + 1 :]
+    return cls(**kwargs)
 
 
 def _settings(
@@ -188,16 +244,32 @@ def _sequence(r: _Reader, node: yaml.Node, key: str) -> list[yaml.Node] | None:
     if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
         return []
     if not isinstance(node, yaml.SequenceNode):
-        r.problem(node, key, "expected a list")
+        hint = ""
+        if isinstance(node, yaml.ScalarNode):
+            hint = f"; for one item, write [{node.value}]"
+        r.problem(node, key, f"expected a list{hint}")
         return None
     return list(node.value)
 
 
 # -- limits: a mapping or a list of them, refining a base bucket --
 
-_LIMIT_SHAPE: Final = (
-    f"a mapping of {', '.join(yaml_keys(BucketSpec))}, or a list of such mappings"
-)
+_SIZES: Final = ("refill_period", "refill_tokens", "max_tokens")
+
+
+def _example() -> str:
+    b = DEFAULT_BUCKET
+    period = f"{b.refill_period_seconds:g}s"
+    return (
+        f"{{refill_period: {period}, refill_tokens: {b.refill_tokens}, "
+        f"max_tokens: {b.max_tokens}}} ({b.refill_tokens} tokens every {period}, "
+        f"up to {b.max_tokens})"
+    )
+
+
+# "10/s" or "10" where a limit belongs: name the keys, show one.
+_ONE_LIMIT: Final = f"a mapping of {', '.join(yaml_keys(BucketSpec))}, such as {_example()}"
+_LIMIT_SHAPE: Final = f"{_ONE_LIMIT}, or a list of such mappings"
 
 
 def _limit(
@@ -222,7 +294,7 @@ def _limit_items(
         bucket = _bucket(r, node, key, base, name)
         return [None if isinstance(bucket, _Missing) else bucket]
     if not isinstance(node, yaml.SequenceNode):
-        r.problem(node, key, f"expected {_LIMIT_SHAPE}")
+        r.problem(node, key, f"expected {_LIMIT_SHAPE}; got {r.shape(node)}")
         return _MISSING
     if not node.value:
         r.problem(node, key, "an empty list of limits; give at least one")
@@ -243,6 +315,9 @@ def _limit_items(
 def _bucket(
     r: _Reader, node: yaml.Node, key: str, base: BucketSpec, name: str
 ) -> BucketSpec | _Missing:
+    if not isinstance(node, yaml.MappingNode):
+        r.problem(node, key, f"expected {_ONE_LIMIT}; got {r.shape(node)}")
+        return _MISSING
     values = r.mapping(node, key, yaml_keys(BucketSpec))
     if values is None:
         return _MISSING
@@ -264,7 +339,14 @@ def _bucket_fields(
     read = {"name": name, "per": DEFAULT_PER, **_settings(r, values, node, key, BucketSpec)}
     bucket = replace(base, **read)
     read_cleanly = len(r.problems) == problems_before
-    r.located(validate.bucket_problems(bucket, key, read_cleanly=read_cleanly))
+    base_sizes = r.inherited(base)
+    inherited = {
+        size: base_sizes.get(size, "limits.default") for size in _SIZES if size not in values
+    }
+    r.inherit(bucket, inherited)
+    r.located(
+        validate.bucket_problems(bucket, key, read_cleanly=read_cleanly, inherited=inherited)
+    )
     if len(r.problems) > problems_before:
         return _MISSING
     return bucket
@@ -335,7 +417,8 @@ def _override(r: _Reader, item: yaml.Node, key: str, base: BucketSpec) -> Overri
         r.problem(
             limit_node,
             f"{key}.limit",
-            f"expected {_LIMIT_SHAPE} (clients.allow exempts a client from every limit)",
+            f"expected {_LIMIT_SHAPE} (clients.allow exempts a client from every "
+            f"limit); got {r.shape(limit_node)}",
         )
         buckets = _MISSING
     else:
@@ -372,7 +455,7 @@ def _route_limit(
     if isinstance(node, yaml.ScalarNode):
         if r.value(node) == "unlimited":
             return UNLIMITED
-        r.problem(node, key, f"expected 'unlimited', {_LIMIT_SHAPE}")
+        r.problem(node, key, f"expected 'unlimited', {_LIMIT_SHAPE}; got {r.shape(node)}")
         return None
     limit = _limit(r, node, key, base, prefix)
     return None if isinstance(limit, _Missing) else limit
@@ -422,7 +505,7 @@ def _build(r: _Reader, root: yaml.Node, values: dict[str, yaml.Node]) -> Gateway
     # The rules between keys skip what failed to read: its stand-in is a value
     # the user never wrote.
     unread = [problem.key for problem in r.problems]
-    r.located(validate.config_problems(config, unread=unread))
+    r.located(validate.config_problems(config, unread=unread, written=r.written()))
     return config
 
 

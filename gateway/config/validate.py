@@ -4,11 +4,18 @@ Converters (``gateway.config.convert``) judge one value; these judge values
 together. Each rule returns ``(key path, message)``: the loader places the
 problem at the node of that key path, or of the nearest enclosing key when the
 file does not hold it, so it still reads ``PATH:LINE:COL: key.path: message``.
+
+A rule that compares against a value the file never wrote (a default, or a
+size a limit inherits) says so: "max_tokens (default 20) is below
+refill_tokens 50" points at the key to add, where "max_tokens (20) must be at
+least refill_tokens (50)" would send the user looking for a 20 that is not in
+the file. ``Written`` tells the rules what the file holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from gateway.config.model import (
     MIN_REFILL_PERIOD_SECONDS,
@@ -19,7 +26,9 @@ from gateway.config.model import (
 )
 
 __all__ = [
+    "DEFAULT",
     "Problem",
+    "Written",
     "bucket_problems",
     "config_problems",
     "limit_list_problems",
@@ -28,14 +37,60 @@ __all__ = [
 
 Problem = tuple[str, str]  # (key path, message)
 
+# Where a value the file does not hold comes from: the built-in default.
+DEFAULT = "default"
 
-def bucket_problems(bucket: BucketSpec, key: str, *, read_cleanly: bool) -> list[Problem]:
+
+def _nothing_inherited(_bucket: BucketSpec) -> Mapping[str, str]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the file holds. ``keys``: the key paths it writes (None: every
+    key, as for a model built in code). ``inherited``: for a bucket, the sizes
+    it does not write (by YAML key), each with where its value comes from:
+    ``DEFAULT``, or the key path of the limit it refines."""
+
+    keys: Container[str] | None = None
+    inherited: Callable[[BucketSpec], Mapping[str, str]] = field(default=_nothing_inherited)
+
+    def holds(self, key: str) -> bool:
+        return self.keys is None or key in self.keys
+
+
+EVERYTHING: Written = Written()
+
+
+def _said(name: str, value: object, origin: str | None) -> str:
+    """``max_tokens 5``, ``max_tokens (default 20)``,
+    ``max_tokens (20, from limits.default)``."""
+    return f"{name} {_value(value, origin)}"
+
+
+def _value(value: object, origin: str | None) -> str:
+    if origin is None:
+        return str(value)
+    if origin == DEFAULT:
+        return f"(default {value})"
+    return f"({value}, from {origin})"
+
+
+def bucket_problems(
+    bucket: BucketSpec,
+    key: str,
+    *,
+    read_cleanly: bool,
+    inherited: Mapping[str, str] | None = None,
+) -> list[Problem]:
     """One bucket's rules. The loader checks each bucket as soon as it is built,
     before routes and overrides inherit its keys: a bad ``limits.default`` is
     reported once, not again at every route that inherits from it.
 
     ``read_cleanly``: every key of this bucket converted. The sizes are compared
     only then: a key that failed stands in with a default the user never wrote.
+    ``inherited``: the sizes this bucket does not write and where they come
+    from (see ``Written``); the message names them as such.
     """
     period = bucket.refill_period_seconds
     if period < MIN_REFILL_PERIOD_SECONDS:
@@ -46,14 +101,25 @@ def bucket_problems(bucket: BucketSpec, key: str, *, read_cleanly: bool) -> list
             )
         ]
     if read_cleanly and bucket.max_tokens < bucket.refill_tokens:
-        return [
-            (
-                f"{key}.max_tokens",
-                f"max_tokens ({bucket.max_tokens}) must be at least "
-                f"refill_tokens ({bucket.refill_tokens})",
-            )
-        ]
+        return [(f"{key}.max_tokens", _sizes_message(bucket, inherited or {}))]
     return []
+
+
+def _sizes_message(bucket: BucketSpec, inherited: Mapping[str, str]) -> str:
+    most, refill = bucket.max_tokens, bucket.refill_tokens
+    if "max_tokens" in inherited:
+        said = _said("refill_tokens", refill, inherited.get("refill_tokens"))
+        return (
+            f"{_said('max_tokens', most, inherited['max_tokens'])} is below {said}; "
+            f"write max_tokens here too (at least {refill})"
+        )
+    if "refill_tokens" in inherited:
+        return (
+            f"max_tokens {most} is below "
+            f"{_said('refill_tokens', refill, inherited['refill_tokens'])}; "
+            f"write refill_tokens here too (at most {most})"
+        )
+    return f"max_tokens ({most}) must be at least refill_tokens ({refill})"
 
 
 def limit_list_problems(buckets: Sequence[BucketSpec | None], key: str) -> list[Problem]:
@@ -77,28 +143,43 @@ def limit_list_problems(buckets: Sequence[BucketSpec | None], key: str) -> list[
     return problems
 
 
-def config_problems(config: GatewayConfig, *, unread: Collection[str] = ()) -> list[Problem]:
+def config_problems(
+    config: GatewayConfig, *, unread: Collection[str] = (), written: Written = EVERYTHING
+) -> list[Problem]:
     """The rules across sections, on the whole built config.
 
     ``unread``: the key paths of problems already found while reading. A rule
     skips a part under one of them: that part holds a stand-in the file never
     said (a route with a bad ``path_prefix`` reads as ``/``), and judging it
-    would report problems that do not exist."""
-    problems = route_problems(config, unread=unread)
+    would report problems that do not exist. ``written``: what the file holds,
+    so a rule can say when it compared against a default."""
+    problems = route_problems(config, unread=unread, written=written)
     listen, admin = config.listen_port, config.admin_port
     if listen != 0 and listen == admin and _same_host(config.listen_host, config.admin_host):
-        problems.append(
-            (
-                "admin",
-                f"port {admin} is the proxy listener's too; the admin listener needs its own",
+        if not written.holds("admin"):
+            message = (
+                f"port {admin} (the default admin address, {config.admin_host}:{admin}) "
+                "is the proxy listener's too; write admin with a port of its own"
             )
-        )
+        elif not written.holds("listen"):
+            message = (
+                f"port {admin} is the proxy listener's too (listen's default, "
+                f"{config.listen_host}:{listen}); the admin listener needs its own"
+            )
+        else:
+            message = (
+                f"port {admin} is the proxy listener's too; the admin listener needs its own"
+            )
+        problems.append(("admin", message))
     workers = config.workers
     if workers > 1 and config.storage.backend == "memory":
+        backend = "storage.backend: memory"
+        if not written.holds("storage.backend"):
+            backend += " (the default)"
         problems.append(
             (
                 "workers",
-                f"{workers} workers with storage.backend: memory would give every client "
+                f"{workers} workers with {backend} would give every client "
                 f"{workers}x its limit (each process has its own buckets); "
                 "set storage.backend: redis to share buckets, or workers: 1",
             )
@@ -114,7 +195,9 @@ def _same_host(a: str, b: str) -> bool:
 # -- routes --
 
 
-def route_problems(config: GatewayConfig, *, unread: Collection[str] = ()) -> list[Problem]:
+def route_problems(
+    config: GatewayConfig, *, unread: Collection[str] = (), written: Written = EVERYTHING
+) -> list[Problem]:
     """Each route's keys against its limits and drain_timeout; routes that no
     request can reach."""
     problems: list[Problem] = []
@@ -127,18 +210,23 @@ def route_problems(config: GatewayConfig, *, unread: Collection[str] = ()) -> li
             problems.extend(_unlimited_problems(route, key))
             continue
         if route.cost > 1 and (isinstance(route.limit, tuple) or _clean(unread, "limits")):
-            problems.extend(_cost_problems(config, route, key))
+            problems.extend(_cost_problems(config, route, key, written))
         queue = route.queue
         if (
             queue is not None
             and queue.max_wait_seconds > config.drain_timeout_seconds
             and _clean(unread, "drain_timeout")
         ):
+            wait = _duration(queue.max_wait_seconds)
+            if not written.holds(f"{key}.queue.max_wait"):
+                wait += " (the default)"
+            drain = _duration(config.drain_timeout_seconds)
+            if not written.holds("drain_timeout"):
+                drain = f"default {drain}"
             problems.append(
                 (
                     f"{key}.queue.max_wait",
-                    f"{_duration(queue.max_wait_seconds)} is longer than drain_timeout "
-                    f"({_duration(config.drain_timeout_seconds)}): a drain must answer "
+                    f"{wait} is longer than drain_timeout ({drain}): a drain must answer "
                     "every queued request within drain_timeout",
                 )
             )
@@ -168,7 +256,9 @@ def _unlimited_problems(route: RouteSpec, key: str) -> list[Problem]:
     return problems
 
 
-def _cost_problems(config: GatewayConfig, route: RouteSpec, key: str) -> list[Problem]:
+def _cost_problems(
+    config: GatewayConfig, route: RouteSpec, key: str, written: Written
+) -> list[Problem]:
     """A cost above a limit's max_tokens: a bucket never holds that many tokens,
     so such a request would be denied for ever. The limits are the route's
     own, or else limits.default and every override (a client with an
@@ -186,10 +276,12 @@ def _cost_problems(config: GatewayConfig, route: RouteSpec, key: str) -> list[Pr
     bucket, where = min(passed, key=lambda pair: pair[0].max_tokens)
     if route.cost <= bucket.max_tokens:
         return []
+    origin = written.inherited(bucket).get("max_tokens")
+    most = f"({bucket.max_tokens})" if origin is None else _value(bucket.max_tokens, origin)
     return [
         (
             f"{key}.cost",
-            f"{route.cost} is more than max_tokens ({bucket.max_tokens}) of the limit "
+            f"{route.cost} is more than max_tokens {most} of the limit "
             f"{bucket.name!r} ({where}): such a request could never be admitted",
         )
     ]

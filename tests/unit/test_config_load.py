@@ -31,6 +31,7 @@ from gateway.config import (
 from gateway.config.convert import method_token, positive_int, status_range
 from gateway.config.durations import parse_duration
 from gateway.config.model import (
+    DEFAULT_BUCKET,
     QueueSpec,
     RouteSpec,
     ServerConfig,
@@ -78,7 +79,8 @@ def _text_problems(text: str) -> list[str]:
         pytest.param(
             "unknown_top_key.yaml",
             [
-                "3:1: limts: unknown key; expected one of: listen, admin, workers, "
+                "3:1: limts: unknown key; did you mean 'limits'? expected one of: listen, "
+                "admin, workers, "
                 "drain_timeout, max_body_size, mode, upstream, clients, limits, routes, "
                 "storage, access_log, server"
             ],
@@ -95,8 +97,9 @@ def _text_problems(text: str) -> list[str]:
         pytest.param(
             "unknown_nested_key.yaml",
             [
-                "6:5: limits.default.refil_tokens: unknown key; expected one of: "
-                "refill_period, refill_tokens, max_tokens, name, per"
+                "6:5: limits.default.refil_tokens: unknown key; did you mean "
+                "'refill_tokens'? expected one of: refill_period, refill_tokens, "
+                "max_tokens, name, per"
             ],
             id="unknown-nested-key",
         ),
@@ -125,6 +128,30 @@ def _text_problems(text: str) -> list[str]:
                 "refill_tokens (10)"
             ],
             id="max-below-refill",
+        ),
+        pytest.param(
+            "default_below_refill.yaml",
+            [
+                # max_tokens is not in the file: the message says it is the default
+                # (placed at the mapping that lacks it).
+                "5:5: limits.default.max_tokens: max_tokens (default 20) is below "
+                "refill_tokens 50; write max_tokens here too (at least 50)"
+            ],
+            id="default-max-tokens-below-refill",
+        ),
+        pytest.param(
+            "limit_scalar.yaml",
+            [
+                "4:12: limits.default: expected a mapping of refill_period, refill_tokens, "
+                "max_tokens, name, per, such as {refill_period: 1s, refill_tokens: 10, "
+                "max_tokens: 20} (10 tokens every 1s, up to 20), or a list of such "
+                "mappings; got '10/s'",
+                "7:13: routes[0].limit[0]: expected a mapping of refill_period, "
+                "refill_tokens, max_tokens, name, per, such as {refill_period: 1s, "
+                "refill_tokens: 10, max_tokens: 20} (10 tokens every 1s, up to 20); "
+                "got '100/m'",
+            ],
+            id="limit-as-a-scalar",
         ),
         pytest.param(
             "refill_period_too_short.yaml",
@@ -183,8 +210,9 @@ def _text_problems(text: str) -> list[str]:
             "bad_route_limit.yaml",
             [
                 "5:12: routes[0].limit: expected 'unlimited', a mapping of "
-                "refill_period, refill_tokens, max_tokens, name, per, or a list of such "
-                "mappings",
+                "refill_period, refill_tokens, max_tokens, name, per, such as "
+                "{refill_period: 1s, refill_tokens: 10, max_tokens: 20} (10 tokens every "
+                "1s, up to 20), or a list of such mappings; got 5",
                 "7:47: routes[1].limit.refill_tokens: must be positive, got 0",
             ],
             id="bad-route-limit",
@@ -226,8 +254,10 @@ def _text_problems(text: str) -> list[str]:
                 "7:14: limits.overrides[0].limit: give the limit either inline (next to "
                 "client) or under limit, not both; inline here: max_tokens",
                 "9:14: limits.overrides[1].limit: expected a mapping of refill_period, "
-                "refill_tokens, max_tokens, name, per, or a list of such mappings "
-                "(clients.allow exempts a client from every limit)",
+                "refill_tokens, max_tokens, name, per, such as {refill_period: 1s, "
+                "refill_tokens: 10, max_tokens: 20} (10 tokens every 1s, up to 20), or a "
+                "list of such mappings (clients.allow exempts a client from every limit); "
+                "got 'unlimited'",
             ],
             id="override-limit-inline-and-listed",
         ),
@@ -238,7 +268,7 @@ def _text_problems(text: str) -> list[str]:
                 "methods out to match every method",
                 "7:20: routes[1].methods: expected an HTTP method such as GET or POST, "
                 "got 'PO ST'",
-                "9:14: routes[2].methods: expected a list",
+                "9:14: routes[2].methods: expected a list; for one item, write [GET]",
             ],
             id="bad-methods",
         ),
@@ -371,7 +401,10 @@ def test_bad_indentation_is_located() -> None:
 
 def test_trusted_proxies_must_be_a_list() -> None:
     text = "upstream: {url: 'http://x'}\nclients:\n  trusted_proxies: 10.0.0.0/8\n"
-    assert _text_problems(text) == ["f.yaml:3:20: clients.trusted_proxies: expected a list"]
+    assert _text_problems(text) == [
+        "f.yaml:3:20: clients.trusted_proxies: expected a list; for one item, write "
+        "[10.0.0.0/8]"
+    ]
 
 
 def test_override_without_client_is_a_problem() -> None:
@@ -391,18 +424,20 @@ def test_unknown_key_in_override_and_route() -> None:
         "    limits: unlimited\n"
     )
     assert _text_problems(text) == [
-        "f.yaml:5:7: limits.overrides[0].max_token: unknown key; expected one of: "
-        "client, refill_period, refill_tokens, max_tokens, name, per, limit",
-        "f.yaml:8:5: routes[0].limits: unknown key; expected one of: path_prefix, limit, "
-        "mode, methods, cost, queue, count_statuses",
+        "f.yaml:5:7: limits.overrides[0].max_token: unknown key; did you mean "
+        "'max_tokens'? expected one of: client, refill_period, refill_tokens, max_tokens, "
+        "name, per, limit",
+        "f.yaml:8:5: routes[0].limits: unknown key; did you mean 'limit'? expected one "
+        "of: path_prefix, limit, mode, methods, cost, queue, count_statuses",
     ]
 
 
 def test_unknown_key_in_upstream_section() -> None:
     text = "upstream:\n  url: http://x\n  read_timout: 5s\n"
     assert _text_problems(text) == [
-        "f.yaml:3:3: upstream.read_timout: unknown key; expected one of: url, "
-        "connect_timeout, read_timeout, max_connections, preserve_host"
+        "f.yaml:3:3: upstream.read_timout: unknown key; did you mean 'read_timeout'? "
+        "expected one of: url, connect_timeout, read_timeout, max_connections, "
+        "preserve_host"
     ]
 
 
@@ -429,8 +464,8 @@ def test_workers_auto_with_memory_backend_on_a_multicore_host(
     problems = _text_problems(text)
     assert len(problems) == 1
     assert problems[0].startswith(
-        "f.yaml:2:10: workers: 8 workers with storage.backend: memory would give every "
-        "client 8x its limit"
+        "f.yaml:2:10: workers: 8 workers with storage.backend: memory (the default) "
+        "would give every client 8x its limit"
     )
 
 
@@ -454,6 +489,155 @@ def test_invalid_refill_tokens_does_not_trigger_a_bogus_max_tokens_problem() -> 
     assert _text_problems(text) == [
         "f.yaml:4:20: limits.default.refill_tokens: must be positive, got 0"
     ]
+
+
+# -- messages that help: a close key, a limit's shape, defaults named --
+
+
+@pytest.mark.parametrize(
+    ("key", "section", "suggested"),
+    [
+        ("max_token", "limits.default", "max_tokens"),
+        ("refil_period", "limits.default", "refill_period"),
+        ("Refill_Tokens", "limits.default", "refill_tokens"),
+        ("lisen", "", "listen"),
+        ("identifyby", "clients", "identify_by"),
+        ("pathprefix", "routes[0]", "path_prefix"),
+    ],
+)
+def test_an_unknown_key_close_to_a_known_one_is_suggested(
+    key: str, section: str, suggested: str
+) -> None:
+    parents = {
+        "limits.default": "limits:\n  default:\n    {key}: 5\n",
+        "": "{key}: 5\n",
+        "clients": "clients:\n  {key}: ip\n",
+        "routes[0]": "routes:\n  - path_prefix: /a\n    {key}: /b\n",
+    }
+    [problem] = _text_problems(_UP + parents[section].format(key=key))
+    full = f"{section}.{key}" if section else key
+    assert f" {full}: unknown key; did you mean {suggested!r}? expected one of: " in problem
+
+
+def test_an_unknown_key_far_from_every_known_one_gets_the_list_only() -> None:
+    [problem] = _text_problems(_UP + "limits:\n  default:\n    burst: 5\n")
+    assert problem == (
+        "f.yaml:4:5: limits.default.burst: unknown key; expected one of: refill_period, "
+        "refill_tokens, max_tokens, name, per"
+    )
+
+
+def test_a_limit_key_directly_under_limits_says_where_it_goes() -> None:
+    text = _UP + "limits:\n  refill_period: 1s\n  max_tokens: 5\n"
+    assert _text_problems(text) == [
+        "f.yaml:3:3: limits.refill_period: unknown key; a limit's keys go under "
+        "limits.default (limits: {default: {refill_period: ...}}); expected one of: "
+        "default, overrides",
+        "f.yaml:4:3: limits.max_tokens: unknown key; a limit's keys go under "
+        "limits.default (limits: {default: {max_tokens: ...}}); expected one of: "
+        "default, overrides",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("where", "got"),
+    [
+        ("limits:\n  default: 10/s\n", "'10/s'"),
+        ("limits:\n  default: 10\n", "10"),
+        ("limits:\n  default:\n", "nothing"),
+        ("routes:\n  - {path_prefix: /a, limit: 5/m}\n", "'5/m'"),
+        ("limits:\n  overrides:\n    - {client: k, limit: 100/s}\n", "'100/s'"),
+    ],
+)
+def test_a_limit_given_as_a_scalar_names_the_keys_and_shows_an_example(
+    where: str, got: str
+) -> None:
+    [problem] = _text_problems(_UP + where)
+    assert "expected " in problem
+    assert "a mapping of refill_period, refill_tokens, max_tokens, name, per, " in problem
+    assert "such as {refill_period: 1s, refill_tokens: 10, max_tokens: 20} " in problem
+    assert "or a list of such mappings" in problem
+    assert problem.endswith(f"; got {got}")
+
+
+def test_the_limit_example_is_itself_a_valid_limit() -> None:
+    # The example every limit message shows must load, as the default bucket.
+    example = "{refill_period: 1s, refill_tokens: 10, max_tokens: 20}"
+    config = parse_config(_UP + f"limits:\n  default: {example}\n")
+    assert config.limits.default == (DEFAULT_BUCKET,)
+
+
+def test_a_section_given_as_a_scalar_names_its_keys() -> None:
+    assert _text_problems("upstream: http://x\n") == [
+        "f.yaml:1:11: upstream: expected a mapping of url, connect_timeout, read_timeout, "
+        "max_connections, preserve_host; got 'http://x'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "limits: {default: {refill_tokens: 50}}\n",
+            "f.yaml:2:19: limits.default.max_tokens: max_tokens (default 20) is below "
+            "refill_tokens 50; write max_tokens here too (at least 50)",
+            id="max-tokens-default",
+        ),
+        pytest.param(
+            "routes:\n  - {path_prefix: /a, limit: {max_tokens: 5}}\n",
+            "f.yaml:3:43: routes[0].limit.max_tokens: max_tokens 5 is below refill_tokens "
+            "(default 10); write refill_tokens here too (at most 5)",
+            id="refill-tokens-default",
+        ),
+        pytest.param(
+            "limits: {default: {refill_tokens: 2, max_tokens: 4}}\n"
+            "routes:\n  - {path_prefix: /a, limit: {refill_tokens: 8}}\n",
+            "f.yaml:4:30: routes[0].limit.max_tokens: max_tokens (4, from limits.default) "
+            "is below refill_tokens 8; write max_tokens here too (at least 8)",
+            id="max-tokens-from-limits-default",
+        ),
+        pytest.param(
+            "limits: {default: [{refill_tokens: 2, max_tokens: 4}]}\n"
+            "routes:\n  - {path_prefix: /a, limit: [{max_tokens: 30}, {max_tokens: 1}]}\n",
+            "f.yaml:4:62: routes[0].limit[1].max_tokens: max_tokens 1 is below "
+            "refill_tokens (2, from limits.default); write refill_tokens here too (at most 1)",
+            id="refill-tokens-from-a-listed-limits-default",
+        ),
+        pytest.param(
+            "limits: {default: {refill_tokens: 5, max_tokens: 3}}\n",
+            "f.yaml:2:50: limits.default.max_tokens: max_tokens (3) must be at least "
+            "refill_tokens (5)",
+            id="both-written",
+        ),
+        pytest.param(
+            "routes:\n  - {path_prefix: /a, cost: 30}\n",
+            "f.yaml:3:29: routes[0].cost: 30 is more than max_tokens (default 20) of the "
+            "limit 'default' (limits.default): such a request could never be admitted",
+            id="cost-over-the-default-max-tokens",
+        ),
+        pytest.param(
+            "drain_timeout: 500ms\nroutes:\n  - {path_prefix: /a, queue: {max_queued: 5}}\n",
+            "f.yaml:4:30: routes[0].queue.max_wait: 1s (the default) is longer than "
+            "drain_timeout (500ms): a drain must answer every queued request within "
+            "drain_timeout",
+            id="queue-max-wait-default",
+        ),
+        pytest.param(
+            "routes:\n  - {path_prefix: /a, queue: {max_wait: 40s}}\n",
+            "f.yaml:3:41: routes[0].queue.max_wait: 40s is longer than drain_timeout "
+            "(default 30s): a drain must answer every queued request within drain_timeout",
+            id="drain-timeout-default",
+        ),
+        pytest.param(
+            "admin: '127.0.0.1:8080'\n",
+            "f.yaml:2:8: admin: port 8080 is the proxy listener's too (listen's default, "
+            "0.0.0.0:8080); the admin listener needs its own",
+            id="listen-default",
+        ),
+    ],
+)
+def test_a_rule_against_a_value_the_file_never_wrote_says_so(text: str, expected: str) -> None:
+    assert _text_problems(_UP + text) == [expected]
 
 
 def test_nan_refill_period_is_rejected() -> None:
@@ -724,7 +908,8 @@ def test_a_key_added_to_the_model_is_read_without_touching_the_loader() -> None:
     text = "upstream: {url: 'http://x'}\nserver:\n  max_uri_size: 0\n  max_uri: 5\n"
     assert _text_problems(text) == [
         "f.yaml:3:17: server.max_uri_size: must be positive, got 0",
-        "f.yaml:4:3: server.max_uri: unknown key; expected one of: max_line_size, "
+        "f.yaml:4:3: server.max_uri: unknown key; did you mean 'max_uri_size'? "
+        "expected one of: max_line_size, "
         "max_field_size, max_headers, header_timeout, body_timeout, keepalive_timeout, "
         "max_uri_size",
     ]
@@ -811,8 +996,8 @@ def test_a_rule_on_a_key_the_file_lacks_is_placed_at_the_enclosing_mapping() -> 
     # document (its first key, line 2, after the comment).
     text = "# gateway\nlisten: ':9090'\nupstream: {url: 'http://x'}\n"
     assert _text_problems(text) == [
-        "f.yaml:2:1: admin: port 9090 is the proxy listener's too; "
-        "the admin listener needs its own"
+        "f.yaml:2:1: admin: port 9090 (the default admin address, 127.0.0.1:9090) is the "
+        "proxy listener's too; write admin with a port of its own"
     ]
     # max_tokens is not written in the route's limit: at the limit's mapping.
     text = (
@@ -821,8 +1006,8 @@ def test_a_rule_on_a_key_the_file_lacks_is_placed_at_the_enclosing_mapping() -> 
         "  - {path_prefix: /a, limit: {refill_tokens: 30}}\n"
     )
     assert _text_problems(text) == [
-        "f.yaml:3:30: routes[0].limit.max_tokens: max_tokens (20) must be at least "
-        "refill_tokens (30)"
+        "f.yaml:3:30: routes[0].limit.max_tokens: max_tokens (default 20) is below "
+        "refill_tokens 30; write max_tokens here too (at least 30)"
     ]
 
 
@@ -922,7 +1107,11 @@ def test_per_is_read_for_each_limit() -> None:
 
 def test_a_limit_list_item_that_is_not_a_mapping() -> None:
     text = _UP + "routes:\n  - path_prefix: /a\n    limit: [unlimited]\n"
-    assert _text_problems(text) == ["f.yaml:4:13: routes[0].limit[0]: expected a mapping"]
+    assert _text_problems(text) == [
+        "f.yaml:4:13: routes[0].limit[0]: expected a mapping of refill_period, "
+        "refill_tokens, max_tokens, name, per, such as {refill_period: 1s, refill_tokens: "
+        "10, max_tokens: 20} (10 tokens every 1s, up to 20); got 'unlimited'"
+    ]
 
 
 def test_a_limit_name_must_be_printable_ascii_without_quotes() -> None:
@@ -955,8 +1144,8 @@ def test_a_later_default_item_with_a_problem_leaves_the_first_to_refine() -> Non
         "  - {path_prefix: /a, limit: {max_tokens: 5}}\n"
     )
     assert _text_problems(text) == [
-        "f.yaml:5:8: limits.default[1].max_token: unknown key; expected one of: "
-        "refill_period, refill_tokens, max_tokens, name, per"
+        "f.yaml:5:8: limits.default[1].max_token: unknown key; did you mean "
+        "'max_tokens'? expected one of: refill_period, refill_tokens, max_tokens, name, per"
     ]
 
 
@@ -1036,7 +1225,9 @@ def test_queue_max_wait_equal_to_drain_timeout_is_allowed() -> None:
 
 def test_queue_must_be_a_mapping() -> None:
     text = _UP + "routes:\n  - {path_prefix: /a, queue: 1s}\n"
-    assert _text_problems(text) == ["f.yaml:3:30: routes[0].queue: expected a mapping"]
+    assert _text_problems(text) == [
+        "f.yaml:3:30: routes[0].queue: expected a mapping of max_wait, max_queued; got '1s'"
+    ]
 
 
 # -- unreachable routes --
