@@ -210,7 +210,7 @@ class MemoryStore:
             tokens = settled.tokens
         return BucketSnapshot(
             route=key[0],
-            policy=key[1],
+            policy=limit.name,
             key=key[2],
             tokens=tokens,
             max_tokens=spec.max_tokens,

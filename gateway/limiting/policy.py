@@ -14,11 +14,12 @@ from gateway.limiting.refill_clock import RefillClock, Ticker
 
 __all__ = ["BucketKey", "Client", "Identity", "Limit", "RouteLimits", "subject"]
 
-# (route label, limit name, subject, tag): one bucket. The subject is whose
-# it is: a client id, an ip network, a header's value, a composite of those,
-# or the route itself (one bucket shared by every client). The tag groups the
-# buckets one request takes from: on a Redis Cluster they must share a slot
-# (RouteLimits.shared_tag).
+# (route label, limit name, subject, tag): one bucket. The name is "" for a
+# route's first limit (its key is the one a route's one limit always had).
+# The subject is whose it is: a client id, an ip network, a header's value,
+# a composite of those, or the route itself (one bucket shared by every
+# client). The tag groups the buckets one request takes from: on a Redis
+# Cluster they must share a slot (RouteLimits.shared_tag).
 BucketKey = tuple[str, str, str, str]
 
 # The subject of a ``per: route`` bucket: one for every client of the route.
@@ -119,16 +120,18 @@ class RouteLimits:
         )
 
     def keys(self, identity: Identity) -> list[BucketKey]:
-        """The bucket of each limit for ``identity``."""
+        """The bucket of each limit for ``identity``. The first limit's key
+        names no limit (so a route's one limit keeps the key it always had);
+        the others carry their names, unique within the list."""
         route = self.route
         if len(self.limits) == 1:
             limit = self.limits[0]
             who = identity.client if limit.by_client else subject(limit.per, identity)
-            return [(route, limit.name, who, self.shared_tag or who)]
+            return [(route, "", who, self.shared_tag or who)]
         keys = []
-        for limit in self.limits:
+        for i, limit in enumerate(self.limits):
             who = subject(limit.per, identity)
-            keys.append((route, limit.name, who, self.shared_tag or who))
+            keys.append((route, limit.name if i else "", who, self.shared_tag or who))
         return keys
 
 

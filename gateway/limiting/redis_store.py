@@ -66,13 +66,13 @@ def _script(name: str) -> str:
 def redis_key(key: BucketKey) -> str:
     """The Redis key of a bucket, hash-tagged by the key's tag: on a Cluster
     a script's keys must share a slot, and every bucket of one request
-    carries the same tag (see policy.BucketKey). A route's one limit keyed
-    on the client keeps the key it always had, ``rl:{client}:route``; other
+    carries the same tag (see policy.BucketKey). A route's first limit keyed
+    on the client keeps the key it always had, ``rl:{client}:route``; later
     limits add ``#name``, other subjects ``@subject``."""
     route, name, subject, tag = key
     # Braces inside the tag would end it early.
     text = "rl:{" + tag.replace("{", "(").replace("}", ")") + "}:" + route
-    if name != route and name != "default" and name != "override":
+    if name:
         text += "#" + name
     if subject != tag:
         text += "@" + subject
@@ -349,7 +349,7 @@ class RedisStore:
             return None
         return BucketSnapshot(
             route=key[0],
-            policy=key[1],
+            policy=limit.name,
             key=key[2],
             tokens=int(tokens),
             max_tokens=spec.max_tokens,

@@ -385,7 +385,7 @@ async def test_a_hash_without_the_limit_is_read_as_counted_under_the_current_one
         MemoryStore(clock, max_tracked=100, idle_timeout_seconds=3600.0),
         now_ms=lambda: round(clock.now() * 1000),  # test seam: a stepped clock
     )
-    key = ("default", "default", "127.0.0.1", "127.0.0.1")
+    key = ("default", "", "127.0.0.1", "127.0.0.1")  # a route's first limit
     limit = Limit(BucketSpec(60.0, 10, 30), clock)
     rds.hset(DEFAULT_KEY, mapping={"t": 2, "k": 0, "p": 60_000})
     clock.advance(120.0)  # two periods owed
@@ -633,9 +633,9 @@ def test_bucket_keys_keep_the_old_form_for_a_routes_one_client_limit() -> None:
     (a rolling upgrade shares buckets with older gateways); other limits
     add their name, other subjects add themselves; a request's keys share
     one hash tag, so one script call may take them on a Redis Cluster."""
-    assert redis_key(("default", "default", "10.0.0.1", "10.0.0.1")) == "rl:{10.0.0.1}:default"
-    assert redis_key(("/login", "/login", "key-1", "key-1")) == "rl:{key-1}:/login"
-    assert redis_key(("default", "override", "key-1", "key-1")) == "rl:{key-1}:default"
+    assert redis_key(("default", "", "10.0.0.1", "10.0.0.1")) == "rl:{10.0.0.1}:default"
+    assert redis_key(("/login", "", "key-1", "key-1")) == "rl:{key-1}:/login"
+    assert redis_key(("default", "hourly", "key-1", "key-1")) == "rl:{key-1}:default#hourly"
     limits = RouteLimits(
         "/api",
         (
@@ -654,15 +654,9 @@ def test_bucket_keys_keep_the_old_form_for_a_routes_one_client_limit() -> None:
     ]
     assert len({key_slot(key.encode()) for key in keys}) == 1
     # Braces in a client id cannot end the hash tag early.
-    assert redis_key(("default", "default", "a}b{c", "a}b{c")) == "rl:{a)b(c}:default"
+    assert redis_key(("default", "", "a}b{c", "a}b{c")) == "rl:{a)b(c}:default"
 
 
-@pytest.mark.xfail(
-    reason="redis_key leaves out the names 'default' and 'override' as well as the route's "
-    "own: a list holding two of them (e.g. a route's limits [{...}, {name: override}]) "
-    "keeps both limits in one Redis hash, while the memory store keeps two buckets",
-    strict=True,
-)
 def test_every_limit_of_a_request_has_a_redis_key_of_its_own() -> None:
     clock = ManualRefillClock()
     for names in (("/b", "override"), ("/b", "default"), ("default", "override")):

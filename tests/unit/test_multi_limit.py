@@ -415,7 +415,7 @@ def test_route_keys_use_each_limits_subject_and_one_tag() -> None:
     )
     who = Client("key-1", "10.0.0.1", _fields(("X-Tenant", "acme")))
     assert route.keys(who) == [
-        ("/api", "/api", "key-1", "/api"),
+        ("/api", "", "key-1", "/api"),  # the first limit's key names no limit
         ("/api", "/api-2", "*", "/api"),
         ("/api", "/api-3", "ip:10.0.0.1|header:X-Tenant=acme", "/api"),
     ]
