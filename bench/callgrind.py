@@ -29,12 +29,36 @@ from pathlib import Path
 
 from bench.run import ALLOWED, DENIED, GATEWAY_CONFIG, NGINX_UPSTREAM, free_port, nginx
 
+# The allowed path's limits three times over, keyed per client, per route and
+# per ip: one request then passes three limits (issue 11's "3 limits" figure).
+THREE_LIMITS: dict[str, object] = {**ALLOWED, "three": True}
 CASES = (
     ("plain allowed", "GET", ALLOWED),
     ("plain denied", "GET", DENIED),
     ("aiohttp allowed", "POST", ALLOWED),
     ("aiohttp denied", "POST", DENIED),
+    ("plain allowed x3", "GET", THREE_LIMITS),
 )
+
+
+def _config(limits: dict[str, object], **fields: object) -> str:
+    text = GATEWAY_CONFIG.format(
+        period=limits["period"], refill=limits["refill"], max_tokens=limits["max_tokens"],
+        **fields,
+    )  # fmt: skip
+    if not limits.get("three"):
+        return text
+    one = "{{refill_period: {period}, refill_tokens: {refill}, max_tokens: {max_tokens}".format(
+        **limits
+    )
+    three = (
+        f"  default:\n    - {one}}}\n    - {one}, name: shared, per: route}}\n"
+        f"    - {one}, name: by-ip, per: ip}}\n"
+    )
+    lines = text.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("  default:"))
+    lines[at] = three
+    return "".join(lines)
 
 
 def _request(method: str) -> bytes:
@@ -83,10 +107,9 @@ def measure(src: Path, method: str, limits: dict[str, object], upstream: int, tm
     port = free_port()
     config = tmp / f"gw-{port}.yaml"
     config.write_text(
-        GATEWAY_CONFIG.format(
-            tmp=tmp, name=f"gw-{port}", port=port, admin=free_port(), workers=1,
+        _config(
+            limits, tmp=tmp, name=f"gw-{port}", port=port, admin=free_port(), workers=1,
             backend="memory", upstream=upstream, redis=free_port(),
-            period=limits["period"], refill=limits["refill"], max_tokens=limits["max_tokens"],
         )
     )  # fmt: skip
     out = tmp / f"callgrind.{port}"

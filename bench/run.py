@@ -372,9 +372,13 @@ def decision_section() -> None:
         print(f"  {name:<48} {ns:>9.0f} ns")
 
 
-async def _redis_decisions(url: str, seconds: float, concurrency: int) -> int:
+async def _redis_decisions(
+    url: str, seconds: float, concurrency: int, limit_count: int = 1
+) -> int:
     """Decisions made through one RedisStore (one gateway process's view) by
-    ``concurrency`` tasks, each deciding for its own client, in ``seconds``."""
+    ``concurrency`` tasks, each deciding for its own client over
+    ``limit_count`` limits (the later ones per route and per ip), in
+    ``seconds``."""
     import asyncio
 
     from gateway.config.model import BucketSpec, StorageConfig
@@ -388,14 +392,21 @@ async def _redis_decisions(url: str, seconds: float, concurrency: int) -> int:
         StorageConfig(backend="redis", redis_url=url, timeout_seconds=1.0),
         MemoryStore(clock, 10, 60.0),
     )
-    limits = [Limit(BucketSpec(1.0, 10**9, 10**9), clock)]
+    pers = (("client",), ("route",), ("ip",))[:limit_count]
+    limits = [
+        Limit(BucketSpec(1.0, 10**9, 10**9, f"l{n}", per=per), clock)
+        for n, per in enumerate(pers)
+    ]
     done = 0
     deadline = time.monotonic() + seconds
 
     async def client(i: int) -> None:
         nonlocal done
         who = f"client-{os.getpid()}-{i}"
-        keys = [("default", "default", who, who)]
+        # One tag for a request's keys, as RouteLimits.keys gives them.
+        subjects = (who, "*", f"ip:10.0.{i >> 8 & 255}.{i & 255}")[:limit_count]
+        tag = who if limit_count == 1 else "default"
+        keys = [("default", f"l{n}" if n else "", s, tag) for n, s in enumerate(subjects)]
         while time.monotonic() < deadline:
             await store.take(keys, limits)
             done += 1
@@ -432,6 +443,8 @@ def decisions_per_second_section(seconds: float = 3.0, concurrency: int = 256) -
     with process(redis, port):
         one = asyncio.run(_redis_decisions(url, seconds, concurrency))
         print(f"  redis backend, one instance               {one / seconds:>10.0f} /s")
+        three = asyncio.run(_redis_decisions(url, seconds, concurrency, 3))
+        print(f"  redis backend, one instance, 3 limits     {three / seconds:>10.0f} /s")
         argv = [sys.executable, "-m", "bench.run", "--redis-decisions", url, str(seconds),
                 str(concurrency)]  # fmt: skip
         pair = [
