@@ -470,3 +470,31 @@ async def test_a_reload_lets_the_old_snapshot_go(
     assert replaced() is None, "the replaced snapshot outlived its last request"
     status, _, _ = await fetch(http, gw.url + "/echo")
     assert status == 200
+
+
+async def test_sigterm_forwards_a_queued_request_within_drain_timeout(
+    tmp_path: Path, upstream: TestServer, http: aiohttp.ClientSession
+) -> None:
+    """A request waiting for its reserved token when SIGTERM comes is still
+    forwarded (queue.max_wait never exceeds drain_timeout: gateway check
+    refuses it), logged as delayed, and the process exits 0."""
+    config = process_config(
+        upstream,
+        tmp_path / "access.log",
+        limits={"default": bucket(1, 1, "1s")},
+        routes=[{"path_prefix": "/", "queue": {"max_wait": "2s", "max_queued": 10}}],
+    )
+    async with gateway_process(tmp_path, http, config) as gp:
+        status, _headers, _body = await fetch(http, gp.proxy + "/first")
+        assert status == 200
+        queued = asyncio.create_task(fetch(http, gp.proxy + "/queued"))
+        await wait_for_metric(
+            http, gp.admin, "gateway_requests_total", {"route": "/", "decision": "delayed"}, 1.0
+        )
+        gp.process.send_signal(signal.SIGTERM)
+        status, _headers, body = await asyncio.wait_for(queued, GUARD_SECONDS)
+        code, stderr = await gp.finish()
+    assert status == 200
+    assert code == 0, stderr
+    records = {r["path"]: r for r in gp.access_records()}
+    assert (records["/queued"]["decision"], records["/queued"]["status"]) == ("delayed", 200)
