@@ -492,7 +492,7 @@ async def test_sigterm_forwards_a_queued_request_within_drain_timeout(
             http, gp.admin, "gateway_requests_total", {"route": "/", "decision": "delayed"}, 1.0
         )
         gp.process.send_signal(signal.SIGTERM)
-        status, _headers, body = await asyncio.wait_for(queued, GUARD_SECONDS)
+        status, _headers, _body = await asyncio.wait_for(queued, GUARD_SECONDS)
         code, stderr = await gp.finish()
     assert status == 200
     assert code == 0, stderr
