@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
-from gateway.config import GatewayConfig, load_config, restart_keys
+from gateway.config import BucketSpec, GatewayConfig, Mode, RouteSpec, load_config, restart_keys
 from gateway.connection import GuardedServer, bound_port
 from gateway.core import RequestCore, Snapshot
 from gateway.errors import ConfigError
@@ -36,7 +37,7 @@ from gateway.metrics import Metrics
 from gateway.proxy_app import ProxyHandlers
 from gateway.upstream import Upstream
 
-__all__ = ["Server", "bound_port", "load_for_reload", "settle_heap"]
+__all__ = ["Server", "bound_port", "describe_routes", "load_for_reload", "settle_heap"]
 
 log = logging.getLogger("gateway")
 
@@ -157,9 +158,10 @@ class Server:
             site = web.TCPSite(
                 self._proxy_runner, config.listen_host, config.listen_port, backlog=1024
             )
-        await site.start()
+        await _bind("listen", config.listen_host, config.listen_port, site)
         self.proxy_port = bound_port(site)
         if not self._serve_admin:
+            self._log_routes(config)
             settle_heap()
             return
         self._admin_runner = web.AppRunner(
@@ -167,17 +169,23 @@ class Server:
         )
         await self._admin_runner.setup()
         admin_site = web.TCPSite(self._admin_runner, config.admin_host, config.admin_port)
-        await admin_site.start()
+        await _bind("admin", config.admin_host, config.admin_port, admin_site)
         self.admin_port = bound_port(admin_site)
         log.info(
             "proxy on %s:%d -> %s; admin on %s:%d",
             config.listen_host, self.proxy_port, config.upstream.url,
             config.admin_host, self.admin_port,
         )  # fmt: skip
+        self._log_routes(config)
         settle_heap()
 
     async def stop(self) -> None:
         """Drain and stop. In-flight requests get ``drain_timeout``."""
+        await self._release()
+        log.info("stopped")
+
+    async def _release(self) -> None:
+        """Stop every part that was started (after a failed start too)."""
         self.draining = True
         if self._proxy_runner is not None:
             # Closes the listener, then waits for in-flight handlers (up to
@@ -191,7 +199,13 @@ class Server:
             self._admin_runner = None
         await self.clock.stop()
         await asyncio.to_thread(self.access_log.stop, self.config.drain_timeout_seconds)
-        log.info("stopped")
+
+    def _log_routes(self, config: GatewayConfig) -> None:
+        """What was loaded, one line per route. A worker under the Supervisor
+        says it at debug level: N copies of the same routes would drown the log."""
+        level = logging.INFO if self._serve_admin else logging.DEBUG
+        for line in describe_routes(config):
+            log.log(level, "%s", line)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -201,7 +215,14 @@ class Server:
         stop signal exits at once. ``on_ready`` runs once serving with the
         signal handlers in place (a worker tells its supervisor)."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # Close what did start (the upstream session above all: left
+            # open, it is reported on stderr), so the caller's one line
+            # saying why is the only output.
+            await self._release()
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -259,6 +280,94 @@ class Server:
         if self._serve_admin:
             self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded from %s", new.source)
+        self._log_routes(new)
+
+
+async def _bind(key: str, host: str, port: int, site: web.BaseSite) -> None:
+    """Start ``site``; a failure names the config key and the address
+    (``listen 0.0.0.0:8080: address already in use``)."""
+    try:
+        await site.start()
+    except OSError as exc:
+        code = exc.errno
+        reason = str(exc) if code is None else os.strerror(code).lower()
+        raise OSError(code, f"{key} {host}:{port}: {reason}") from None
+
+
+# -- what was loaded: one log line per route --
+
+
+def describe_routes(config: GatewayConfig) -> list[str]:
+    """What requests meet, one line per route in matching order, then the
+    default route: prefix, methods, limits (name, ``q``/``w`` as
+    RateLimit-Policy says them, and the rate), mode, upstream."""
+    count = len(config.routes)
+    lines = [
+        f"{config.source}: {count} route{'' if count == 1 else 's'} (the first match "
+        "wins), then the default route"
+    ]
+    for route in config.routes:
+        methods = "" if route.methods is None else f" [{', '.join(sorted(route.methods))}]"
+        lines.append(f"route {route.path_prefix}{methods}: {_route_line(config, route)}")
+    default = RouteSpec("/")
+    lines.append(f"route default (no route matched): {_route_line(config, default)}")
+    return lines
+
+
+def _route_line(config: GatewayConfig, route: RouteSpec) -> str:
+    if isinstance(route.limit, tuple):
+        limits = "limit " + ", ".join(_limit_text(b) for b in route.limit)
+    elif route.limit is None:
+        limits = "limits.default " + ", ".join(_limit_text(b) for b in config.limits.default)
+        overrides = len(config.limits.overrides)
+        if overrides:
+            limits += f" (or the client's override: {overrides} clients have one)"
+    else:
+        limits = "unlimited"
+    mode = route.mode or config.mode
+    parts = [limits, f"mode {mode.value}"]
+    if mode is Mode.SHADOW:
+        parts[-1] += " (never denies: watch decision=shadow_denied)"
+    if route.cost != 1:
+        parts.append(f"cost {route.cost}")
+    if route.queue is not None:
+        queue = route.queue
+        parts.append(
+            f"queue: waits up to {_duration(queue.max_wait_seconds)}, "
+            f"{queue.max_queued} at most"
+        )
+    if route.count_statuses is not None:
+        parts.append(f"counts {_statuses(route.count_statuses)} only")
+    parts.append(f"upstream {config.upstream.url}")
+    return "; ".join(parts)
+
+
+def _limit_text(bucket: BucketSpec) -> str:
+    """``"name" q=20;w=2 (10 per 1s)``; ``per`` when not the client."""
+    window = bucket.refill_period_seconds * math.ceil(bucket.max_tokens / bucket.refill_tokens)
+    per = "" if bucket.per == ("client",) else f", per {'+'.join(bucket.per)}"
+    return (
+        f'"{bucket.name}" q={bucket.max_tokens};w={math.ceil(window)} '
+        f"({bucket.refill_tokens} per {_duration(bucket.refill_period_seconds)}{per})"
+    )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s" if seconds >= 1 else f"{seconds * 1000:g}ms"
+
+
+def _statuses(codes: frozenset[int]) -> str:
+    """401, 403, 500-599: runs of codes as ranges."""
+    runs: list[list[int]] = []
+    for code in sorted(codes):
+        if runs and code == runs[-1][1] + 1:
+            runs[-1][1] = code
+        else:
+            runs.append([code, code])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def load_for_reload(path: str, failures: Counter | None) -> GatewayConfig | None:
