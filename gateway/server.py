@@ -98,6 +98,7 @@ class Server:
         self._admin_runner: web.AppRunner | None = None
         self.proxy_port = 0
         self.admin_port = 0
+        self._started = False  # start() completed
 
     # -- what the admin listener shows (admin_app.AdminView) --
 
@@ -162,6 +163,7 @@ class Server:
         self.proxy_port = bound_port(site)
         if not self._serve_admin:
             self._log_routes(config)
+            self._started = True
             settle_heap()
             return
         self._admin_runner = web.AppRunner(
@@ -177,12 +179,15 @@ class Server:
             config.admin_host, self.admin_port,
         )  # fmt: skip
         self._log_routes(config)
+        self._started = True
         settle_heap()
 
     async def stop(self) -> None:
         """Drain and stop. In-flight requests get ``drain_timeout``."""
         await self._release()
-        log.info("stopped")
+        if self._started:
+            # After a failed start the caller's line saying why is the only one.
+            log.info("stopped")
 
     async def _release(self) -> None:
         """Stop every part that was started (after a failed start too)."""
@@ -321,7 +326,9 @@ def _route_line(config: GatewayConfig, route: RouteSpec) -> str:
         limits = "limits.default " + ", ".join(_limit_text(b) for b in config.limits.default)
         overrides = len(config.limits.overrides)
         if overrides:
-            limits += f" (or the client's override: {overrides} clients have one)"
+            limits += (
+                f" (or the client's own: {overrides} override{'' if overrides == 1 else 's'})"
+            )
     else:
         limits = "unlimited"
     mode = route.mode or config.mode

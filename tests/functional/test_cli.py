@@ -420,6 +420,20 @@ def test_a_taken_port_fails_the_start_with_one_clear_line(tmp_path: Path, taken:
     )
 
 
+def test_demo_on_a_taken_port_fails_with_one_clear_line() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        listen, admin = f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"
+        result = run_cli("demo", "--listen", listen, "--admin", admin)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"gateway demo: cannot start: listen 127.0.0.1:{port}: address already in use\n"
+    )
+
+
 def test_an_unopenable_access_log_fails_the_start_with_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir" / "access.log"
     config = {**VALID_CONFIG, "access_log": {"path": str(missing)}}
@@ -465,6 +479,10 @@ async def test_run_logs_each_route_at_start_and_after_each_reload(
         **VALID_CONFIG,
         "listen": f"127.0.0.1:{free_port()}",
         "admin": f"127.0.0.1:{admin_port}",
+        "limits": {
+            **VALID_CONFIG["limits"],
+            "overrides": [{"client": "key-1", **bucket(50, 50, "1s")}],
+        },
         "routes": [
             {
                 "path_prefix": "/login",
@@ -479,7 +497,7 @@ async def test_run_logs_each_route_at_start_and_after_each_reload(
     config_path = write_config(tmp_path / "gateway.yaml", config)
     log_path = tmp_path / "gateway.log"
     up = "upstream http://127.0.0.1:8000"
-    default = 'limits.default "default" q=20;w=2 (10 per 1s)'
+    default = 'limits.default "default" q=20;w=2 (10 per 1s) (or the client\'s own: 1 override)'
     with log_path.open("wb") as log:
         async with running(config_path, log) as process:
             await wait_healthy(http, f"http://127.0.0.1:{admin_port}", process)
