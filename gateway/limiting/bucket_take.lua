@@ -5,6 +5,8 @@
 -- Then, per request: n (its buckets), cost, max_wait_ms, and per bucket
 -- refill_period_ms, refill_tokens, max_tokens. KEYS: the requests' buckets,
 -- n after n, in that order. A negative cost gives -cost tokens back (capped).
+-- A negative max_wait_ms only looks (the admin view): nothing is taken or
+-- written, and the reply is what a request would find.
 -- Returns, per request: admitted (0|1), wait_ms (admitted: the delay of a
 -- reservation, 0 without one; denied: until every limit would admit), the
 -- index (1-based) of the limit the headers report, then per bucket: tokens
@@ -88,7 +90,9 @@ while arg <= #ARGV do
     end
   end
   local admitted = 0
-  if cost < 0 or wait <= max_wait then
+  if max_wait < 0 then
+    admitted = 1  -- a look: the settled tokens, untouched
+  elseif cost < 0 or wait <= max_wait then
     admitted = 1
     for j = 1, n do
       tokens[j] = math.min(maxes[j], tokens[j] - cost)
@@ -97,9 +101,11 @@ while arg <= #ARGV do
   -- Denied too, each bucket is written as settled: after a reload the new
   -- limit applies from the first request that meets it, admitted or not
   -- (MemoryStore._bucket settles and re-specs on every take).
-  for j = 1, n do
-    store(KEYS[first_key + j - 1], tokens[j], ticks[j], periods[j], refills[j], maxes[j],
-      to_next[j])
+  if max_wait >= 0 then
+    for j = 1, n do
+      store(KEYS[first_key + j - 1], tokens[j], ticks[j], periods[j], refills[j], maxes[j],
+        to_next[j])
+    end
   end
   local reporting = waiting
   if admitted == 1 then

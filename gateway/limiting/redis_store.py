@@ -54,7 +54,7 @@ BREAKER_OPEN_SECONDS: Final = 1.0
 MAX_BATCH_REQUESTS: Final = 256
 # Calls in flight per process (= connections used): pipelining depth.
 MAX_BATCHES_IN_FLIGHT: Final = 4
-# Both scripts take the time first: '' is the Redis server's clock (TIME).
+# The script takes the time first: '' is the Redis server's clock (TIME).
 _REDIS_TIME: Final = ""
 
 
@@ -110,7 +110,7 @@ class RedisStore:
         count_error: Callable[[], None] = lambda: None,
         now_ms: Callable[[], int] | None = None,
     ) -> None:
-        """``now_ms`` is a test seam: when given, the scripts count periods on
+        """``now_ms`` is a test seam: when given, the script counts periods on
         it instead of the Redis server's clock, so a test can step time (a
         ManualRefillClock) against a real Redis. The gateway never passes it."""
         self.config = config
@@ -136,7 +136,6 @@ class RedisStore:
             )
         self._now_ms = now_ms
         self._take_script: AsyncScript = self._client.register_script(_script("bucket_take"))
-        self._peek_script: AsyncScript = self._client.register_script(_script("bucket_peek"))
         # redis-py's cluster client set up lazily by several tasks at once
         # corrupts its connections (seen: "Connection closed by server",
         # AttributeError in connect): one task initialises, others wait.
@@ -336,15 +335,18 @@ class RedisStore:
         spec = limit.spec
         try:
             async with asyncio.timeout(self.config.timeout_seconds):
-                tokens, to_next_ms = await self._peek_script(
+                # One look through the take script (max_wait -1: nothing
+                # taken or written), so the settling is written once.
+                reply = await self._take_script(
                     keys=[redis_key(key)],
                     args=[
-                        self._script_now(),
+                        self._script_now(), 1, 0, -1,
                         round(spec.refill_period_seconds * 1000),
                         spec.refill_tokens,
                         spec.max_tokens,
                     ],
-                )
+                )  # fmt: skip
+                tokens, to_next_ms = reply[3], reply[4]
         except (RedisError, OSError, TimeoutError):
             return None
         return BucketSnapshot(
