@@ -64,6 +64,9 @@ class _Reader:
         # The sizes each bucket read from the file inherits, and from where
         # (validate.Written.inherited); keyed by id, the bucket kept alive.
         self._inherited: dict[int, tuple[BucketSpec, dict[str, str]]] = {}
+        # limits.default is in the file but did not read: the built-in default
+        # stands in for it, so sizes inherited from it are not the file's.
+        self.default_stands_in = False
 
     def problem(self, node: yaml.Node | None, key: str, message: str) -> None:
         line, column = (1, 1)
@@ -318,10 +321,11 @@ def _bucket(
     if not isinstance(node, yaml.MappingNode):
         r.problem(node, key, f"expected {_ONE_LIMIT}; got {r.shape(node)}")
         return _MISSING
+    before = len(r.problems)
     values = r.mapping(node, key, yaml_keys(BucketSpec))
     if values is None:
         return _MISSING
-    return _bucket_fields(r, values, node, key, base, name)
+    return _bucket_fields(r, values, node, key, base, name, len(r.problems) == before)
 
 
 def _bucket_fields(
@@ -331,23 +335,33 @@ def _bucket_fields(
     key: str,
     base: BucketSpec,
     name: str,
+    known_keys: bool,
 ) -> BucketSpec | _Missing:
     """The keys ``values`` holds over ``base``'s sizes (``name`` and ``per`` are
     not inherited: ``name`` unless the file names it, per: client unless it
-    says); _MISSING after any problem."""
+    says); _MISSING after any problem. ``known_keys``: the mapping had no
+    unknown or repeated key."""
     problems_before = len(r.problems)
     read = {"name": name, "per": DEFAULT_PER, **_settings(r, values, node, key, BucketSpec)}
     bucket = replace(base, **read)
-    read_cleanly = len(r.problems) == problems_before
     base_sizes = r.inherited(base)
     inherited = {
         size: base_sizes.get(size, "limits.default") for size in _SIZES if size not in values
     }
+    # The sizes are compared only when they are what the file says: not after
+    # a problem in this mapping (max_token: 100, a typo, leaves max_tokens at
+    # its default), nor with sizes that stand in for a limits.default that
+    # did not read.
+    read_cleanly = (
+        known_keys
+        and len(r.problems) == problems_before
+        and not (r.default_stands_in and base is DEFAULT_BUCKET and inherited)
+    )
     r.inherit(bucket, inherited)
     r.located(
         validate.bucket_problems(bucket, key, read_cleanly=read_cleanly, inherited=inherited)
     )
-    if len(r.problems) > problems_before:
+    if not known_keys or len(r.problems) > problems_before:
         return _MISSING
     return bucket
 
@@ -370,6 +384,7 @@ def _limits(r: _Reader, node: yaml.Node | None) -> tuple[LimitsConfig, BucketSpe
             # A first item that read well is still what routes refine, even
             # when a later one has a problem (no bogus problems at routes).
             base = items[0] or base
+        r.default_stands_in = base is DEFAULT_BUCKET
     overrides: list[Override] = []
     seen: set[str] = set()
     nodes = (
@@ -392,9 +407,11 @@ def _limits(r: _Reader, node: yaml.Node | None) -> tuple[LimitsConfig, BucketSpe
 def _override(r: _Reader, item: yaml.Node, key: str, base: BucketSpec) -> Override | None:
     """``{client: ID, <a bucket's keys>}`` or ``{client: ID, limit: <a limit>}``
     (the form for several limits); None after any problem."""
+    before = len(r.problems)
     fields = r.mapping(item, key, _OVERRIDE_KEYS)
     if fields is None:
         return None
+    known_keys = len(r.problems) == before
     client_node = fields.pop("client", None)
     if client_node is None:
         r.problem(item, f"{key}.client", "is required")
@@ -403,7 +420,7 @@ def _override(r: _Reader, item: yaml.Node, key: str, base: BucketSpec) -> Overri
     limit_node = fields.pop("limit", None)
     buckets: tuple[BucketSpec, ...] | _Missing
     if limit_node is None:
-        bucket = _bucket_fields(r, fields, item, key, base, "override")
+        bucket = _bucket_fields(r, fields, item, key, base, "override", known_keys)
         buckets = _MISSING if isinstance(bucket, _Missing) else (bucket,)
     elif fields:
         r.problem(

@@ -209,8 +209,9 @@ def route_problems(
         if isinstance(route.limit, Unlimited):
             problems.extend(_unlimited_problems(route, key))
             continue
-        if route.cost > 1 and (isinstance(route.limit, tuple) or _clean(unread, "limits")):
-            problems.extend(_cost_problems(config, route, key, written))
+        limits_clean = _clean(unread, "limits")
+        if route.cost > 1 and (isinstance(route.limit, tuple) or limits_clean):
+            problems.extend(_cost_problems(config, route, key, written, limits_clean))
         queue = route.queue
         if (
             queue is not None
@@ -257,7 +258,7 @@ def _unlimited_problems(route: RouteSpec, key: str) -> list[Problem]:
 
 
 def _cost_problems(
-    config: GatewayConfig, route: RouteSpec, key: str, written: Written
+    config: GatewayConfig, route: RouteSpec, key: str, written: Written, limits_clean: bool
 ) -> list[Problem]:
     """A cost above a limit's max_tokens: a bucket never holds that many tokens,
     so such a request would be denied for ever. The limits are the route's
@@ -277,6 +278,8 @@ def _cost_problems(
     if route.cost <= bucket.max_tokens:
         return []
     origin = written.inherited(bucket).get("max_tokens")
+    if origin is not None and not limits_clean:
+        return []  # inherited from a limits section with problems: maybe a stand-in
     most = f"({bucket.max_tokens})" if origin is None else _value(bucket.max_tokens, origin)
     return [
         (

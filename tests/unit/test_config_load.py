@@ -640,6 +640,30 @@ def test_a_rule_against_a_value_the_file_never_wrote_says_so(text: str, expected
     assert _text_problems(_UP + text) == [expected]
 
 
+def test_a_typo_for_max_tokens_is_reported_without_comparing_its_default() -> None:
+    """max_token: 100 is a typo: max_tokens keeps its default, 20. Comparing
+    that 20 with refill_tokens 50, here and in a route that inherits it,
+    reports problems the fixed file would not have."""
+    text = _UP + (
+        "limits:\n"
+        "  default:\n"
+        "    refill_tokens: 50\n"
+        "    max_token: 100\n"
+        "  overrides:\n"
+        "    - {client: k, refill_tokens: 60, max_tokns: 60}\n"
+        "routes:\n"
+        "  - {path_prefix: /login, limit: {refill_period: 1m, refill_tokens: 30}}\n"
+        "  - {path_prefix: /big, limit: {refill_tokens: 1}, cost: 30}\n"
+    )
+    assert _text_problems(text) == [
+        "f.yaml:5:5: limits.default.max_token: unknown key; did you mean 'max_tokens'? "
+        "expected one of: refill_period, refill_tokens, max_tokens, name, per",
+        "f.yaml:7:38: limits.overrides[0].max_tokns: unknown key; did you mean "
+        "'max_tokens'? expected one of: client, refill_period, refill_tokens, max_tokens, "
+        "name, per, limit",
+    ]
+
+
 def test_nan_refill_period_is_rejected() -> None:
     text = "upstream: {url: 'http://x'}\nlimits:\n  default:\n    refill_period: .nan\n"
     problems = _text_problems(text)
