@@ -547,3 +547,72 @@ async def test_log_level_after_the_command_takes_effect(
             await wait_healthy(http, f"http://127.0.0.1:{admin_port}", process)
         assert process.returncode == 0
     assert " INFO " not in log_path.read_text()
+
+
+async def test_a_long_period_refills_a_new_client_sooner_as_the_readme_shows(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """README, "The refill clock": periods count from the process's start, not
+    from a client's first request. Two clients who drain an hourly bucket
+    2 s apart are told to wait until the same instant (Retry-After: the true
+    wait), and that instant is less than an hour after either began."""
+    proxy_port, admin_port = free_port(), free_port()
+    config = {
+        **VALID_CONFIG,
+        "listen": f"127.0.0.1:{proxy_port}",
+        "admin": f"127.0.0.1:{admin_port}",
+        "clients": {"identify_by": "header", "header": "X-API-Key"},
+        "limits": {"default": bucket(2, 2, "1h")},
+        "routes": [],
+    }
+    config_path = write_config(tmp_path / "gateway.yaml", config)
+    proxy = f"http://127.0.0.1:{proxy_port}/x"
+    loop = asyncio.get_running_loop()
+
+    async def drain(key: str) -> int:
+        """Retry-After of the first 429 for the client ``key``."""
+        for _ in range(3):
+            async with http.get(proxy, headers={"X-API-Key": key}) as response:
+                await response.read()
+                if response.status == 429:
+                    return int(response.headers["Retry-After"])
+        raise AssertionError("never denied")
+
+    with (tmp_path / "gateway.log").open("wb") as log:
+        spawned = loop.time()
+        async with running(config_path, log) as process:
+            await wait_healthy(http, f"http://127.0.0.1:{admin_port}", process)
+            first = await drain("key-a")
+            first_at = loop.time()
+            await asyncio.sleep(2.2)
+            second = await drain("key-b")
+    # The first client's wait: an hour from the process's start, not its own.
+    assert 3600 - (first_at - spawned) - 1 <= first <= 3600
+    # The second, 2.2 s later, refills at the same instant: a shorter wait.
+    assert second <= first - 2
+
+
+def test_readme_first_screen_tells_the_two_commands_the_config_and_what_check_prints(
+    tmp_path: Path,
+) -> None:
+    repo = Path(gateway.__file__).parents[1]
+    readme = (repo / "README.md").read_text()
+    first_screen = readme[: readme.index("\n## ")]
+    for text in ("gateway check", "gateway run", "./gateway.yaml",
+                 "/etc/ratelimit-gateway/gateway.yaml", "--config PATH"):  # fmt: skip
+        assert text in first_screen, text
+    # What check prints, as check prints it.
+    result = gateway_in(repo, "check", "config/gateway.yaml")
+    assert result.returncode == 0, result.stderr
+    assert f"$ gateway check config/gateway.yaml\n{result.stdout}" in first_screen
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        'upstream:\n  url: http://127.0.0.1:8000\nlimits:\n  default: 10/s\nlisen: ":8080"\n'
+    )
+    result = gateway_in(tmp_path, "check", "bad.yaml")
+    assert result.returncode == 2
+    shown = first_screen.split("$ gateway check bad.yaml\n", 1)[1].split("```", 1)[0]
+    for printed, readme_line in zip(
+        result.stderr.splitlines(), shown.splitlines(), strict=True
+    ):
+        assert printed.startswith(readme_line.removesuffix("..."))
