@@ -201,8 +201,8 @@ class Call(Outcome):
     """One request on either path, from ``open`` to ``close``; also the
     ``policy.Identity`` its limits key on (client, ip, headers)."""
 
-    __slots__ = ("client", "closed", "decision", "head", "holds_slot", "ip", "listed",
-                 "queued", "request_id", "route", "snapshot", "started")  # fmt: skip
+    __slots__ = ("client", "closed", "decision", "head", "holds_slot", "ip", "listed", "queued",
+                 "refunded", "request_id", "route", "snapshot", "started")  # fmt: skip
 
     def __init__(
         self,
@@ -229,6 +229,7 @@ class Call(Outcome):
         self.request_id = request_id
         self.holds_slot = False
         self.queued = False  # waiting for reserved tokens
+        self.refunded = False  # its tokens went back: never twice
         self.decision: Decision | None = None
         self.closed = False
 
@@ -369,7 +370,7 @@ class RequestCore:
         if (
             route.max_wait_seconds
             and not route.shadow
-            and self._queued.get(route.label, 0) < route.max_queued
+            and self._queued.get(route.key, 0) < route.max_queued
         ):
             return route.max_wait_seconds
         return 0.0
@@ -425,8 +426,8 @@ class RequestCore:
         )
         if outcome is DELAYED:
             call.queued = True
-            label = call.route.label
-            self._queued[label] = self._queued.get(label, 0) + 1
+            key = call.route.key
+            self._queued[key] = self._queued.get(key, 0) + 1
             return Forward(
                 target, upstream_headers, Ours(fields, replaced), decision.delay_seconds
             )
@@ -438,16 +439,16 @@ class RequestCore:
         if not call.queued:
             return
         call.queued = False
-        label = call.route.label
-        self._queued[label] -= 1
+        self._queued[call.route.key] -= 1
         decision = call.decision
         assert decision is not None
         if client_left:
             call.client_gone = True
+            call.refunded = True
             call.snapshot.limiter.give_back(decision)
             return
         waited = time.perf_counter() - call.started
-        self.metrics.route(label).queue_wait.observe(waited)
+        self.metrics.route(call.route.label).queue_wait.observe(waited)
 
     def _refuse(self, status: int, reason: str, detail: str) -> Refuse:
         self.metrics.count_rejected(reason)
@@ -514,6 +515,7 @@ class RequestCore:
             charged is not None
             and status not in charged
             and (decision.outcome is ALLOWED or decision.outcome is DELAYED)
+            and not call.refunded
         ):
             # Tokens are taken at admission, so concurrent requests cannot
             # overshoot; an answer the route does not charge gives them back.

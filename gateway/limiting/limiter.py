@@ -98,7 +98,7 @@ class Limiter:
         # A route's limits when it has none of its own: limits.default's,
         # built once per route; a client's override's, per (route, client).
         self._defaults = {
-            route.label: RouteLimits(route.label, self._default, clock)
+            route.key: RouteLimits(route.key, self._default, clock)
             for route in (self.routes.default, *self.routes.routes)
         }
         self._inherited: dict[tuple[str, str], RouteLimits] = {}
@@ -112,12 +112,12 @@ class Limiter:
         if self._overrides:
             specs = self._overrides.get(client)
             if specs is not None:
-                cached = self._inherited.get((route.label, client))
+                cached = self._inherited.get((route.key, client))
                 if cached is None:
-                    cached = RouteLimits(route.label, specs, self._clock)
-                    self._inherited[(route.label, client)] = cached
+                    cached = RouteLimits(route.key, specs, self._clock)
+                    self._inherited[(route.key, client)] = cached
                 return cached
-        return self._defaults[route.label]
+        return self._defaults[route.key]
 
     async def decide(
         self, route: Route, identity: Identity, max_wait_seconds: float = 0.0

@@ -26,8 +26,8 @@ class Route:
     have none at all. ``methods``: the methods it matches (None: every one).
     ``count_statuses``: the statuses that cost tokens (None: every one)."""
 
-    __slots__ = ("cost", "count_statuses", "label", "limits", "max_queued", "max_wait_seconds",
-                 "methods", "prefix", "shadow", "unlimited")  # fmt: skip
+    __slots__ = ("cost", "count_statuses", "key", "label", "limits", "max_queued",
+                 "max_wait_seconds", "methods", "prefix", "shadow", "unlimited")  # fmt: skip
 
     def __init__(
         self,
@@ -53,6 +53,9 @@ class Route:
         self.max_wait_seconds = max_wait_seconds
         self.max_queued = max_queued
         self.count_statuses = count_statuses
+        # What its buckets are keyed by: the label, and the methods when it
+        # has some (routes sharing a prefix keep buckets of their own).
+        self.key = route_key(label, methods)
 
 
 def normalise_path(path: str) -> str:
@@ -100,7 +103,7 @@ def _route(spec: RouteSpec, clock: RefillClock, global_shadow: bool) -> Route:
     return Route(
         label=spec.path_prefix,
         prefix=spec.path_prefix,
-        limits=RouteLimits(spec.path_prefix, limit, clock)
+        limits=RouteLimits(route_key(spec.path_prefix, spec.methods), limit, clock)
         if isinstance(limit, tuple)
         else None,
         unlimited=isinstance(limit, Unlimited),
@@ -111,3 +114,8 @@ def _route(spec: RouteSpec, clock: RefillClock, global_shadow: bool) -> Route:
         max_queued=queue.max_queued if queue is not None else 0,
         count_statuses=spec.count_statuses,
     )
+
+
+def route_key(label: str, methods: frozenset[str] | None) -> str:
+    """``Route.key``: the label, and the methods when a route has some."""
+    return label if methods is None else f"{label} {','.join(sorted(methods))}"

@@ -580,11 +580,6 @@ async def test_methods_other_methods_fall_through_to_the_next_route(
     assert decisions(gw_b, "default", "denied") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: routes with one path_prefix and different methods share their buckets "
-    "(the bucket key is (path_prefix, limit name, subject)); POSTs drained the GET route's",
-)
 async def test_routes_with_one_prefix_and_different_methods_have_their_own_buckets(
     start_gateway: StartGateway, http: aiohttp.ClientSession
 ) -> None:
@@ -972,12 +967,6 @@ async def test_a_client_that_leaves_while_queued_gives_its_tokens_back(
     assert [(r["decision"], r["status"]) for r in left] == [("delayed", 499)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a queued request whose client left is refunded twice on a count_statuses "
-    "route (RequestCore.waited gives the reservation back, then close() refunds the 499 "
-    "again): the bucket goes from -1 to 1, a token nobody earned",
-)
 async def test_a_client_that_leaves_while_queued_on_a_count_statuses_route_is_refunded_once(
     start_gateway: StartGateway,
     store: Store,
