@@ -42,7 +42,7 @@ from gateway.limiting.redis_store import RedisStore
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketSnapshot
 from gateway.metrics import Metrics
-from gateway.server import Server, bound_port, load_for_reload
+from gateway.server import Server, bound_port, describe_routes, load_for_reload
 
 __all__ = ["Supervisor", "run_worker"]
 
@@ -126,19 +126,29 @@ class Supervisor:
             (config.listen_host, config.listen_port), family=family, backlog=1024
         )
         self._socket.set_inheritable(True)
-        for worker in self._workers:
-            await self._spawn(worker)
+        # The admin listener before the workers: a taken admin port fails
+        # the start with one line, before any worker exists to be orphaned.
         admin_runner = web.AppRunner(
             build_admin_app(self), access_log=None, handle_signals=False
         )
         await admin_runner.setup()
         admin_site = web.TCPSite(admin_runner, config.admin_host, config.admin_port)
-        await admin_site.start()
+        try:
+            await admin_site.start()
+        except BaseException:
+            await admin_runner.cleanup()
+            self._socket.close()
+            raise
+        for worker in self._workers:
+            await self._spawn(worker)
         log.info(
             "supervisor: %d workers on %s:%d -> %s; admin on %s:%d",
             len(self._workers), config.listen_host, self._socket.getsockname()[1],
             config.upstream.url, config.admin_host, bound_port(admin_site),
         )  # fmt: skip
+        # The workers log their routes at debug level (N copies otherwise).
+        for line in describe_routes(config):
+            log.info("%s", line)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
@@ -253,6 +263,8 @@ class Supervisor:
             log.warning("reload: workers changed; it takes effect only after a restart")
         self.config = new
         self._limiter = Limiter(new, self._clock, self._store)
+        for line in describe_routes(new):
+            log.info("%s", line)
         self._identifier = ClientIdentifier(new.clients)
         self._signal_workers(signal.SIGHUP)
         self.metrics.config_reloads.labels("success").inc()

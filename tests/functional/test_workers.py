@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -383,3 +384,40 @@ async def test_sighup_as_soon_as_ready_reloads_every_worker_without_killing_one(
         assert await gw.metric("gateway_workers_restarted_total") == 0, gw.output()
         assert "exited with" not in gw.output()
     assert gw.process.returncode == 0, gw.output()
+
+
+async def test_a_taken_admin_port_fails_the_start_in_one_line_before_any_worker(
+    upstream: TestServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The supervisor binds the admin listener before it starts workers: a
+    taken port is one clear line and exit 1, with no worker left to notice
+    its supervisor gone."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = workers_config(upstream, redis_server, tmp_path, admin=f"127.0.0.1:{port}")
+        config_path = write_config(tmp_path / "gateway.yaml", config)
+        process = await spawn_gateway(
+            config_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(GUARD_SECONDS):
+            stdout, stderr = await process.communicate()
+    output = (stdout + stderr).decode()
+    assert process.returncode == 1, output
+    assert "cannot start" in output, output
+    assert "in use" in output, output
+    assert "supervisor is gone" not in output, output
+    assert "Traceback" not in output, output
+
+
+async def test_the_supervisor_logs_one_line_per_route(
+    upstream: TestServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    config = workers_config(
+        upstream, redis_server, tmp_path,
+        routes=[{"path_prefix": "/login", "limit": bucket(5)}],
+    )  # fmt: skip
+    async with running_gateway(tmp_path, config) as gw:
+        output = gw.output()
+    assert output.count("route /login") == 1, output
