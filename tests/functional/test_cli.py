@@ -598,6 +598,9 @@ def test_readme_first_screen_tells_the_two_commands_the_config_and_what_check_pr
     repo = Path(gateway.__file__).parents[1]
     readme = (repo / "README.md").read_text()
     first_screen = readme[: readme.index("\n## ")]
+    # It opens with the two set-up commands (the demo, the whole suite).
+    commands = first_screen.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    assert [line.split()[0] for line in commands] == ["./scripts/demo", "./scripts/test"]
     for text in ("gateway check", "gateway run", "./gateway.yaml",
                  "/etc/ratelimit-gateway/gateway.yaml", "--config PATH"):  # fmt: skip
         assert text in first_screen, text
