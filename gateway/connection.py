@@ -36,7 +36,7 @@ from gateway.config.model import ServerConfig
 from gateway.errors import MalformedBodyError
 from gateway.front import FrontConnection, PlainHandler
 
-__all__ = ["AiohttpDownstream", "GuardedServer", "bound_port"]
+__all__ = ["AiohttpDownstream", "GuardedServer", "bound_port", "sent_response"]
 
 log = logging.getLogger("gateway.connection")
 
@@ -169,7 +169,7 @@ class _SentResponse(web.StreamResponse):
 class AiohttpDownstream:
     """A ``relay.Downstream`` over a connection aiohttp's server holds: the
     relay writes response bytes to its transport, as front.py's connections
-    take them, and ``response`` tells aiohttp's request loop what was sent."""
+    take them (``sent_response`` then tells aiohttp's request loop)."""
 
     __slots__ = ("_request",)
 
@@ -192,15 +192,11 @@ class AiohttpDownstream:
         if transport is not None:
             transport.abort()
 
-    def close(self) -> None:
-        """Close once written: a refused body is not worth reading."""
-        transport = self._request.transport
-        if transport is not None:
-            transport.close()
 
-    def response(self, status: int, body_length: int, keep_alive: bool) -> web.StreamResponse:
-        """What the handler returns to aiohttp for an answer already sent."""
-        return _SentResponse(status, body_length, keep_alive)
+def sent_response(status: int, body_length: int, keep_alive: bool) -> web.StreamResponse:
+    """What a handler returns to aiohttp's request loop for an answer it
+    already wrote to the transport."""
+    return _SentResponse(status, body_length, keep_alive)
 
 
 def bound_port(site: web.BaseSite) -> int:

@@ -24,7 +24,7 @@ from typing import Final
 
 from aiohttp import HttpVersion11, web
 
-from gateway.connection import AiohttpDownstream
+from gateway.connection import AiohttpDownstream, sent_response
 from gateway.core import Call, Deny, Forward, Ours, Refuse, RequestCore, RequestHead, Snapshot
 from gateway.errors import ClientBodyError, UpstreamResetError
 from gateway.front import PENDING, FrontConnection, PlainOutcome
@@ -140,12 +140,11 @@ class ProxyHandlers:
         """Every request front.py handed to aiohttp: bodies, HEAD, upgrades."""
         core = self.core
         call = core.open(AiohttpHead(request))
-        down = AiohttpDownstream(request)
         keep_alive = False
         try:
             refusal = core.enter(call)
             if refusal is not None:
-                keep_alive = _write_answer(core, call, down, refusal)
+                keep_alive = _write_answer(core, call, AiohttpDownstream(request), refusal)
             else:
                 verdict = core.decide_now(call)
                 if verdict is None:
@@ -157,24 +156,33 @@ class ProxyHandlers:
                     if call.client_gone:
                         pass  # it left while it waited: nothing to answer
                     elif is_websocket_upgrade(request.headers):
-                        upgraded = await self._upgrade(request, call, verdict, down)
+                        upgraded = await self._upgrade(
+                            request, call, verdict, AiohttpDownstream(request)
+                        )
                         if upgraded is not None:
                             return upgraded
                     else:
-                        keep_alive = await self._forward(request, call, verdict, down)
+                        keep_alive = await self._forward(
+                            request, call, verdict, AiohttpDownstream(request)
+                        )
                 elif isinstance(verdict, bytes):  # Deny: the 429, inlined (the flood's path)
-                    try:
-                        down.write(verdict)
-                        keep_alive = True
-                    except ConnectionError:
+                    transport = request.transport
+                    if transport is None or transport.is_closing():
                         call.client_gone = True
                         call.bytes_out = 0
+                    else:
+                        transport.write(verdict)
+                        keep_alive = True
                 else:
-                    keep_alive = _write_answer(core, call, down, verdict.answer)
+                    keep_alive = _write_answer(
+                        core, call, AiohttpDownstream(request), verdict.answer
+                    )
             if call.status in _CLOSE_AFTER_STATUSES and not keep_alive:
                 # Don't linger reading the rest of a body we refused: the
                 # answer is written, the connection is done.
-                down.close()
+                transport = request.transport
+                if transport is not None:
+                    transport.close()
         except asyncio.CancelledError:  # cut by a drain past drain_timeout
             call.client_gone = True
             raise
@@ -187,7 +195,7 @@ class ProxyHandlers:
         # The relay's True means "framed so the connection could go on"; the
         # request's own Connection (or HTTP/1.0 default) has the last word.
         keep_alive = keep_alive and call.head.keep_alive and not call.client_gone
-        return down.response(call.status, call.bytes_out, keep_alive)
+        return sent_response(call.status, call.bytes_out, keep_alive)
 
     async def _forward(
         self, request: web.BaseRequest, call: Call, forward: Forward, down: AiohttpDownstream
