@@ -1,0 +1,522 @@
+"""Top denied clients over the last few minutes, in fixed memory.
+
+A Space-Saving sketch (Metwally, Agrawal, El Abbadi, "Efficient Computation
+of Frequent and Top-k Elements in Data Streams", ICDT 2005) holds k counters
+whatever the number of distinct clients: a client already held has its
+counter raised; a new one takes over the smallest counter, inheriting its
+count as the new client's possible over-estimation. So every estimate is
+>= the true count, over by at most its reported error, and every client whose
+true count exceeds total/k is held.
+
+``WindowedSpaceSaving`` keeps one sketch per sub-window (5 x 60 s by default)
+and answers over the live ones, so old denials drop off without per-client
+timestamps. ``TopClients`` keeps one windowed sketch overall and one per
+route, with a hard bound on routes. Time is always an argument (``now``, in
+seconds, from one clock shared by every process whose sketches are merged,
+e.g. ``time.monotonic()``): nothing here reads a clock or does I/O, and
+nothing imports from the gateway, so this module sits outside the layers.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["SpaceSaving", "TopClients", "WindowedSpaceSaving"]
+
+# (client, estimated count, maximum over-estimation)
+Entry = tuple[str, int, int]
+
+
+class SpaceSaving:
+    """Space-Saving over one stream with at most ``k`` counters.
+
+    Layout: a dict client -> count, a dict client -> error, and a min-heap of
+    (count, client) with exactly one entry per held client. The heap entry
+    may lag behind the dict (raising a held client's count touches only the
+    dict, O(1): the common case, one client denied again and again). When a
+    new client needs the smallest counter, a lagging heap top is pushed down
+    with its real count and the top looked at again; each fix-up is paid for
+    by the increments that made it lag, so an update is O(log k) amortised,
+    and memory is exactly k entries in each structure. The stream-summary
+    list of the paper gives O(1) for unit increments but not for weighted
+    ones or merges, and is much more code; k is small (tens to a few
+    hundred), so log k is a handful of comparisons.
+    """
+
+    __slots__ = ("_counts", "_errors", "_heap", "k", "total")
+
+    def __init__(self, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self.k = k
+        self.total = 0
+        self._counts: dict[str, int] = {}
+        self._errors: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        """The number of counters held: never more than ``k``."""
+        return len(self._counts)
+
+    @property
+    def floor(self) -> int:
+        """An upper bound on the true count of any client not held.
+
+        Zero until the sketch is full: no client has been dropped before that
+        (``add`` evicts only when full, ``merge`` leaves a sketch short of k
+        only if neither side was full).
+        """
+        if len(self._counts) < self.k:
+            return 0
+        return self._min_count()
+
+    def add(self, client: str, count: int = 1) -> None:
+        """Count ``count`` more occurrences of ``client``."""
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
+        self.total += count
+        counts = self._counts
+        held = counts.get(client)
+        if held is not None:
+            counts[client] = held + count
+            return
+        if len(counts) < self.k:
+            counts[client] = count
+            self._errors[client] = 0
+            heapq.heappush(self._heap, (count, client))
+            return
+        smallest = self._min_count()
+        victim = self._heap[0][1]
+        del counts[victim]
+        del self._errors[victim]
+        # The newcomer may have been the victim many times over: its true
+        # count is anywhere in [count, smallest + count].
+        counts[client] = smallest + count
+        self._errors[client] = smallest
+        heapq.heapreplace(self._heap, (smallest + count, client))
+
+    def _min_count(self) -> int:
+        """The smallest count held, with the heap's top made exact."""
+        heap, counts = self._heap, self._counts
+        while True:
+            stale, client = heap[0]
+            actual = counts[client]
+            if actual == stale:
+                # Every other entry is <= its client's count and >= this one.
+                return actual
+            heapq.heapreplace(heap, (actual, client))
+
+    def estimate(self, client: str) -> tuple[int, int]:
+        """(estimated count, maximum over-estimation) for one client.
+
+        A client not held gets (floor, floor): it may have been counted up to
+        ``floor`` times and dropped.
+        """
+        held = self._counts.get(client)
+        if held is None:
+            floor = self.floor
+            return floor, floor
+        return held, self._errors[client]
+
+    def entries(self) -> list[Entry]:
+        """Every held client, largest count first (ties by client, for a stable answer)."""
+        errors = self._errors
+        return sorted(
+            ((c, n, errors[c]) for c, n in self._counts.items()), key=lambda e: (-e[1], e[0])
+        )
+
+    def top(self, n: int) -> list[Entry]:
+        """The ``n`` largest estimated counts as (client, count, error)."""
+        if n <= 0:
+            return []
+        return self.entries()[:n]
+
+    @classmethod
+    def merged(cls, sketches: Iterable[SpaceSaving], k: int) -> SpaceSaving:
+        """One sketch of the concatenated streams of ``sketches``, with ``k`` counters.
+
+        The parallel Space-Saving merge (Cafaro, Pulimeno, Tempesta, "A
+        parallel space saving algorithm for frequent items and the Hurwitz
+        zeta distribution", Information Sciences 329, 2016; Agarwal et al.,
+        "Mergeable Summaries", PODS 2012, for the general frame): sum the
+        counts and errors over the union of clients and keep the k largest.
+        A client missing from a sketch is counted there as that sketch's
+        floor, both in count and error: counting it as 0 would under-estimate
+        a client that sketch had dropped. The kept counts still sum to at most
+        the total, so the floor stays <= total/k and the heavy hitters stay.
+        """
+        parts = list(sketches)
+        for part in parts:
+            if part.k != k:
+                raise ValueError(f"cannot merge a sketch of k={part.k} into k={k}")
+        out = cls(k)
+        out.total = sum(p.total for p in parts)
+        union: set[str] = set()
+        for part in parts:
+            union.update(part._counts)
+        floors = [p.floor for p in parts]
+        merged: list[Entry] = []
+        for client in union:
+            count = error = 0
+            for part, floor in zip(parts, floors, strict=True):
+                held = part._counts.get(client)
+                if held is None:
+                    count += floor
+                    error += floor
+                else:
+                    count += held
+                    error += part._errors[client]
+            merged.append((client, count, error))
+        if len(merged) > k:
+            merged = heapq.nlargest(k, merged, key=lambda e: (e[1], e[0]))
+        out._load(merged)
+        return out
+
+    def merge(self, other: SpaceSaving) -> None:
+        """Fold ``other`` (same k) into this sketch, in place."""
+        both = SpaceSaving.merged((self, other), self.k)
+        self.total = both.total
+        self._counts, self._errors, self._heap = both._counts, both._errors, both._heap
+
+    def _load(self, entries: Iterable[Entry]) -> None:
+        for client, count, error in entries:
+            self._counts[client] = count
+            self._errors[client] = error
+        self._heap = [(n, c) for c, n in self._counts.items()]
+        heapq.heapify(self._heap)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, for a worker to hand its sketch to the supervisor."""
+        return {
+            "k": self.k,
+            "total": self.total,
+            "items": [[c, n, e] for c, n, e in self.entries()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SpaceSaving:
+        """The sketch ``to_dict`` described; ValueError when the data could not be one."""
+        out = cls(_int(data.get("k"), "k", minimum=1))
+        out.total = _int(data.get("total"), "total")
+        items = data.get("items")
+        if not isinstance(items, list) or len(items) > out.k:
+            raise ValueError(f"items must be a list of at most k={out.k} entries")
+        entries: list[Entry] = []
+        for item in items:
+            if not (isinstance(item, list | tuple) and len(item) == 3):
+                raise ValueError(f"an item must be [client, count, error], got {item!r}")
+            client, count, error = item
+            if not isinstance(client, str):
+                raise ValueError(f"a client must be a string, got {client!r}")
+            count = _int(count, "count", minimum=1)
+            error = _int(error, "error")
+            if error > count:
+                raise ValueError(f"error {error} exceeds count {count}")
+            entries.append((client, count, error))
+        if len({e[0] for e in entries}) != len(entries):
+            raise ValueError("a client appears twice")
+        if sum(e[1] for e in entries) > out.total:
+            raise ValueError("the counts add up to more than the total")
+        out._load(entries)
+        return out
+
+
+class WindowedSpaceSaving:
+    """Space-Saving over a sliding window of ``sub_windows`` x ``sub_window_seconds``.
+
+    One sketch per sub-window, in a ring indexed by epoch = floor(now /
+    width). An answer at ``now`` covers the current sub-window and the
+    previous ``sub_windows - 1``: between (n - 1) and n widths of history,
+    4 to 5 minutes by default. An update for a sub-window that has already
+    left the ring is dropped (the caller's clock is expected to be monotonic).
+    Memory: at most ``sub_windows * k`` counters.
+    """
+
+    __slots__ = ("_epochs", "_sketches", "k", "sub_window_seconds", "sub_windows")
+
+    def __init__(self, k: int, sub_window_seconds: float = 60.0, sub_windows: int = 5) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if not sub_window_seconds > 0:
+            raise ValueError(f"sub_window_seconds must be > 0, got {sub_window_seconds}")
+        if sub_windows < 1:
+            raise ValueError(f"sub_windows must be at least 1, got {sub_windows}")
+        self.k = k
+        self.sub_window_seconds = float(sub_window_seconds)
+        self.sub_windows = sub_windows
+        # None: a slot never used; otherwise the epoch its sketch counts.
+        self._epochs: list[int | None] = [None] * sub_windows
+        self._sketches: list[SpaceSaving | None] = [None] * sub_windows
+
+    def _epoch(self, now: float) -> int:
+        return int(now // self.sub_window_seconds)
+
+    def record(self, client: str, now: float, count: int = 1) -> None:
+        """Count ``count`` occurrences of ``client`` at time ``now``."""
+        epoch = self._epoch(now)
+        slot = epoch % self.sub_windows
+        held = self._epochs[slot]
+        sketch = self._sketches[slot]
+        if held != epoch or sketch is None:
+            if held is not None and held > epoch:
+                return  # that sub-window has rotated out already
+            sketch = self._sketches[slot] = SpaceSaving(self.k)
+            self._epochs[slot] = epoch
+        sketch.add(client, count)
+
+    def _live(self, now: float) -> list[SpaceSaving]:
+        epoch = self._epoch(now)
+        oldest = epoch - self.sub_windows
+        return [
+            s
+            for e, s in zip(self._epochs, self._sketches, strict=True)
+            if s is not None and e is not None and oldest < e <= epoch
+        ]
+
+    def window(self, now: float) -> SpaceSaving:
+        """One sketch of the window ending at ``now`` (the live sub-windows merged)."""
+        live = self._live(now)
+        if len(live) == 1:
+            return live[0]
+        return SpaceSaving.merged(live, self.k)
+
+    def top(self, n: int, now: float) -> list[Entry]:
+        """The ``n`` clients with the largest estimated counts in the window ending at ``now``.
+
+        Each as (client, estimated count, maximum over-estimation). Costs a
+        merge of at most ``sub_windows`` sketches: for a poll, not per request.
+        """
+        return self.window(now).top(n)
+
+    def total(self, now: float) -> int:
+        """How many occurrences the window ending at ``now`` counted."""
+        return sum(s.total for s in self._live(now))
+
+    def is_empty(self, now: float) -> bool:
+        """Whether nothing was counted in the window ending at ``now``."""
+        return not self._live(now)
+
+    def entries(self) -> int:
+        """The number of counters held over all sub-windows: at most sub_windows * k."""
+        return sum(len(s) for s in self._sketches if s is not None)
+
+    def _check_compatible(self, other: WindowedSpaceSaving) -> None:
+        mine = (self.k, self.sub_window_seconds, self.sub_windows)
+        theirs = (other.k, other.sub_window_seconds, other.sub_windows)
+        if mine != theirs:
+            raise ValueError(f"cannot merge (k, width, sub_windows) {theirs} into {mine}")
+
+    def merge(self, other: WindowedSpaceSaving) -> None:
+        """Fold ``other`` (same shape, same clock) in: sub-windows of equal epoch merge.
+
+        Sub-windows older than the window ending in the newest epoch either
+        side holds are dropped, as if one process had seen both streams.
+        """
+        self._check_compatible(other)
+        by_epoch: dict[int, list[SpaceSaving]] = {}
+        for side in (self, other):
+            for e, s in zip(side._epochs, side._sketches, strict=True):
+                if e is not None and s is not None:
+                    by_epoch.setdefault(e, []).append(s)
+        self._epochs = [None] * self.sub_windows
+        self._sketches = [None] * self.sub_windows
+        # Only the newest epoch's window: an older epoch would share a ring
+        # slot with a newer one, and is outside every later answer anyway.
+        newest = max(by_epoch, default=0)
+        for epoch in (e for e in by_epoch if e > newest - self.sub_windows):
+            parts = by_epoch[epoch]
+            slot = epoch % self.sub_windows
+            self._epochs[slot] = epoch
+            self._sketches[slot] = SpaceSaving.merged(parts, self.k)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, for a worker to hand its sketches to the supervisor."""
+        return {
+            "k": self.k,
+            "sub_window_seconds": self.sub_window_seconds,
+            "sub_windows": self.sub_windows,
+            "slots": [
+                {"epoch": e, "sketch": s.to_dict()}
+                for e, s in zip(self._epochs, self._sketches, strict=True)
+                if e is not None and s is not None
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WindowedSpaceSaving:
+        """The windowed sketch ``to_dict`` described; ValueError when malformed."""
+        width = data.get("sub_window_seconds")
+        if isinstance(width, bool) or not isinstance(width, int | float):
+            raise ValueError(f"sub_window_seconds must be a number, got {width!r}")
+        out = cls(
+            _int(data.get("k"), "k", minimum=1),
+            width,
+            _int(data.get("sub_windows"), "sub_windows", minimum=1),
+        )
+        slots = data.get("slots")
+        if not isinstance(slots, list):
+            raise ValueError("slots must be a list")
+        for entry in slots:
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"a slot must be an object, got {entry!r}")
+            epoch = _int(entry.get("epoch"), "epoch", minimum=None)
+            sketch_data = entry.get("sketch")
+            if not isinstance(sketch_data, Mapping):
+                raise ValueError("a slot's sketch must be an object")
+            sketch = SpaceSaving.from_dict(sketch_data)
+            if sketch.k != out.k:
+                raise ValueError(f"a slot's k={sketch.k} differs from k={out.k}")
+            slot = epoch % out.sub_windows
+            if out._epochs[slot] is not None:
+                raise ValueError(f"two slots fall on ring position {slot}")
+            out._epochs[slot] = epoch
+            out._sketches[slot] = sketch
+        return out
+
+
+class TopClients:
+    """One windowed sketch overall and one per route, at most ``max_routes`` routes.
+
+    Route labels come from the config, so the bound is a guard, not a policy:
+    a record for a new route past it counts overall only (and in
+    ``routes_overflow``), unless a route with an empty window can make room.
+    Memory: at most (max_routes + 1) * sub_windows * k counters.
+    """
+
+    __slots__ = (
+        "_routes",
+        "k",
+        "max_routes",
+        "overall",
+        "routes_overflow",
+        "sub_window_seconds",
+        "sub_windows",
+    )
+
+    def __init__(
+        self,
+        k: int = 64,
+        max_routes: int = 256,
+        sub_window_seconds: float = 60.0,
+        sub_windows: int = 5,
+    ) -> None:
+        if max_routes < 0:
+            raise ValueError(f"max_routes must be >= 0, got {max_routes}")
+        self.k = k
+        self.max_routes = max_routes
+        self.sub_window_seconds = sub_window_seconds
+        self.sub_windows = sub_windows
+        self.overall = WindowedSpaceSaving(k, sub_window_seconds, sub_windows)
+        self._routes: dict[str, WindowedSpaceSaving] = {}
+        # Counts left out of the per-route sketches for want of room, ever.
+        self.routes_overflow = 0
+
+    @property
+    def routes(self) -> list[str]:
+        """The route labels with a sketch, sorted."""
+        return sorted(self._routes)
+
+    def _route(self, route: str, now: float) -> WindowedSpaceSaving | None:
+        sketch = self._routes.get(route)
+        if sketch is not None:
+            return sketch
+        if len(self._routes) >= self.max_routes:
+            # Rare (a new label past the bound), so a scan is affordable here.
+            idle = next((r for r, s in self._routes.items() if s.is_empty(now)), None)
+            if idle is None:
+                return None
+            del self._routes[idle]
+        sketch = WindowedSpaceSaving(self.k, self.sub_window_seconds, self.sub_windows)
+        self._routes[route] = sketch
+        return sketch
+
+    def record(self, client: str, now: float, route: str | None = None, count: int = 1) -> None:
+        """Count ``count`` denials of ``client`` at ``now``, overall and under ``route``."""
+        self.overall.record(client, now, count)
+        if route is None:
+            return
+        sketch = self._route(route, now)
+        if sketch is None:
+            self.routes_overflow += count
+        else:
+            sketch.record(client, now, count)
+
+    def top(self, n: int, now: float, route: str | None = None) -> list[Entry]:
+        """The top ``n`` (client, count, error) overall, or on ``route`` ([] if untracked)."""
+        if route is None:
+            return self.overall.top(n, now)
+        sketch = self._routes.get(route)
+        return [] if sketch is None else sketch.top(n, now)
+
+    def entries(self) -> int:
+        """The number of counters held, over every sketch."""
+        return self.overall.entries() + sum(s.entries() for s in self._routes.values())
+
+    def merge(self, other: TopClients) -> None:
+        """Fold another process's ``TopClients`` (same shape, same clock) into this one.
+
+        Routes new to this side are taken while there is room; the counts of
+        the rest go to ``routes_overflow`` (their share of overall is kept).
+        """
+        self.overall.merge(other.overall)
+        self.routes_overflow += other.routes_overflow
+        for route in sorted(other._routes):
+            theirs = other._routes[route]
+            mine = self._routes.get(route)
+            if mine is not None:
+                mine.merge(theirs)
+            elif len(self._routes) < self.max_routes:
+                copy = WindowedSpaceSaving(self.k, self.sub_window_seconds, self.sub_windows)
+                copy.merge(theirs)
+                self._routes[route] = copy
+            else:
+                self.routes_overflow += sum(s.total for s in theirs._sketches if s is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, for a worker to hand its sketches to the supervisor."""
+        return {
+            "k": self.k,
+            "max_routes": self.max_routes,
+            "sub_window_seconds": self.sub_window_seconds,
+            "sub_windows": self.sub_windows,
+            "routes_overflow": self.routes_overflow,
+            "overall": self.overall.to_dict(),
+            "routes": {r: s.to_dict() for r, s in self._routes.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TopClients:
+        """The ``TopClients`` that ``to_dict`` described; ValueError when malformed."""
+        overall_data = data.get("overall")
+        routes = data.get("routes")
+        if not isinstance(overall_data, Mapping) or not isinstance(routes, Mapping):
+            raise ValueError("overall and routes must be objects")
+        overall = WindowedSpaceSaving.from_dict(overall_data)
+        out = cls(
+            overall.k,
+            _int(data.get("max_routes"), "max_routes"),
+            overall.sub_window_seconds,
+            overall.sub_windows,
+        )
+        out.overall = overall
+        out.routes_overflow = _int(data.get("routes_overflow"), "routes_overflow")
+        if len(routes) > out.max_routes:
+            raise ValueError(f"{len(routes)} routes exceed max_routes={out.max_routes}")
+        for route, sketch_data in routes.items():
+            if not isinstance(route, str) or not isinstance(sketch_data, Mapping):
+                raise ValueError(f"route {route!r} must map a label to an object")
+            sketch = WindowedSpaceSaving.from_dict(sketch_data)
+            overall._check_compatible(sketch)
+            out._routes[route] = sketch
+        return out
+
+
+def _int(value: object, what: str, minimum: int | None = 0) -> int:
+    """``value`` as an int of at least ``minimum``; bool is not an int here."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {value}")
+    return value
