@@ -7,7 +7,9 @@ shell parsed (a ``RequestHead``) and says what to do; the shell does the I/O
 and hands the result back for the close:
 
     open(head) -> Call              ① identify, request id; ② route
-    enter(call) -> Answer | None    the client's in-flight slot (max_concurrent)
+    enter(call) -> Answer | None    ``check`` (a bad Host, header names with
+                                    "_": 400), then the client's in-flight
+                                    slot (max_concurrent)
     decide_now(call) -> Verdict     ③ decided and counted once; None when the
     settle(call, decision)             store needs I/O: the shell awaits
                                        ``limiter.decide`` and calls ``settle``
@@ -37,7 +39,7 @@ from yarl import URL
 
 from gateway.access_log import AccessLog
 from gateway.clients import EXEMPT, ClientIdentifier
-from gateway.config.model import GatewayConfig
+from gateway.config.model import GatewayConfig, Underscores
 from gateway.errors import UpstreamError
 from gateway.headers import (
     OUR_RESPONSE_FIELDS,
@@ -46,6 +48,7 @@ from gateway.headers import (
     forwarded_for,
     rate_limit_fields,
     upstream_request_headers,
+    valid_host,
 )
 from gateway.limiting.limiter import (
     ALLOWED,
@@ -293,6 +296,9 @@ class RequestCore:
         # Delayed requests waiting now, per route (bounded by queue.max_queued).
         self._queued: dict[str, int] = {}
         self._request_ids = itertools.count()
+        # The last Host value found valid: nearly every request repeats it,
+        # so the plain path compares one string instead of running the regex.
+        self._valid_host: str | None = None
 
     @overload
     def open(self, head: RequestHead) -> Call: ...
@@ -321,11 +327,41 @@ class RequestCore:
         )
         return cls(head, snapshot, route, identity, request_id)
 
+    def check(self, call: Call) -> Answer | None:
+        """The 400 for a head no decision is made for: a Host that is not
+        ``reg-name / IPv4 / [IPv6]`` with an optional port (RFC 9112 section
+        3.2; counted ``bad_host``), or, under ``server.underscores_in_headers:
+        reject``, a header name with ``_``. Under ``drop`` (the default) such
+        a request goes on, its request counted once as ``underscore_header``;
+        ``settle`` leaves those fields out of what is sent upstream. A
+        missing or repeated Host is the parsers' 400 already."""
+        headers = call.head.headers
+        host = headers.get("Host")
+        if host is not None and host != self._valid_host:
+            if not valid_host(host):
+                self.metrics.count_rejected("bad_host")
+                return error_answer(400, "bad_request", "invalid Host header")
+            self._valid_host = host
+        underscores = call.snapshot.config.server.underscores_in_headers
+        if underscores is not Underscores.ALLOW:
+            for name in headers:
+                if "_" in name:
+                    self.metrics.count_rejected("underscore_header")
+                    if underscores is Underscores.REJECT:
+                        return error_answer(
+                            400, "bad_request", "header names with underscores are refused"
+                        )
+                    break
+        return None
+
     def enter(self, call: Call) -> Answer | None:
-        """Take the client's in-flight slot; the 429 to send when it is at
-        ``clients.max_concurrent``. The slot is taken before the limiter is
-        asked, so a burst cannot slip past the cap while a (redis) decision
-        is pending; a request refused for concurrency costs no token."""
+        """``check`` the head, then take the client's in-flight slot; the 429
+        to send when it is at ``clients.max_concurrent``. Both come before the
+        limiter is asked, so a refused request costs no token, and a burst
+        cannot slip past the cap while a (redis) decision is pending."""
+        refused = self.check(call)
+        if refused is not None:
+            return refused
         max_concurrent = call.snapshot.config.clients.max_concurrent
         if max_concurrent and call.listed is None:  # allow/deny lists: no limit applies
             client = call.client
@@ -412,6 +448,7 @@ class RequestCore:
             request_id=call.request_id,
             peer_is_trusted=call.snapshot.identifier.is_trusted_peer(peer),
             preserve_host=config.upstream.preserve_host,
+            drop_underscores=config.server.underscores_in_headers is Underscores.DROP,
         )
         fields = (
             rate_limit_fields(decision)

@@ -8,6 +8,7 @@ connection, not the message, so they are never forwarded either way.
 from __future__ import annotations
 
 import math
+import re
 from typing import Final
 
 from multidict import CIMultiDict, MultiMapping
@@ -24,6 +25,7 @@ __all__ = [
     "rate_limit_fields",
     "rate_limit_headers",
     "upstream_request_headers",
+    "valid_host",
 ]
 
 HOP_BY_HOP: Final = frozenset(
@@ -47,6 +49,23 @@ _SET_BY_GATEWAY: Final = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "via",
      "expect"}
 )  # fmt: skip
+
+
+# RFC 9112 section 3.2 / RFC 3986 section 3.2.2: Host = uri-host [ ":" port ],
+# uri-host = reg-name (IPv4address is one) / IP-literal. Not empty: nginx and
+# Envoy refuse an empty Host, and this gateway has no other authority to use.
+_HOST: Final = re.compile(
+    r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+"  # reg-name, IPv4address
+    r"|\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\])"  # IP-literal
+    r"(?::[0-9]*)?"  # port
+)
+
+
+def valid_host(value: str) -> bool:
+    """Whether ``value`` is a Host field value this gateway accepts:
+    ``reg-name / IPv4 / [IPv6]`` with an optional ``:port`` (a space, a
+    ``/``, a ``@`` or an empty value is not)."""
+    return _HOST.fullmatch(value) is not None
 
 
 def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
@@ -73,18 +92,24 @@ def upstream_request_headers(
     request_id: str,
     peer_is_trusted: bool,
     preserve_host: bool,
+    drop_underscores: bool = False,
 ) -> CIMultiDict[str]:
     """The headers sent upstream.
 
     X-Forwarded-For/-Proto/-Host from a trusted proxy are extended or kept;
     from anyone else they are replaced, so the backend never sees a client's
-    forged chain as if we had vouched for it.
+    forged chain as if we had vouched for it. ``drop_underscores``: fields
+    whose names hold ``_`` are not sent (nginx's ``underscores_in_headers
+    off``): an upstream that reads ``_`` as ``-`` (CGI, WSGI) would otherwise
+    see an ``X_API_Key`` or a ``Transfer_Encoding`` the gateway never read as one.
     """
     named = _connection_tokens(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in _SET_BY_GATEWAY or lower in named:
+            continue
+        if drop_underscores and "_" in lower:
             continue
         if lower == "host" and not preserve_host:
             continue

@@ -30,7 +30,7 @@ DECISIONS: Final = (
 )  # fmt: skip
 REJECT_REASONS: Final = (
     "header_timeout", "body_timeout", "headers_too_large", "bad_request",
-    "body_too_large", "concurrency", "bad_target",
+    "body_too_large", "concurrency", "bad_target", "bad_host", "underscore_header",
 )  # fmt: skip
 UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset")
 # The gateway's own overhead is sub-millisecond; upstream time reaches seconds.

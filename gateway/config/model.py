@@ -64,6 +64,7 @@ __all__ = [
     "ServerConfig",
     "Setting",
     "StorageConfig",
+    "Underscores",
     "Unlimited",
     "UpstreamConfig",
     "by_hand",
@@ -169,6 +170,14 @@ def restart_keys(cls: type | None = None) -> tuple[str, ...]:
 class Mode(enum.Enum):
     ENFORCE = "enforce"
     SHADOW = "shadow"
+
+
+class Underscores(enum.Enum):
+    """``server.underscores_in_headers``: what a header name with ``_`` gets."""
+
+    DROP = "drop"
+    REJECT = "reject"
+    ALLOW = "allow"
 
 
 DEFAULT_PER: Final = ("client",)
@@ -330,6 +339,11 @@ class ServerConfig:
     body_timeout_seconds: float = setting(60.0, key="body_timeout", parse=positive_duration)
     keepalive_timeout_seconds: float = setting(
         75.0, key="keepalive_timeout", parse=positive_duration
+    )
+    # Header names holding "_": dropped from what is sent upstream (nginx's
+    # default), refused with 400, or forwarded as they are.
+    underscores_in_headers: Underscores = setting(
+        Underscores.DROP, parse=enum_choice(Underscores)
     )
 
 

@@ -935,6 +935,7 @@ def test_a_key_added_to_the_model_is_read_without_touching_the_loader() -> None:
         "f.yaml:4:3: server.max_uri: unknown key; did you mean 'max_uri_size'? "
         "expected one of: max_line_size, "
         "max_field_size, max_headers, header_timeout, body_timeout, keepalive_timeout, "
+        "underscores_in_headers, "
         "max_uri_size",
     ]
 
