@@ -343,15 +343,14 @@ class RequestCore:
                 return error_answer(400, "bad_request", "invalid Host header")
             self._valid_host = host
         underscores = call.snapshot.config.server.underscores_in_headers
-        if underscores is not Underscores.ALLOW:
-            for name in headers:
-                if "_" in name:
-                    self.metrics.count_rejected("underscore_header")
-                    if underscores is Underscores.REJECT:
-                        return error_answer(
-                            400, "bad_request", "header names with underscores are refused"
-                        )
-                    break
+        # One join in C rather than a Python loop over the names: this runs
+        # on every request.
+        if underscores is not Underscores.ALLOW and "_" in "".join(headers):
+            self.metrics.count_rejected("underscore_header")
+            if underscores is Underscores.REJECT:
+                return error_answer(
+                    400, "bad_request", "header names with underscores are refused"
+                )
         return None
 
     def enter(self, call: Call) -> Answer | None:
