@@ -48,6 +48,14 @@ _LONE_CR: Final = re.compile(rb"\r[^\n]")
 # Bytes read ahead (pipelined requests) while a request is served, before
 # the socket stops being read.
 PIPELINE_BUFFER_BYTES: Final = 64 * 1024
+_BARE_LINE_BODY: Final = (
+    b'{"error": "bad_request", "detail": "a request line needs an HTTP version"}'
+)
+_BARE_LINE_ANSWER: Final = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+    % (len(_BARE_LINE_BODY), _BARE_LINE_BODY)
+)
 
 
 class Acceptor(Protocol):
@@ -106,6 +114,7 @@ class FrontConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._buffer: bytes | bytearray = b""
         self._scanned = 0  # bytes of an incomplete head already searched
+        self._line_checked = False  # its request line looked at (_bare_request_line)
         self._busy = False
         self._lost = False
         self._closing = False
@@ -260,10 +269,13 @@ class FrontConnection(asyncio.Protocol):
                 or buffer.startswith(b"\r\n")
             ):
                 self._hand_off()
+            elif self._bare_request_line(buffer, scan_from):
+                self._refuse_bare_request_line()
             else:
                 self._scanned = max(0, len(buffer) - 3)
             return None
         self._scanned = 0
+        self._line_checked = False
         if buffer.startswith(b"\r\n"):  # empty lines before the request line
             self._hand_off()
             return None
@@ -311,6 +323,29 @@ class FrontConnection(asyncio.Protocol):
             self._http10,
             self._keep_alive,
         )
+
+    def _bare_request_line(self, buffer: bytes | bytearray, scan_from: int) -> bool:
+        """A complete request line without an HTTP version (HTTP/0.9's
+        ``GET /``): no head follows it, and llhttp waits for one. Looked at
+        once per head, when its first CRLF arrives."""
+        if self._line_checked:
+            return False
+        line_end = buffer.find(b"\r\n", scan_from)
+        if line_end < 0:
+            return False
+        self._line_checked = True
+        return b" HTTP/" not in buffer[:line_end]
+
+    def _refuse_bare_request_line(self) -> None:
+        """400 at once, as nginx answers HTTP/0.9, rather than silence until
+        header_timeout; counted as a bad request."""
+        self._on_rejected("bad_request")
+        self._closing = True
+        self._buffer = b""
+        transport = self.transport
+        assert transport is not None
+        transport.write(_BARE_LINE_ANSWER)
+        transport.close()
 
     def track(self, in_flight: InFlight) -> None:
         """What a drain that runs out of time cancels (``InFlight.cancel``)."""

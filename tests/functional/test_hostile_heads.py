@@ -153,3 +153,27 @@ async def test_underscore_field_is_not_the_api_key(
     # victim's spent bucket): the limiter never read it as X-API-Key.
     posing = build_request("GET", "/p", [("X_API_Key", "victim")])
     assert (await request_path.raw_exchange(gw, posing)).status == 200
+
+
+@pytest.mark.parametrize("served_first", [False, True], ids=["first", "after_a_request"])
+async def test_a_request_line_without_a_version_is_answered_400_at_once(
+    start_gateway: StartGateway, served_first: bool
+) -> None:
+    """HTTP/0.9's ``GET /`` has no head to wait for: 400 at once, as nginx
+    answers, not silence until header_timeout (here 30 s; the answer must
+    come within 5 s), on a fresh connection and after a served request."""
+    import asyncio
+
+    from tests.helpers import raw_connection, read_response
+
+    gw = await start_gateway(server={"header_timeout": "30s", "keepalive_timeout": "30s"})
+    async with asyncio.timeout(5), raw_connection(gw) as (reader, writer):
+        if served_first:
+            writer.write(build_request("GET", "/echo"))
+            assert (await read_response(reader)).status == 200
+        writer.write(b"GET /\r\n")
+        response = await read_response(reader)
+        assert await reader.read() == b""  # and the connection is closed
+    assert response.status == 400
+    assert response.json()["error"] == "bad_request"
+    assert rejected(gw, "bad_request") == 1
