@@ -12,10 +12,12 @@ and hands the result back for the close:
                                     slot (max_concurrent)
     decide_now(call) -> Verdict     ③ decided and counted once; None when the
     settle(call, decision)             store needs I/O: the shell awaits
-                                       ``limiter.decide`` and calls ``settle``
+                                       ``decision(call)`` and calls ``settle``
         Deny       the 429, as bytes ready to write
-        Refuse     one of our answers (413, 400, 405)
-        Forward    the target, the upstream request fields, our response fields
+        Refuse     one of our answers (403 for a denied client, 413, 400, 405)
+        Forward    the target, the upstream request fields, our response
+                   fields, and the wait of a request its queue delayed
+    waited(call)                    a delayed request's wait is over (or its client left)
     own_answer(call, answer)        ⑤ our answers carry our fields, as bytes
     failed(call)                    an upstream that failed before answering: 502/504
     close(call)                     free the slot; ⑥ metrics and the access record
