@@ -49,6 +49,7 @@ from gateway.headers import (
     field_pairs,
     forwarded_for,
     rate_limit_fields,
+    rate_limit_headers,
     upstream_request_headers,
     valid_host,
 )
@@ -489,8 +490,7 @@ class RequestCore:
         self.metrics.route(call.route.label).queue_wait.observe(waited)
 
     def _refuse(self, status: int, reason: str, detail: str) -> Refuse:
-        self.metrics.count_rejected(reason)
-        return Refuse(error_answer(status, reason, detail))
+        return Refuse(self.refusal(status, reason, detail))
 
     def refusal(self, status: int, reason: str, detail: str) -> Answer:
         """One of our answers to a client at fault (counted by ``reason``)."""
@@ -513,7 +513,7 @@ class RequestCore:
             and decision.limits is not None
             and decision.outcome is not DENIED
         ):
-            fields = fields + field_pairs(rate_limit_fields(decision))
+            fields = fields + rate_limit_headers(decision)
         fields = [*fields, ("X-Request-ID", call.request_id)]
         head = call.head
         call.status = answer.status

@@ -25,10 +25,9 @@ from typing import Final
 from aiohttp import HttpVersion11, web
 
 from gateway.connection import AiohttpDownstream, sent_response
-from gateway.core import Call, Deny, Forward, Ours, Refuse, RequestCore, RequestHead, Snapshot
+from gateway.core import Call, Deny, Forward, Ours, Refuse, RequestCore, RequestHead
 from gateway.errors import ClientBodyError, UpstreamResetError
 from gateway.front import PENDING, FrontConnection, PlainOutcome
-from gateway.limiting.routes import Route
 from gateway.relay import Downstream, relay_stream, relay_whole
 from gateway.responses import Answer
 from gateway.upstream import Upstream
@@ -113,9 +112,7 @@ class ProxyHandlers:
         the upstream's callback, else the coroutine that finishes it."""
         core = self.core
         plain = core.open(head, PlainCall)
-        plain.conn = conn
-        plain.shell = self
-        plain.core = core
+        plain.begin(self, conn)
         conn.track(plain)
         refusal = core.enter(plain)
         if refusal is not None:
@@ -125,12 +122,8 @@ class ProxyHandlers:
             return plain.decide_and_act()
         if isinstance(verdict, Forward):
             return plain.forward(verdict)
-        if isinstance(verdict, bytes):  # Deny: the 429, inlined (the flood's path)
-            try:
-                conn.write(verdict)
-            except ConnectionError:
-                plain.client_gone = True
-                plain.bytes_out = 0
+        if isinstance(verdict, bytes):  # Deny: the 429
+            _write_denial(plain, conn, verdict)
             return plain.end(True)
         return plain.answer(verdict.answer)
 
@@ -238,25 +231,17 @@ class PlainCall(Call):
     """One plain request: the core's ``Call`` with what the plain path's
     steps share, whether they run at once, in a callback or in a task
     (one object per request, not two). Also what a drain that ran out of
-    time cancels (``front.InFlight``). ``conn`` and ``shell`` are set by
-    ``ProxyHandlers.serve_plain`` right after ``RequestCore.open``."""
+    time cancels (``front.InFlight``). ``RequestCore.open`` builds it as
+    any Call; ``begin`` then adds the plain path's part."""
 
     __slots__ = ("conn", "core", "ours", "request_head", "sent", "shell", "timer",
                  "upstream_conn")  # fmt: skip
 
-    conn: FrontConnection
-    shell: ProxyHandlers
-    core: RequestCore
-
-    def __init__(
-        self,
-        head: RequestHead,
-        snapshot: Snapshot,
-        route: Route,
-        identity: tuple[str, str, str | None],
-        request_id: str,
-    ) -> None:
-        Call.__init__(self, head, snapshot, route, identity, request_id)
+    def begin(self, shell: ProxyHandlers, conn: FrontConnection) -> None:
+        """The plain path's part, set right after ``RequestCore.open``."""
+        self.shell = shell
+        self.core = shell.core
+        self.conn = conn
         self.ours: Ours | None = None
         self.request_head = b""
         self.sent = 0.0
