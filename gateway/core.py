@@ -60,6 +60,7 @@ from gateway.limiting.limiter import (
     DELAYED,
     DENIED,
     EXEMPT_DECISION,
+    SHADOW_DENIED,
     Decision,
     Limiter,
 )
@@ -70,6 +71,7 @@ from gateway.metrics import Metrics
 from gateway.raw_response import whole_response
 from gateway.responses import JSON_CONTENT_TYPE as _JSON
 from gateway.responses import Answer, error_answer, rate_limited, upstream_failed
+from gateway.top_clients import TopClients
 
 __all__ = [
     "CLIENT_CLOSED_STATUS",
@@ -302,6 +304,9 @@ class RequestCore:
         # The last Host value found valid: nearly every request repeats it,
         # so the plain path compares one string instead of running the regex.
         self._valid_host: str | None = None
+        # Who is denied most (shadow would-be denials too), for /admin/clients:
+        # fixed memory however many clients are denied.
+        self.top_denied = TopClients()
 
     @overload
     def open(self, head: RequestHead) -> Call: ...
@@ -371,6 +376,7 @@ class RequestCore:
             if current >= max_concurrent:
                 call.decision = _CONCURRENCY_DENIED
                 self.metrics.route(call.route.label).decisions[DENIED].inc()
+                self.top_denied.record(client, time.monotonic(), call.route.label)
                 self.metrics.count_rejected("concurrency")
                 answer = error_answer(
                     429,
@@ -419,6 +425,8 @@ class RequestCore:
         self.metrics.route(call.route.label).decisions[decision.outcome].inc()
         head = call.head
         outcome = decision.outcome
+        if outcome is DENIED or outcome is SHADOW_DENIED:
+            self.top_denied.record(call.client, time.monotonic(), call.route.label)
         if outcome is DENIED:
             data, body_length = rate_limited(
                 decision, call.request_id, keep_alive=head.keep_alive, http10=head.http10,
