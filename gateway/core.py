@@ -339,7 +339,8 @@ class RequestCore:
         """The 400 for a head no decision is made for: a Host that is not
         ``reg-name / IPv4 / [IPv6]`` with an optional port (RFC 9112 section
         3.2; counted ``bad_host``), or, under ``server.underscores_in_headers:
-        reject``, a header name with ``_``. Under ``drop`` (the default) such
+        reject``, a header name with ``_``; 501 for a transfer coding other
+        than chunked (counted ``transfer_coding``). Under ``drop`` (the default) such
         a request goes on, its request counted once as ``underscore_header``;
         ``settle`` leaves those fields out of what is sent upstream. A
         missing or repeated Host is the parsers' 400 already."""
@@ -350,6 +351,15 @@ class RequestCore:
                 self.metrics.count_rejected("bad_host")
                 return error_answer(400, "bad_request", "invalid Host header")
             self._valid_host = host
+        if "Transfer-Encoding" in headers:
+            for value in headers.getall("Transfer-Encoding"):
+                if any(c.strip(" \t").lower() != "chunked" for c in value.split(",")):
+                    # A coding may be removed only by decoding it (RFC 9112
+                    # section 6.1); we decode none but chunked.
+                    self.metrics.count_rejected("transfer_coding")
+                    return error_answer(
+                        501, "not_implemented", "transfer codings other than chunked"
+                    )
         underscores = call.snapshot.config.server.underscores_in_headers
         # One join in C rather than a Python loop over the names: this runs
         # on every request.

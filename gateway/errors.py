@@ -10,7 +10,9 @@ GatewayError
 └── UpstreamError        the fronted backend failed; mapped to 502/504 by responses.py
     ├── UpstreamConnectError   refused / unreachable            -> 502, kind="connect"
     ├── UpstreamTimeoutError   silent past read_timeout         -> 504, kind="timeout"
-    └── UpstreamResetError     closed mid-response              -> 502, kind="reset"
+    ├── UpstreamResetError     closed mid-response              -> 502, kind="reset"
+    ├── UpstreamInvalidError   a head we must not relay         -> 502, kind="invalid"
+    └── UpstreamBusyError      no pooled connection in time     -> 503, kind="busy"
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ __all__ = [
     "GatewayError",
     "MalformedBodyError",
     "StorageError",
+    "UpstreamBusyError",
     "UpstreamConnectError",
     "UpstreamError",
+    "UpstreamInvalidError",
     "UpstreamResetError",
     "UpstreamTimeoutError",
 ]
@@ -122,3 +126,20 @@ class UpstreamResetError(UpstreamError):
 
     kind: ClassVar[str] = "reset"
     status: ClassVar[int] = 502
+
+
+class UpstreamInvalidError(UpstreamError):
+    """The upstream's response head cannot be relayed as it is: past
+    ``upstream.max_header_size``, a field that is not HTTP, or a transfer
+    coding we would have to drop without decoding (RFC 9112 section 6.1)."""
+
+    kind: ClassVar[str] = "invalid"
+    status: ClassVar[int] = 502
+
+
+class UpstreamBusyError(UpstreamError):
+    """Every pooled connection stayed busy for ``upstream.pool_timeout``
+    (HAProxy's ``timeout queue``)."""
+
+    kind: ClassVar[str] = "busy"
+    status: ClassVar[int] = 503

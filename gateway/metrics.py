@@ -31,8 +31,9 @@ DECISIONS: Final = (
 REJECT_REASONS: Final = (
     "header_timeout", "body_timeout", "headers_too_large", "bad_request",
     "body_too_large", "concurrency", "bad_target", "bad_host", "underscore_header",
+    "transfer_coding", "send_timeout", "chunk_extension",
 )  # fmt: skip
-UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset")
+UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset", "invalid", "busy")
 # The gateway's own overhead is sub-millisecond; upstream time reaches seconds.
 LATENCY_BUCKETS_SECONDS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,

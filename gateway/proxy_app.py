@@ -37,7 +37,7 @@ from gateway.websocket import is_websocket_upgrade, proxy_websocket
 __all__ = ["PlainCall", "ProxyHandlers"]
 
 # Answers to a request body we refused: the rest of it is not worth reading.
-_CLOSE_AFTER_STATUSES: Final = frozenset({400, 408, 413})
+_CLOSE_AFTER_STATUSES: Final = frozenset({400, 408, 413, 501})
 
 
 def _write_answer(core: RequestCore, call: Call, down: Downstream, answer: Answer) -> bool:

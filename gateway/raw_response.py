@@ -11,6 +11,7 @@ transport in one write, on either path (relay.Downstream).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from email.utils import formatdate
@@ -24,6 +25,7 @@ __all__ = [
     "date_header",
     "field_lines",
     "response_head",
+    "unrelayable_head",
     "whole_response",
 ]
 
@@ -146,3 +148,35 @@ def field_lines(fields: Iterable[tuple[str, str]]) -> bytes:
     return "".join(f"{name}: {value}\r\n" for name, value in fields).encode(
         "utf-8", "surrogateescape"
     )
+
+
+_TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_NAMES: Final = re.compile(_TOKEN + rb"(?:\n" + _TOKEN + rb")*")
+# Field values: visible bytes, SP and HTAB (RFC 9110 section 5.5); obs-text
+# (0x80-0xFF) is let through, as every proxy does.
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def unrelayable_head(fields: Sequence[tuple[bytes, bytes]], max_size: int) -> str | None:
+    """Why an upstream's response fields cannot be relayed, or None. One
+    check for both paths' parsers (llhttp lenient as aiohttp's client makes
+    it: obs-fold is joined with SP and a lone LF ends a line, RFC 9112
+    sections 5.2 and 2.2), run once per response: the head past
+    ``max_size`` bytes, a name that is not a token, a control byte in a
+    value, or a transfer coding other than chunked (removing one is
+    allowed only by decoding it, RFC 9112 section 6.1)."""
+    names = b"\n".join([name for name, _ in fields])
+    values = b"\t".join([value for _, value in fields])
+    if len(names) + len(values) + 3 * len(fields) > max_size:
+        return f"upstream sent a response head over {max_size} bytes"
+    if fields and _NAMES.fullmatch(names) is None:
+        return "upstream sent a field name that is not a token"
+    if _CONTROL.search(values) is not None:
+        return "upstream sent a control character in a field value"
+    if b"transfer-encoding" in names.lower():
+        for name, value in fields:
+            if name.lower() == b"transfer-encoding":
+                for coding in value.split(b","):
+                    if coding.strip(b" \t").lower() != b"chunked":
+                        return "upstream sent a transfer coding other than chunked"
+    return None

@@ -74,6 +74,8 @@ _UPSTREAM_MESSAGES = {
     "connect": "upstream_unreachable",
     "timeout": "upstream_timeout",
     "reset": "upstream_reset",
+    "invalid": "upstream_invalid",
+    "busy": "upstream_busy",
 }
 
 

@@ -27,10 +27,13 @@ from gateway.errors import (
     BodyTimeoutError,
     BodyTooLargeError,
     ClientBodyError,
+    UpstreamBusyError,
     UpstreamConnectError,
+    UpstreamInvalidError,
     UpstreamResetError,
     UpstreamTimeoutError,
 )
+from gateway.raw_response import unrelayable_head
 from gateway.relay import Downstream, forward_plain, relay_stream
 from gateway.upstream_pool import PLAIN_METHODS, UpstreamConnection, UpstreamPool
 
@@ -68,7 +71,12 @@ class Upstream:
             max_connections=self.config.max_connections,
             connect_timeout=self.config.connect_timeout_seconds,
             read_timeout=self.config.read_timeout_seconds,
+            pool_timeout=self.config.pool_timeout_seconds,
+            max_header_size=self.config.max_header_size,
         )
+        # aiohttp's own per-line and per-count limits set no tighter than the
+        # whole head's, so unrelayable_head is the one bound on both paths.
+        max_head = self.config.max_header_size
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -82,6 +90,9 @@ class Upstream:
             ),
             # Our headers are already filtered; don't let aiohttp re-check them.
             requote_redirect_url=False,
+            max_line_size=max_head,
+            max_field_size=max_head,
+            max_headers=max_head // 4,
         )
 
     async def close(self) -> None:
@@ -152,6 +163,33 @@ class Upstream:
             request_head = self._pool.request_head(method, forward.target, forward.headers)
             return await forward_plain(self._pool, request_head, down, forward.ours, head, call)
         started = time.perf_counter()
+        # The plain pool's slots bound this path's connections too: one
+        # max_connections, one pool_timeout.
+        pool = self.pool
+        try:
+            await pool.acquire_slot()
+        except UpstreamBusyError as exc:
+            call.error = exc
+            return True
+        try:
+            return await self._forward_session(
+                request, forward, down, call, max_body_size, started
+            )
+        finally:
+            pool.release_slot()
+
+    async def _forward_session(
+        self,
+        request: web.BaseRequest,
+        forward: Forward,
+        down: Downstream,
+        call: Call,
+        max_body_size: int,
+        started: float,
+    ) -> bool:
+        head = call.head
+        method = head.method
+        has_body = request.body_exists
         attempts = 2 if method in _RETRYABLE_METHODS and not has_body else 1
         body = _RequestBody(request, call, max_body_size, self._body_timeout)
         for attempt in range(attempts):
@@ -186,7 +224,14 @@ class Upstream:
                     f"no response from upstream within {self.config.read_timeout_seconds:g}s"
                 )
                 return True
-            except aiohttp.ClientError as exc:  # OSError, bad status line, bad headers
+            except aiohttp.ClientResponseError as exc:  # llhttp refused the head
+                if call.client_gone:
+                    return False
+                if body.error is not None:
+                    raise body.error from None
+                call.error = UpstreamInvalidError(f"invalid HTTP from upstream: {exc.message}")
+                return True
+            except aiohttp.ClientError as exc:  # OSError
                 if call.client_gone:
                     return False
                 if body.error is not None:
@@ -195,10 +240,16 @@ class Upstream:
                 return True
         call.upstream_seconds = time.perf_counter() - started
         async with upstream_response:
+            raw_headers = upstream_response.raw_headers
+            problem = unrelayable_head(raw_headers, self.config.max_header_size)
+            if problem is not None:
+                call.error = UpstreamInvalidError(problem)
+                upstream_response.close()  # not reusable: its body is not read
+                return True
             return await relay_stream(
                 upstream_response.status,
                 (upstream_response.reason or "").encode("latin-1"),
-                upstream_response.raw_headers,
+                raw_headers,
                 _body_reader(upstream_response),
                 down,
                 forward.ours,

@@ -29,11 +29,14 @@ import httptools
 from multidict import CIMultiDict
 
 from gateway.errors import (
+    UpstreamBusyError,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamInvalidError,
     UpstreamResetError,
     UpstreamTimeoutError,
 )
+from gateway.raw_response import unrelayable_head
 
 __all__ = ["PLAIN_METHODS", "UpstreamConnection", "UpstreamPool"]
 
@@ -51,6 +54,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
+        # As lenient as aiohttp's client parser, so both paths take the same
+        # heads; what leniency lets through, unrelayable_head refuses.
+        self._parser.set_dangerous_leniencies(
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
+        # Bytes received while the head was incomplete: bounds a head that
+        # never ends before llhttp has called back a field.
+        self._head_received = 0
         self.closed = False
         self.idle_since = 0.0
         self.used = False
@@ -96,7 +109,14 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamResetError(f"invalid HTTP from upstream: {exc}"))
+            self._fail(UpstreamInvalidError(f"invalid HTTP from upstream: {exc}"))
+        if not self.status and self.error is None:
+            self._head_received += len(data)
+            max_size = self._pool.max_header_size
+            if self._head_received > max_size:
+                self._fail(
+                    UpstreamInvalidError(f"upstream sent a response head over {max_size} bytes")
+                )
         if self._on_head is not None and self.status:
             self._head_arrived()
 
@@ -130,6 +150,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = True
             self.raw_headers = []
             self.raw_reason = b""
+            return
+        problem = unrelayable_head(self.raw_headers, self._pool.max_header_size)
+        if problem is not None:
+            self._fail(UpstreamInvalidError(problem))
             return
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
@@ -205,6 +229,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.got_bytes = False
         self.error = None
+        self._head_received = 0
         self._reading = True
         self._last_data = self._loop.time()
         if self._read_timer is None:
@@ -289,6 +314,8 @@ class UpstreamPool:
         max_connections: int,
         connect_timeout: float,
         read_timeout: float,
+        pool_timeout: float = 5.0,
+        max_header_size: int = 32 * 1024,
     ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
@@ -297,6 +324,8 @@ class UpstreamPool:
         self.path_prefix = parts.path.rstrip("/")
         self._default_host = parts.netloc
         self.read_timeout = read_timeout
+        self.max_header_size = max_header_size
+        self._pool_timeout = pool_timeout
         self._connect_timeout = connect_timeout
         self._idle: list[UpstreamConnection] = []
         # Connection slots: a counter and a FIFO of waiters rather than an
@@ -311,22 +340,33 @@ class UpstreamPool:
         """Connections held for requests now."""
         return self._max_connections - self._free_slots
 
-    async def _acquire_slot(self) -> None:
+    async def acquire_slot(self) -> None:
+        """Hold one of the ``max_connections`` slots (FIFO); UpstreamBusyError
+        when none frees up within ``pool_timeout``. Give it back with
+        ``release_slot``."""
         if self._free_slots > 0 and not self._slot_waiters:
             self._free_slots -= 1
             return
         waiter: asyncio.Future[None] = self.loop.create_future()
         self._slot_waiters.append(waiter)
         try:
-            await waiter
-        except asyncio.CancelledError:
+            async with asyncio.timeout(self._pool_timeout):
+                await waiter
+        except (asyncio.CancelledError, TimeoutError) as exc:
             if waiter.done() and not waiter.cancelled():
-                self._release_slot()  # handed a slot just as we were cancelled
+                self.release_slot()  # handed a slot just as we gave up
             else:
                 self._slot_waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise UpstreamBusyError(
+                    f"all {self._max_connections} upstream connections stayed busy"
+                    f" for {self._pool_timeout:g}s"
+                ) from None
             raise
 
-    def _release_slot(self) -> None:
+    def release_slot(self) -> None:
+        """Give back a slot taken by ``acquire_slot`` (or handed over with a
+        connection)."""
         while self._slot_waiters:
             waiter = self._slot_waiters.popleft()
             if not waiter.done():
@@ -389,7 +429,7 @@ class UpstreamPool:
         """Send ``head`` and wait for the response head. The caller holds a
         slot until ``release``. Raises UpstreamError when no response head
         arrived."""
-        await self._acquire_slot()
+        await self.acquire_slot()
         conn: UpstreamConnection | None = None
         try:
             conn = self._reuse()
@@ -408,7 +448,7 @@ class UpstreamPool:
         except BaseException:
             if conn is not None:
                 conn.close()
-            self._release_slot()
+            self.release_slot()
             raise
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -420,7 +460,7 @@ class UpstreamPool:
             self._idle.append(conn)
         else:
             conn.close()
-        self._release_slot()
+        self.release_slot()
 
     def close(self) -> None:
         for conn in self._idle:

@@ -230,6 +230,12 @@ class UpstreamConfig:
     )
     read_timeout_seconds: float = setting(30.0, key="read_timeout", parse=positive_duration)
     max_connections: int = setting(256, parse=positive_int)
+    # All max_connections busy: how long a request waits for one before 503
+    # (HAProxy's ``timeout queue``).
+    pool_timeout_seconds: float = setting(5.0, key="pool_timeout", parse=positive_duration)
+    # The upstream's response head (status line and fields), in bytes: past
+    # it, 502. Between HAProxy's 16 KiB buffer and Envoy's 60 KiB.
+    max_header_size: int = setting(32 * 1024, parse=positive_int)
     # nginx's default is Host: $proxy_host; we forward the client's Host as
     # Envoy and Traefik do, which is what most backends behind a gateway expect.
     preserve_host: bool = setting(True, parse=boolean)
@@ -340,6 +346,12 @@ class ServerConfig:
     keepalive_timeout_seconds: float = setting(
         75.0, key="keepalive_timeout", parse=positive_duration
     )
+    # A client that takes no bytes of a response for this long is cut
+    # (nginx's ``send_timeout``), freeing the upstream connection it held.
+    send_timeout_seconds: float = setting(60.0, key="send_timeout", parse=positive_duration)
+    # Open client connections, at most (0: half the descriptor limit, as
+    # Envoy's edge guide advises); at the cap, new ones wait in the backlog.
+    max_connections: int = setting(0, parse=non_negative_int)
     # Header names holding "_": dropped from what is sent upstream (nginx's
     # default), refused with 400, or forwarded as they are.
     underscores_in_headers: Underscores = setting(

@@ -128,7 +128,7 @@ async def test_invalid_http_from_upstream_is_502(
     gw = await start_gateway(upstream_url=await raw_upstream(handler))
     async with http.get(gw.url + "/x") as response:
         assert response.status == 502
-        assert (await response.json())["error"] == "upstream_reset"
+        assert (await response.json())["error"] == "upstream_invalid"
     assert (
-        gw.metric("gateway_upstream_errors_total", {"route": "default", "kind": "reset"}) == 1
+        gw.metric("gateway_upstream_errors_total", {"route": "default", "kind": "invalid"}) == 1
     )
