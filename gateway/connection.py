@@ -48,6 +48,7 @@ class GuardedRequestHandler(RequestHandler):
     # Set by GuardedServer on each handler it makes: when (loop time) the
     # first request's head must be complete.
     header_deadline_at: float = 0.0
+    send_timeout: float = 60.0  # server.send_timeout, set by GuardedServer
     on_rejected: Callable[[str], None] = staticmethod(lambda reason: None)
     _header_deadline: asyncio.TimerHandle | None = None
 
@@ -146,6 +147,7 @@ class GuardedServer(web.Server):
         ``header_deadline_at`` (loop time)."""
         handler = GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.header_deadline_at = header_deadline_at
+        handler.send_timeout = self._limits.send_timeout_seconds
         handler.on_rejected = self._on_rejected
         return handler
 
@@ -185,7 +187,21 @@ class AiohttpDownstream:
         transport.write(data)
 
     async def drain(self) -> None:
-        await self._request.writer.drain()
+        """Wait while the client reads slower than we write; cut it when it
+        takes nothing for ``server.send_timeout``."""
+        request = self._request
+        protocol = request.protocol
+        if not protocol.writing_paused:
+            return
+        timeout = protocol.send_timeout if isinstance(protocol, GuardedRequestHandler) else 60.0
+        try:
+            async with asyncio.timeout(timeout):
+                await request.writer.drain()
+        except TimeoutError:
+            if isinstance(protocol, GuardedRequestHandler):
+                protocol.on_rejected("send_timeout")
+            self.abort()
+            raise ConnectionResetError(f"the client took no bytes for {timeout:g}s") from None
 
     def abort(self) -> None:
         transport = self._request.transport

@@ -462,15 +462,32 @@ class FrontConnection(asyncio.Protocol):
         transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the client reads slower than we write."""
+        """Wait while the client reads slower than we write; cut it when it
+        takes nothing for ``server.send_timeout``."""
         while self._write_paused:
             if self.transport is None or self.transport.is_closing():
                 raise ConnectionResetError("the client closed the connection")
-            self._drain_waiter = self._loop.create_future()
+            waiter = self._drain_waiter = self._loop.create_future()
+            # A timer only while paused: a client that keeps up costs none.
+            timer = self._loop.call_later(
+                self._limits.send_timeout_seconds, self._send_timed_out, waiter
+            )
             try:
-                await self._drain_waiter
+                await waiter
             finally:
+                timer.cancel()
                 self._drain_waiter = None
+
+    def _send_timed_out(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():
+            return
+        self._on_rejected("send_timeout")
+        waiter.set_exception(
+            ConnectionResetError(
+                f"the client took no bytes for {self._limits.send_timeout_seconds:g}s"
+            )
+        )
+        self.abort()
 
     def _wake_writer(self) -> None:
         waiter = self._drain_waiter

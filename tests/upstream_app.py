@@ -130,7 +130,7 @@ def build_upstream_app() -> web.Application:
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/cookies", cookies)
     app.router.add_get("/stream", stream)
-    app.router.add_get("/download", download)
+    app.router.add_route("*", "/download", download)
     app.router.add_route("*", "/upload", upload)
     app.router.add_get("/slow", slow)
     app.router.add_get("/reset", reset)
