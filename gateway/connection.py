@@ -21,12 +21,17 @@ instead of aiohttp's traceback per bad client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
+import os
+import resource
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
@@ -36,7 +41,15 @@ from gateway.config.model import ServerConfig
 from gateway.errors import MalformedBodyError
 from gateway.front import FrontConnection, PlainHandler
 
-__all__ = ["AiohttpDownstream", "GuardedServer", "bound_port", "sent_response"]
+__all__ = [
+    "AiohttpDownstream",
+    "CappedSite",
+    "GuardedServer",
+    "bound_port",
+    "connection_cap",
+    "listen_socket",
+    "sent_response",
+]
 
 log = logging.getLogger("gateway.connection")
 
@@ -82,7 +95,10 @@ class GuardedRequestHandler(RequestHandler):
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
+        manager = self._manager
         super().connection_lost(exc)
+        if isinstance(manager, GuardedServer):
+            manager.connection_closed()
 
     def _header_timeout_passed(self) -> None:
         self._header_deadline = None
@@ -136,6 +152,30 @@ class GuardedServer(web.Server):
         self._handle_plain = handle_plain
         self._limits = limits
         self._on_rejected = on_rejected
+        # Client connections open now (accepted by CappedSite, until closed
+        # on either side of a hand-over), and who waits for one to close.
+        self.open_connections = 0
+        self._room: asyncio.Future[None] | None = None
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+
+    def connection_closed(self) -> None:
+        """A client socket closed (told by a FrontConnection, or by the
+        handler it was handed to: each connection ends in one of them)."""
+        self.open_connections -= 1
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    async def wait_for_room(self, cap: int) -> None:
+        """Until fewer than ``cap`` connections are open."""
+        while self.open_connections >= cap:
+            self._room = self._loop.create_future()
+            try:
+                await self._room
+            finally:
+                self._room = None
 
     def __call__(self) -> RequestHandler:
         # aiohttp's sites take the server as the protocol factory.
@@ -217,5 +257,133 @@ def sent_response(status: int, body_length: int, keep_alive: bool) -> web.Stream
 
 def bound_port(site: web.BaseSite) -> int:
     """The port a site listens on (0 in the config: chosen by the kernel)."""
+    if isinstance(site, CappedSite):
+        return int(site.sock.getsockname()[1])
     sockets: list[socket.socket] = getattr(site._server, "sockets", [])
     return int(sockets[0].getsockname()[1]) if sockets else 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The proxy listener's socket (SO_REUSEADDR, a backlog of 1024:
+    connections past ``server.max_connections`` wait there)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
+def connection_cap(configured: int) -> int:
+    """Raise the soft descriptor limit to the hard one, as nginx's
+    ``worker_rlimit_nofile`` would, and return the connection cap:
+    ``configured``, or half the limit when 0 (each client connection may
+    hold an upstream one too). Warns when the limit cannot honour it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    elif hard == resource.RLIM_INFINITY and soft != hard:
+        soft = max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (ValueError, OSError):
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if not configured:
+        return max(1, soft // 2)
+    if configured > soft // 2:
+        log.warning(
+            "server.max_connections %d cannot be honoured: the open-file limit is %d, and"
+            " each client connection may need an upstream one too (keep it below %d)",
+            configured, soft, soft // 2,
+        )  # fmt: skip
+    return configured
+
+
+# Accept errors that mean "out of a resource now", not a broken listener:
+# wait and accept again, as asyncio's own accept loop does.
+_ACCEPT_RETRY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+)
+_ACCEPT_RETRY_SECONDS: Final = 0.1
+_CAP_LOG_EVERY_SECONDS: Final = 60.0
+
+
+class CappedSite(web.BaseSite):
+    """The proxy listener: an accept loop that stops accepting while
+    ``max_connections`` client connections are open (new clients wait in
+    the listen backlog, as with Envoy's connection limit) instead of
+    accepting more than it can serve. ``on_capped`` is called each time the
+    cap stops it."""
+
+    __slots__ = ("_accepting", "_cap", "_on_capped", "_owns", "_warned_at", "sock")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        *,
+        max_connections: int,
+        owns_socket: bool,
+        on_capped: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(runner)
+        self.sock = sock
+        self._cap = max_connections
+        self._owns = owns_socket
+        self._on_capped = on_capped
+        self._accepting: asyncio.Task[None] | None = None
+        self._warned_at = -_CAP_LOG_EVERY_SECONDS
+
+    @property
+    def name(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert isinstance(server, GuardedServer)
+        self.sock.setblocking(False)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(server))
+
+    async def _accept(self, server: GuardedServer) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sock
+        cap = self._cap
+        while True:
+            if server.open_connections >= cap:
+                self._on_capped()
+                now = time.monotonic()
+                if now - self._warned_at >= _CAP_LOG_EVERY_SECONDS:
+                    self._warned_at = now
+                    log.warning(
+                        "server.max_connections (%d) reached: new connections wait in the"
+                        " listen backlog until one closes",
+                        cap,
+                    )
+                await server.wait_for_room(cap)
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                    raise
+                log.warning("accept failed: %s; retrying", os.strerror(exc.errno or 0))
+                await asyncio.sleep(_ACCEPT_RETRY_SECONDS)  # until a descriptor frees up
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server.connection_opened()
+            try:
+                await loop.connect_accepted_socket(server, conn)
+            except OSError:  # gone before it was set up
+                server.connection_closed()
+                conn.close()
+
+    async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+        if self._owns:
+            self.sock.close()
+        await super().stop()

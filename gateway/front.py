@@ -69,6 +69,10 @@ class Acceptor(Protocol):
         """``conn`` no longer needs a drain to wait for it."""
         ...
 
+    def connection_closed(self) -> None:
+        """A client socket closed: one fewer open connection."""
+        ...
+
     def make_handler(self, header_deadline_at: float) -> asyncio.Protocol:
         """aiohttp's handler, to hand the connection to."""
         ...
@@ -178,6 +182,7 @@ class FrontConnection(asyncio.Protocol):
             # A request still being answered keeps us in the server's
             # connections, so a drain waits for it (``finish`` pops us).
             self._server.forget(self)
+        self._server.connection_closed()
         self._wake_writer()
 
     def pause_writing(self) -> None:

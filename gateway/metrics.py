@@ -170,6 +170,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # Not in the contract's table (additions): the listener's connection
+        # cap, server.max_connections.
+        self.open_connections = Gauge(
+            "gateway_open_connections",
+            "Client connections open on the proxy listener.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connections_capped = Counter(
+            "gateway_connections_capped_total",
+            "Times the proxy listener stopped accepting at server.max_connections.",
+            registry=r,
+        )
         self.workers_restarted = Counter(
             "gateway_workers_restarted_total",
             "Worker processes restarted after dying.",

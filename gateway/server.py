@@ -26,7 +26,13 @@ from prometheus_client import CollectorRegistry, Counter
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
 from gateway.config import BucketSpec, GatewayConfig, Mode, RouteSpec, load_config, restart_keys
-from gateway.connection import GuardedServer, bound_port
+from gateway.connection import (
+    CappedSite,
+    GuardedServer,
+    bound_port,
+    connection_cap,
+    listen_socket,
+)
 from gateway.core import RequestCore, Snapshot
 from gateway.errors import ConfigError
 from gateway.limiting.memory_store import MemoryStore
@@ -152,14 +158,20 @@ class Server:
             proxy, shutdown_timeout=config.drain_timeout_seconds, handle_signals=False
         )
         await self._proxy_runner.setup()
-        site: web.BaseSite
-        if self._listen_socket is not None:
-            site = web.SockSite(self._proxy_runner, self._listen_socket)
-        else:
-            site = web.TCPSite(
-                self._proxy_runner, config.listen_host, config.listen_port, backlog=1024
-            )
+        max_connections = connection_cap(limits.max_connections)
+        try:
+            sock = self._listen_socket or listen_socket(config.listen_host, config.listen_port)
+        except OSError as exc:
+            raise _bind_error("listen", config.listen_host, config.listen_port, exc) from None
+        site = CappedSite(
+            self._proxy_runner,
+            sock,
+            max_connections=max_connections,
+            owns_socket=self._listen_socket is None,
+            on_capped=self.metrics.connections_capped.inc,
+        )
         await _bind("listen", config.listen_host, config.listen_port, site)
+        self.metrics.track(self.metrics.open_connections, lambda: proxy.open_connections)
         self.proxy_port = bound_port(site)
         if not self._serve_admin:
             self._log_routes(config)
@@ -294,9 +306,13 @@ async def _bind(key: str, host: str, port: int, site: web.BaseSite) -> None:
     try:
         await site.start()
     except OSError as exc:
-        code = exc.errno
-        reason = str(exc) if code is None else os.strerror(code).lower()
-        raise OSError(code, f"{key} {host}:{port}: {reason}") from None
+        raise _bind_error(key, host, port, exc) from None
+
+
+def _bind_error(key: str, host: str, port: int, exc: OSError) -> OSError:
+    code = exc.errno
+    reason = str(exc) if code is None else os.strerror(code).lower()
+    return OSError(code, f"{key} {host}:{port}: {reason}")
 
 
 # -- what was loaded: one log line per route --

@@ -36,6 +36,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from gateway.admin_app import build_admin_app
 from gateway.clients import ClientIdentifier
 from gateway.config import GatewayConfig, load_config
+from gateway.connection import listen_socket
 from gateway.limiting.limiter import Limiter
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.redis_store import RedisStore
@@ -121,10 +122,7 @@ class Supervisor:
 
     async def serve(self) -> None:
         config = self.config
-        family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
-        self._socket = socket.create_server(
-            (config.listen_host, config.listen_port), family=family, backlog=1024
-        )
+        self._socket = listen_socket(config.listen_host, config.listen_port)
         self._socket.set_inheritable(True)
         # The admin listener before the workers: a taken admin port fails
         # the start with one line, before any worker exists to be orphaned.

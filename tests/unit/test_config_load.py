@@ -437,7 +437,7 @@ def test_unknown_key_in_upstream_section() -> None:
     assert _text_problems(text) == [
         "f.yaml:3:3: upstream.read_timout: unknown key; did you mean 'read_timeout'? "
         "expected one of: url, connect_timeout, read_timeout, max_connections, "
-        "preserve_host"
+        "pool_timeout, max_header_size, preserve_host"
     ]
 
 
@@ -570,7 +570,7 @@ def test_the_limit_example_is_itself_a_valid_limit() -> None:
 def test_a_section_given_as_a_scalar_names_its_keys() -> None:
     assert _text_problems("upstream: http://x\n") == [
         "f.yaml:1:11: upstream: expected a mapping of url, connect_timeout, read_timeout, "
-        "max_connections, preserve_host; got 'http://x'"
+        "max_connections, pool_timeout, max_header_size, preserve_host; got 'http://x'"
     ]
 
 
@@ -935,6 +935,7 @@ def test_a_key_added_to_the_model_is_read_without_touching_the_loader() -> None:
         "f.yaml:4:3: server.max_uri: unknown key; did you mean 'max_uri_size'? "
         "expected one of: max_line_size, "
         "max_field_size, max_headers, header_timeout, body_timeout, keepalive_timeout, "
+        "send_timeout, max_connections, "
         "underscores_in_headers, "
         "max_uri_size",
     ]

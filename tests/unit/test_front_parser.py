@@ -86,6 +86,7 @@ class FakeAcceptor:
     def __init__(self) -> None:
         self.connections: list[FrontConnection] = []
         self.forgotten: list[FrontConnection] = []
+        self.closed = 0
         self.handlers: list[RecordingProtocol] = []
 
     def connection_made(self, conn: Any, transport: asyncio.Transport) -> None:
@@ -93,6 +94,9 @@ class FakeAcceptor:
 
     def forget(self, conn: Any) -> None:
         self.forgotten.append(conn)
+
+    def connection_closed(self) -> None:
+        self.closed += 1
 
     def make_handler(self, header_deadline_at: float) -> asyncio.Protocol:
         handler = RecordingProtocol(header_deadline_at)
