@@ -300,7 +300,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.error is None
+        """The response was read to its end and handed on whole: body bytes
+        left behind (a client that left mid-relay) would be the next
+        request's, and a socket paused for them would never be read again."""
+        return (
+            self.complete
+            and self.keep_alive
+            and not self.closed
+            and self.error is None
+            and not self._chunks
+        )
 
 
 class UpstreamPool:

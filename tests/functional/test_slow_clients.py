@@ -56,6 +56,7 @@ async def starve_and_serve(
 
 
 async def assert_downloads_logged_as_cut(gw: RunningGateway) -> None:
+    assert gw.metric("gateway_inflight_requests") == 0
     await gw.server.stop()
     records = [json.loads(line) for line in gw.access_log_path.read_text().splitlines()]
     cut = [r for r in records if r["path"] == DOWNLOAD]
@@ -131,3 +132,29 @@ async def test_a_client_that_reads_slowly_but_steadily_is_not_cut(
                 received += len(chunk)
                 await asyncio.sleep(0.005)  # the slow reader itself
     assert rejected(gw, "send_timeout") == 0
+
+
+async def test_clients_leaving_downloads_leave_nothing_in_flight(
+    start_gateway: StartGateway,
+) -> None:
+    """Downloads of many sizes whose clients never read, cut by the send
+    timeout. Some end with the whole rest of the body buffered at the
+    gateway (past what the client's socket took): such an upstream
+    connection must be closed, not pooled with those bytes in it. Pooled,
+    the next request on it got the old body, or was never read again and
+    stayed in flight forever (bench/chaos.py found it)."""
+    gw = await start_gateway(server={"send_timeout": "300ms"}, upstream={"max_connections": 64})
+
+    async def never_read(size: int) -> None:
+        async with raw_connection(gw) as (_, writer):
+            writer.write(build_request("GET", f"/download?size={size}"))
+            await asyncio.sleep(1)  # past the send timeout: the client's own pace
+            writer.transport.abort()
+
+    await asyncio.gather(*(never_read(150_000 * i) for i in range(1, 60)))
+    in_flight = "gateway_inflight_requests"
+    await poll(lambda: gw.metric(in_flight) == 0, "requests stuck in flight", seconds=10)
+    for _ in range(30):  # pooled connections serve their own answers (30: within the limit)
+        response = await raw_exchange(gw, build_request("GET", "/after"))
+        assert response.status == 200
+        assert response.json()["raw_path"] == "/after"

@@ -511,6 +511,7 @@ async def test_a_complete_response_does_not_time_out(rig: Rig) -> None:
     rig.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     rig.loop.step(READ_TIMEOUT * 10)
     assert rig.conn.error is None
+    assert rig.conn.take_buffered() == b"ok"
     assert rig.conn.reusable
     assert not rig.transport.aborted
 
@@ -551,3 +552,16 @@ async def test_the_request_head_has_the_prefix_and_the_upstreams_host(rig: Rig) 
     )
     kept = rig.pool.request_head("GET", "/", CIMultiDict([("Host", "client.example")]))
     assert kept == b"GET /base/ HTTP/1.1\r\nHost: client.example\r\n\r\n"
+
+
+async def test_a_response_not_handed_on_whole_is_not_reusable(rig: Rig) -> None:
+    """A client that left mid-relay leaves body bytes behind, and past the
+    high-water mark a paused socket: reused, the next request would get the
+    old body and never be read (found by bench/chaos.py)."""
+    rig.start()
+    body = b"x" * 300_000
+    rig.feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert rig.conn.complete
+    assert not rig.conn.reusable
+    assert await _body(rig.conn) == body
+    assert rig.conn.reusable
