@@ -33,12 +33,12 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, Final, cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from gateway.config.model import ServerConfig
-from gateway.errors import MalformedBodyError
+from gateway.errors import ChunkExtensionError, MalformedBodyError
 from gateway.front import FrontConnection, PlainHandler
 
 __all__ = [
@@ -53,6 +53,10 @@ __all__ = [
 
 log = logging.getLogger("gateway.connection")
 
+# Framing bytes (chunk-size lines with their extensions, CRLFs, trailers) a
+# chunked body may send without a body byte: Node's cap on chunk extensions.
+MAX_CHUNK_EXTENSION_BYTES: Final = 16 * 1024
+
 
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's handler with a deadline on the first request's head and
@@ -64,6 +68,10 @@ class GuardedRequestHandler(RequestHandler):
     send_timeout: float = 60.0  # server.send_timeout, set by GuardedServer
     on_rejected: Callable[[str], None] = staticmethod(lambda reason: None)
     _header_deadline: asyncio.TimerHandle | None = None
+    # The chunked body being received, and its framing bytes since its last
+    # body byte.
+    _chunked_body: StreamReader | None = None
+    _framing_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -73,12 +81,46 @@ class GuardedRequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         queued = len(self._messages)
+        body = self._chunked_body
+        before = body.total_bytes if body is not None else 0
         super().data_received(data)
         if self._header_deadline is not None and self._request_count > 0:
             self._header_deadline.cancel()
             self._header_deadline = None
         if len(self._messages) > queued:
-            self._fail_body_on_parse_error(self._messages[-1][0])
+            message, payload = self._messages[-1]
+            self._fail_body_on_parse_error(message)
+            # A new head in this data: its bytes are not a body's framing.
+            chunked = getattr(message, "chunked", False) and not payload.is_eof()
+            self._chunked_body = payload if chunked else None
+            self._framing_bytes = 0
+        elif body is not None:
+            self._bound_chunk_framing(body, len(data), body.total_bytes - before)
+
+    def _bound_chunk_framing(self, body: StreamReader, received: int, body_bytes: int) -> None:
+        if body.is_eof():
+            self._chunked_body = None
+            return
+        if self._reading_paused:
+            # The body's reader is full: llhttp keeps the unparsed rest (body
+            # bytes too) to itself until it is read, so this data cannot be
+            # told apart. Nothing to bound then: more body is waiting.
+            self._framing_bytes = 0
+            return
+        # Bytes that were not body: chunk-size lines, extensions, CRLFs.
+        if body_bytes:
+            self._framing_bytes = received - body_bytes
+        else:
+            self._framing_bytes += received
+        if self._framing_bytes > MAX_CHUNK_EXTENSION_BYTES:
+            self._chunked_body = None
+            body.set_exception(
+                ChunkExtensionError(
+                    f"chunk extensions are limited to {MAX_CHUNK_EXTENSION_BYTES} bytes"
+                )
+            )
+            if self.transport is not None:
+                self.transport.pause_reading()  # nothing more of it is wanted
 
     def _fail_body_on_parse_error(self, message: object) -> None:
         """llhttp rejecting a body mid-stream (a bad chunk) makes aiohttp

@@ -5,6 +5,7 @@ GatewayError
 ├── StorageError         a bucket backend (redis) failed; wrapped at the store seam
 ├── ClientBodyError      the client's request body was at fault; answered with ``status``
 │   ├── MalformedBodyError     llhttp rejected the body mid-stream  -> 400
+│   ├── ChunkExtensionError    chunk extensions past 16 KiB         -> 400
 │   ├── BodyTooLargeError      past max_body_size                   -> 413
 │   └── BodyTimeoutError       no body bytes for body_timeout       -> 408
 └── UpstreamError        the fronted backend failed; mapped to 502/504 by responses.py
@@ -23,6 +24,7 @@ from typing import ClassVar
 __all__ = [
     "BodyTimeoutError",
     "BodyTooLargeError",
+    "ChunkExtensionError",
     "ClientBodyError",
     "ConfigError",
     "ConfigProblem",
@@ -78,6 +80,14 @@ class ClientBodyError(GatewayError):
 
 class MalformedBodyError(ClientBodyError):
     """llhttp rejected the body after forwarding had started (a bad chunk)."""
+
+
+class ChunkExtensionError(ClientBodyError):
+    """A chunked body sent more than ``MAX_CHUNK_EXTENSION_BYTES`` of
+    framing (chunk extensions) without body bytes: llhttp skips extensions
+    without a bound, so a client could keep a connection reading forever."""
+
+    reason: ClassVar[str] = "chunk_extension"
 
 
 class BodyTooLargeError(ClientBodyError):

@@ -221,7 +221,7 @@ class ProxyHandlers:
     ) -> web.StreamResponse | None:
         """A WebSocket upgrade: the response aiohttp must finish, or None
         when we answered (the upstream refused or failed: 502/504)."""
-        response = await proxy_websocket(request, self.upstream, forward, call)
+        response = await proxy_websocket(request, self.upstream, forward, call, down)
         if response is None and not call.response_started:
             _write_answer(self.core, call, down, self.core.failed(call))
         return response

@@ -12,10 +12,13 @@ forever on the second empty body in a process, aiohttp#7616).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -37,13 +40,61 @@ from gateway.raw_response import unrelayable_head
 from gateway.relay import Downstream, forward_plain, relay_stream
 from gateway.upstream_pool import PLAIN_METHODS, UpstreamConnection, UpstreamPool
 
-__all__ = ["Upstream"]
+__all__ = ["RefusedUpgrade", "Upstream"]
 
 log = logging.getLogger("gateway.upstream")
 
 # Methods safe to send twice when a pooled keep-alive connection turns out to
 # have been closed by the upstream before it read our request (aiohttp#9138).
 _RETRYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+# A refused upgrade's body is relayed up to this size (an error page);
+# past it, the client gets our 502.
+MAX_REFUSAL_BYTES: Final = 64 * 1024
+
+
+@dataclass(slots=True)
+class RefusedUpgrade:
+    """The upstream's answer to an upgrade it refused (not 101), kept for
+    the client: aiohttp's ws_connect raises and discards it."""
+
+    status: int = 0
+    reason: bytes = b""
+    raw_headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+    complete: bool = False
+
+
+# Set by the caller of ``ws_connect`` for the trace hook to fill: the hook
+# runs in the caller's task, so a context variable reaches it.
+REFUSED_UPGRADE: Final[contextvars.ContextVar[RefusedUpgrade | None]] = contextvars.ContextVar(
+    "refused_upgrade", default=None
+)
+
+
+async def _keep_refused_upgrade(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceRequestEndParams,
+) -> None:
+    refused = REFUSED_UPGRADE.get()
+    response = params.response
+    if refused is None or response.status == 101:
+        return
+    refused.status = response.status
+    refused.reason = (response.reason or "").encode("latin-1")
+    refused.raw_headers = response.raw_headers
+    try:
+        body = await response.content.read(MAX_REFUSAL_BYTES + 1)
+        if len(body) <= MAX_REFUSAL_BYTES and (not body or response.content.at_eof()):
+            refused.body, refused.complete = body, True
+        elif len(body) <= MAX_REFUSAL_BYTES:  # more may come: read to the bound
+            rest = await response.content.read(MAX_REFUSAL_BYTES + 1 - len(body))
+            if response.content.at_eof() and len(body) + len(rest) <= MAX_REFUSAL_BYTES:
+                refused.body, refused.complete = body + rest, True
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # incomplete: our 502
 
 
 class Upstream:
@@ -55,6 +106,7 @@ class Upstream:
         self._base = config.url
         self._body_timeout = server.body_timeout_seconds
         self._session: aiohttp.ClientSession | None = None
+        self._upgrades: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
 
     async def start(self) -> None:
@@ -77,28 +129,38 @@ class Upstream:
         # aiohttp's own per-line and per-count limits set no tighter than the
         # whole head's, so unrelayable_head is the one bound on both paths.
         max_head = self.config.max_header_size
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(
+        settings: dict[str, Any] = {
+            "auto_decompress": False,
+            "skip_auto_headers": ("User-Agent", "Accept", "Accept-Encoding"),
+            "cookie_jar": aiohttp.DummyCookieJar(),
+            "timeout": aiohttp.ClientTimeout(
                 total=None,
                 connect=self.config.connect_timeout_seconds,
                 sock_connect=self.config.connect_timeout_seconds,
                 sock_read=self.config.read_timeout_seconds,
             ),
             # Our headers are already filtered; don't let aiohttp re-check them.
-            requote_redirect_url=False,
-            max_line_size=max_head,
-            max_field_size=max_head,
-            max_headers=max_head // 4,
+            "requote_redirect_url": False,
+            "max_line_size": max_head,
+            "max_field_size": max_head,
+            "max_headers": max_head // 4,
+        }
+        self._session = aiohttp.ClientSession(connector=connector, **settings)
+        # WebSocket upgrades: the same connections, and a hook that keeps a
+        # refused upgrade's answer (only this session pays for tracing).
+        keep_refusal = aiohttp.TraceConfig()
+        keep_refusal.on_request_end.append(_keep_refused_upgrade)
+        self._upgrades = aiohttp.ClientSession(
+            connector=connector, connector_owner=False, trace_configs=[keep_refusal], **settings
         )
 
     async def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if self._upgrades is not None:
+            await self._upgrades.close()
+            self._upgrades = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -107,6 +169,12 @@ class Upstream:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "Upstream.start() was not awaited"
         return self._session
+
+    @property
+    def upgrades(self) -> aiohttp.ClientSession:
+        """The session for WebSocket upgrades (see ``REFUSED_UPGRADE``)."""
+        assert self._upgrades is not None, "Upstream.start() was not awaited"
+        return self._upgrades
 
     def url_for(self, target: str) -> URL:
         """The upstream URL for a request target, byte-for-byte (no yarl

@@ -15,8 +15,15 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDictProxy
 
 from gateway.core import Call, Forward
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeoutError
-from gateway.upstream import Upstream
+from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamInvalidError,
+    UpstreamTimeoutError,
+)
+from gateway.raw_response import unrelayable_head
+from gateway.relay import Downstream, relay_stream
+from gateway.upstream import REFUSED_UPGRADE, RefusedUpgrade, Upstream
 
 __all__ = ["is_websocket_upgrade", "proxy_websocket"]
 
@@ -65,11 +72,13 @@ async def _pump(
 
 
 async def proxy_websocket(
-    request: web.BaseRequest, upstream: Upstream, forward: Forward, call: Call
+    request: web.BaseRequest, upstream: Upstream, forward: Forward, call: Call, down: Downstream
 ) -> web.StreamResponse | None:
-    """Connect upstream first, then accept the client, so a refused upstream
-    is a plain 502 (``call.error`` set, None returned). Returns the response
-    aiohttp's request loop finishes."""
+    """Connect upstream first, then accept the client. An upstream that
+    answers the upgrade with anything but 101 has its answer relayed to the
+    client as it is (``call.response_started``, None returned); one that
+    cannot be reached or answers nothing usable sets ``call.error`` (502/504
+    from the caller). Returns the response aiohttp's request loop finishes."""
     headers = forward.headers
     for name in _HANDSHAKE_HEADERS:
         headers.popall(name, None)
@@ -78,8 +87,10 @@ async def proxy_websocket(
         for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
         if p.strip()
     )
+    refused = RefusedUpgrade()
+    REFUSED_UPGRADE.set(refused)  # (this task's context: the handler's own)
     try:
-        upstream_ws = await upstream.session.ws_connect(
+        upstream_ws = await upstream.upgrades.ws_connect(
             upstream.url_for(forward.target),
             headers=headers,
             protocols=protocols,
@@ -88,7 +99,10 @@ async def proxy_websocket(
             max_msg_size=0,
         )
     except aiohttp.WSServerHandshakeError as exc:
-        call.error = UpstreamError(f"upstream refused the upgrade: {exc.status}")
+        if refused.status and refused.complete:
+            await _relay_refusal(refused, down, forward, call, upstream.config.max_header_size)
+        else:
+            call.error = UpstreamError(f"upstream refused the upgrade: {exc.status}")
         return None
     except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
         call.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
@@ -99,6 +113,8 @@ async def proxy_websocket(
     except aiohttp.ClientError as exc:
         call.error = UpstreamError(f"upstream upgrade failed: {exc}")
         return None
+    finally:
+        REFUSED_UPGRADE.set(None)
     async with upstream_ws:
         response = web.WebSocketResponse(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
@@ -122,3 +138,28 @@ async def proxy_websocket(
         if not response.closed:
             await response.close()
     return response
+
+
+async def _relay_refusal(
+    refused: RefusedUpgrade, down: Downstream, forward: Forward, call: Call, max_head: int
+) -> None:
+    """The upstream's answer to an upgrade it refused (a 401, a 426...),
+    relayed as any answer is, with its body (up to MAX_REFUSAL_BYTES)."""
+    problem = unrelayable_head(refused.raw_headers, max_head)
+    if problem is not None:
+        call.error = UpstreamInvalidError(problem)
+        return
+    body = [refused.body, b""]
+
+    async def next_chunk() -> bytes:
+        return body.pop(0)
+
+    framed = [
+        (name, value)
+        for name, value in refused.raw_headers
+        if name.lower() not in (b"content-length", b"transfer-encoding")
+    ]
+    framed.append((b"Content-Length", b"%d" % len(refused.body)))
+    await relay_stream(
+        refused.status, refused.reason, framed, next_chunk, down, forward.ours, call.head, call
+    )

@@ -8,9 +8,11 @@ aiohttp's client for a POST)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import HAND_OVER, RequestPath, RunningGateway, StartGateway
@@ -316,3 +318,85 @@ async def test_plain_get_on_the_aiohttp_path_has_the_same_head_bound(
     gw = await start_gateway(upstream_url=f"http://127.0.0.1:{backend.port}")
     response = await request_path.raw_exchange(gw, build_request("GET", "/x"))
     assert response.status == 502
+
+
+# --------------------------------------------------------------------------- 7. upgrades
+
+
+def refusing_upgrades() -> web.Application:
+    async def refuse(request: web.Request) -> web.Response:
+        size = int(request.query.get("size", "0"))
+        if size:
+            return web.Response(status=403, body=b"x" * size)
+        return web.json_response(
+            {"error": "login first"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="ws"', "X-Upstream": "yes"},
+        )
+
+    app = web.Application()
+    app.router.add_get("/ws", refuse)
+    return app
+
+
+async def test_a_refused_websocket_upgrade_is_relayed_not_502(
+    start_gateway: StartGateway,
+) -> None:
+    backend = TestServer(refusing_upgrades(), host="127.0.0.1")
+    await backend.start_server()
+    try:
+        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{backend.port}")
+        handshake = [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ]
+        response = await raw_exchange(gw, build_request("GET", "/ws", handshake))
+        assert response.status == 401, (response.status, response.body[:200])
+        assert response.json() == {"error": "login first"}
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="ws"'
+        assert response.headers["X-Upstream"] == "yes"
+        assert "RateLimit-Policy" in response.headers
+        too_big = await raw_exchange(gw, build_request("GET", "/ws?size=100000", handshake))
+        assert too_big.status == 502
+        labels = {"route": "default", "code": "401"}
+        assert gw.metric("gateway_responses_total", labels) == 1
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize("lead", LEADS)
+async def test_a_chunk_extension_that_never_ends_is_refused_400(
+    start_gateway: StartGateway, upstream: TestServer, lead: bytes
+) -> None:
+    """llhttp skips chunk extensions without a bound: a client could send
+    one forever. Past 16 KiB without a body byte (Node's cap): 400."""
+    gw = await start_gateway()
+    head = build_request("POST", "/upload", [("Transfer-Encoding", "chunked")])
+    async with raw_connection(gw) as (reader, writer):
+        writer.write(lead + head + b"5;")
+        answered = asyncio.ensure_future(read_response(reader))
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while not answered.done() and sent < 4_000_000:
+                writer.write(b"a" * 1000)
+                await writer.drain()
+                sent += 1000
+                await asyncio.sleep(0)  # the gateway runs in this loop: let it read
+        response = await asyncio.wait_for(answered, 10)
+    assert sent < 200_000, f"{sent} bytes of extension were read"
+    assert response.status == 400, (response.status, response.body[:200])
+    assert response.json()["error"] == "chunk_extension"
+    assert gw.metric("gateway_rejected_requests_total", {"reason": "chunk_extension"}) == 1
+
+
+async def test_small_chunk_extensions_on_many_chunks_pass(
+    start_gateway: StartGateway, upstream: TestServer
+) -> None:
+    gw = await start_gateway()
+    chunks = b"".join(b"1;name=%s\r\nx\r\n" % (b"v" * 1000) for _ in range(50)) + b"0\r\n\r\n"
+    head = build_request("POST", "/upload", [("Transfer-Encoding", "chunked")])
+    response = await raw_exchange(gw, head + chunks)
+    assert response.status == 200, (response.status, response.body[:200])
+    assert response.json()["received"] == 50
