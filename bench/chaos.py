@@ -53,7 +53,7 @@ async def download(request):
             piece = chunk[: min(65536, 5_000_000 - sent)]
             await response.write(piece)
             sent += len(piece)
-    except ConnectionResetError:
+    except ConnectionError:  # the gateway hung up: its client left
         pass
     return response
 
@@ -258,7 +258,11 @@ def main() -> int:
     try:
         (tmp / "upstream.py").write_text(UPSTREAM_APP)
         procs.append(
-            subprocess.Popen([sys.executable, str(tmp / "upstream.py"), str(upstream)])
+            subprocess.Popen(
+                [sys.executable, str(tmp / "upstream.py"), str(upstream)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,  # its own logs of clients that left
+            )
         )
         backend = "memory"
         if args.workers > 1:
