@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, cast
@@ -33,10 +34,11 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from gateway.config.model import ServerConfig
+from gateway.core import RequestHead
 from gateway.errors import MalformedBodyError
 from gateway.front import FrontConnection, PlainHandler
 
-__all__ = ["AiohttpDownstream", "GuardedServer", "bound_port", "sent_response"]
+__all__ = ["AiohttpDownstream", "GuardedServer", "ProxySite", "bound_port", "sent_response"]
 
 log = logging.getLogger("gateway.connection")
 
@@ -129,16 +131,20 @@ class GuardedServer(web.Server):
         handle_plain: PlainHandler,
         limits: ServerConfig,
         on_rejected: Callable[[str], None],
+        request_head: type[RequestHead] = RequestHead,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._handle_plain = handle_plain
         self._limits = limits
         self._on_rejected = on_rejected
+        self._request_head = request_head
 
     def __call__(self) -> RequestHandler:
         # aiohttp's sites take the server as the protocol factory.
-        front = FrontConnection(self, self._handle_plain, self._limits, self._on_rejected)
+        front = FrontConnection(
+            self, self._handle_plain, self._limits, self._on_rejected, self._request_head
+        )
         return cast(RequestHandler, front)
 
     def make_handler(self, header_deadline_at: float) -> GuardedRequestHandler:
@@ -152,6 +158,55 @@ class GuardedServer(web.Server):
     def forget(self, conn: asyncio.BaseProtocol) -> None:
         """``conn`` no longer needs a drain to wait for it."""
         self._connections.pop(conn, None)  # type: ignore[call-overload]
+
+
+class ProxySite(web.BaseSite):
+    """aiohttp's TCPSite or SockSite (``sock``: a socket bound already, as a
+    worker inherits it), with TLS handshakes bounded by ``handshake_timeout``
+    (nginx bounds them by client_header_timeout; asyncio's default is 60 s)."""
+
+    __slots__ = ("_address", "_handshake_timeout")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        address: tuple[str, int] | socket.socket,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float,
+        backlog: int,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._address = address
+        self._handshake_timeout = handshake_timeout
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context is not None else "http"
+        address = self._address
+        host, port = (
+            address.getsockname()[:2] if isinstance(address, socket.socket) else address
+        )
+        return f"{scheme}://{host}:{port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        tls: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            tls = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._handshake_timeout}
+        address = self._address
+        if isinstance(address, socket.socket):
+            self._server = await loop.create_server(
+                server, sock=address, backlog=self._backlog, **tls
+            )
+        else:
+            host, port = address
+            self._server = await loop.create_server(
+                server, host, port, backlog=self._backlog, **tls
+            )
 
 
 class _SentResponse(web.StreamResponse):

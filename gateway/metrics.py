@@ -31,6 +31,7 @@ DECISIONS: Final = (
 REJECT_REASONS: Final = (
     "header_timeout", "body_timeout", "headers_too_large", "bad_request",
     "body_too_large", "concurrency", "bad_target", "bad_host", "underscore_header",
+    "plain_http", "tls_handshake",
 )  # fmt: skip
 UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset")
 # The gateway's own overhead is sub-millisecond; upstream time reaches seconds.
