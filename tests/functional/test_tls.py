@@ -201,6 +201,40 @@ async def test_aiohttp_client_on_each_path(
     assert {r["client"] for r in gw.access_records()} == {"127.0.0.1"}  # the peer, over TLS
 
 
+async def test_a_tls_connection_is_handed_over_between_requests(
+    start_gateway: StartGateway, tls_files: TlsFiles
+) -> None:
+    """GET, then a body on the same TLS connection: front.py serves the
+    first and hands the connection (the SSL transport) to aiohttp."""
+    gw = await start_gateway(tls=tls_files.config())
+    served = record_served(gw)
+    context = tls_files.client_context()
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for method, data in (("GET", None), ("POST", b"body"), ("GET", None)):
+            async with session.request(method, f"{gw.url}/m", data=data, ssl=context) as r:
+                assert r.status == 200
+                assert forwarded(await r.json(), "X-Forwarded-Proto") == ["https"]
+        # 4 MiB through the SSL transport's flow control, on the handed-over connection.
+        async with session.get(f"{gw.url}/download?size={4 << 20}", ssl=context) as r:
+            assert len(await r.read()) == 4 << 20
+    assert [path for path, _m, _t in served] == [PLAIN, AIOHTTP, AIOHTTP, AIOHTTP]
+
+
+async def test_a_large_download_streams_over_tls(
+    start_gateway: StartGateway, tls_files: TlsFiles, request_path: RequestPath
+) -> None:
+    """8 MiB: far past the SSL transport's write buffer, so its flow
+    control (pause_writing/resume_writing) reaches the relay."""
+    gw = await start_gateway(tls=tls_files.config())
+    session = await request_path.client(gw)
+    size = 8 << 20
+    url = f"{gw.url}/download?size={size}"
+    async with session.get(url, ssl=tls_files.client_context()) as response:
+        assert response.status == 200
+        assert len(await response.read()) == size
+
+
 async def test_a_plain_gateway_still_says_http(
     start_gateway: StartGateway, request_path: RequestPath
 ) -> None:
