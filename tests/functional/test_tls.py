@@ -398,6 +398,11 @@ async def test_plain_http_and_failed_handshakes_are_closed_quietly_and_counted(
     code, _out, err = await curl("--insecure", "--tls-max", "1.1", f"https://127.0.0.1:{port}/")
     assert code != 0
 
+    # A client that connects and leaves (a TCP health check): not a failure.
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.close()
+    await writer.wait_closed()
+
     rejected = "gateway_rejected_requests_total"
     await poll(
         lambda: gw.metric(rejected, {"reason": "tls_handshake"}) == 2,
@@ -412,6 +417,9 @@ async def test_plain_http_and_failed_handshakes_are_closed_quietly_and_counted(
     code, _out, err = await curl("--cacert", str(tls_files.ca), f"{gw.url}/x")
     assert code == 0, err
     assert gw.metric("gateway_requests_total", {"route": "default", "decision": "allowed"}) == 1
+    # Still 2 (no count for the connection that left), and nothing logged.
+    assert gw.metric(rejected, {"reason": "tls_handshake"}) == 2
+    assert noisy(caplog) == []
 
 
 async def test_the_handshake_is_bounded_by_header_timeout(
