@@ -422,6 +422,35 @@ async def test_plain_http_and_failed_handshakes_are_closed_quietly_and_counted(
     assert noisy(caplog) == []
 
 
+def _send_a_forged_record(port: int, context: ssl.SSLContext) -> bytes:
+    """Handshake, then a record that is not the session's (written under the
+    TLS layer): what the client reads before the gateway closes."""
+    import socket
+
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=GUARD_SECONDS) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        socket.socket.sendall(tls, b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        try:
+            return tls.recv(1024)
+        except (ssl.SSLError, OSError):
+            return b""
+
+
+async def test_a_forged_record_after_the_handshake_closes_quietly(
+    start_gateway: StartGateway, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    gw = await start_gateway(tls=tls_files.config())
+    port = gw.server.proxy_port
+    read = await asyncio.to_thread(_send_a_forged_record, port, tls_files.client_context())
+    assert read == b""
+    assert noisy(caplog) == []
+    code, _out, err = await curl("--cacert", str(tls_files.ca), f"{gw.url}/x")
+    assert code == 0, err
+
+
 async def test_the_handshake_is_bounded_by_header_timeout(
     start_gateway: StartGateway, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
 ) -> None:
