@@ -161,9 +161,10 @@ class GuardedServer(web.Server):
 
 
 class ProxySite(web.BaseSite):
-    """aiohttp's TCPSite or SockSite (``sock``: a socket bound already, as a
-    worker inherits it), with TLS handshakes bounded by ``handshake_timeout``
-    (nginx bounds them by client_header_timeout; asyncio's default is 60 s)."""
+    """aiohttp's TCPSite or SockSite in one (``address``: a host and port,
+    or a socket bound already, as a worker inherits it), with TLS handshakes
+    bounded by ``handshake_timeout`` (nginx bounds them by
+    client_header_timeout; asyncio's default is 60 s)."""
 
     __slots__ = ("_address", "_handshake_timeout")
 
