@@ -10,8 +10,10 @@ off, serves a warm-up over one keep-alive connection, then
 number of requests is sent one after another on that connection, and the
 counters are dumped: the total ``Ir`` (every thread of the process, the
 access-log consumer included) divided by the requests. Cases: the plain path
-(GET) and the aiohttp path (POST with a one-byte body), allowed and denied;
-metrics on, access log to a file, nginx as the upstream.
+(GET) and the aiohttp path (POST with a one-byte body), allowed and denied,
+and both allowed over TLS (the connection's handshake is in the warm-up:
+OpenSSL's record work per request is counted, not the handshake); metrics
+on, access log to a file, nginx as the upstream.
 """
 
 from __future__ import annotations
@@ -21,23 +23,36 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.run import ALLOWED, DENIED, GATEWAY_CONFIG, NGINX_UPSTREAM, free_port, nginx
+from bench.run import (
+    ALLOWED,
+    DENIED,
+    GATEWAY_CONFIG,
+    GATEWAY_TLS,
+    NGINX_UPSTREAM,
+    free_port,
+    make_certificate,
+    nginx,
+)
 
 # The allowed path's limits three times over, keyed per client, per route and
 # per ip: one request then passes three limits (issue 11's "3 limits" figure).
 THREE_LIMITS: dict[str, object] = {**ALLOWED, "three": True}
+OVER_TLS: dict[str, object] = {**ALLOWED, "tls": True}
 CASES = (
     ("plain allowed", "GET", ALLOWED),
     ("plain denied", "GET", DENIED),
     ("aiohttp allowed", "POST", ALLOWED),
     ("aiohttp denied", "POST", DENIED),
     ("plain allowed x3", "GET", THREE_LIMITS),
+    ("plain allowed TLS", "GET", OVER_TLS),
+    ("aiohttp allowed TLS", "POST", OVER_TLS),
 )
 
 
@@ -46,6 +61,8 @@ def _config(limits: dict[str, object], **fields: object) -> str:
         period=limits["period"], refill=limits["refill"], max_tokens=limits["max_tokens"],
         **fields,
     )  # fmt: skip
+    if limits.get("tls"):
+        text += GATEWAY_TLS.format(tmp=fields["tmp"])
     if not limits.get("three"):
         return text
     one = "{{refill_period: {period}, refill_tokens: {refill}, max_tokens: {max_tokens}".format(
@@ -91,6 +108,16 @@ def _exchange(sock: socket.socket, request: bytes, count: int) -> None:
             buffer += chunk
 
 
+def _connect(port: int, *, tls: bool) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    if not tls:
+        return sock
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # bench.run's self-signed certificate
+    return context.wrap_socket(sock)
+
+
 def _wait_for(port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -122,7 +149,7 @@ def measure(src: Path, method: str, limits: dict[str, object], upstream: int, tm
     try:
         _wait_for(port, 180)
         request = _request(method)
-        with socket.create_connection(("127.0.0.1", port)) as sock:
+        with _connect(port, tls=bool(limits.get("tls"))) as sock:
             _exchange(sock, request, warmup)
             control = ["callgrind_control"]
             subprocess.run(
@@ -161,6 +188,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-callgrind-") as name:
         tmp = Path(name)
         up = free_port()
+        make_certificate(tmp)
         with nginx(tmp, "upstream", NGINX_UPSTREAM.format(tmp=tmp, port=up), up):
             print(f"instructions per request (callgrind Ir), {args.requests} requests on one "
                   f"keep-alive connection after {args.warmup}")  # fmt: skip

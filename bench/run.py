@@ -7,8 +7,11 @@ Loads, each with ``wrk`` in turn, several rounds, medians:
   nginx     nginx limit_req + proxy_pass (keep-alive upstream), one worker
   gateway   ratelimit-gateway, one worker, metrics and access log (to a file) on
 for the allowed path (limits never reached), the denied path (every request
-but the first denied: nginx with limit_req_status 429), and at workers = cores
-(nginx worker_processes N; gateway workers: N sharing buckets through Redis).
+but the first denied: nginx with limit_req_status 429), the allowed path over
+TLS (both terminating TLS 1.2/1.3 with the same P-256 certificate, made here
+with openssl; wrk keeps its connections alive, so this is the cost of TLS
+records, not of handshakes), and at workers = cores (nginx worker_processes
+N; gateway workers: N sharing buckets through Redis).
 Then memory per tracked client and the cost of one limiter decision beside the
 in-memory limiters of ``limits`` and ``pyrate-limiter`` (when installed).
 
@@ -135,7 +138,8 @@ http {{
   limit_req_status 429;
   upstream backend {{ server 127.0.0.1:{upstream}; keepalive 64; }}
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{ssl};
+    {tls}
     location / {{
       limit_req zone=perclient{burst};
       proxy_pass http://backend;
@@ -156,6 +160,13 @@ limits:
 storage: {{backend: {backend}, redis_url: "redis://127.0.0.1:{redis}/0"}}
 access_log: {{path: "{tmp}/{name}-access.log"}}
 """
+
+# The same certificate and protocols for both (nginx 1.22's default still has TLS 1.0/1.1).
+NGINX_TLS = (
+    "ssl_certificate {tmp}/tls.crt; ssl_certificate_key {tmp}/tls.key; "
+    "ssl_protocols TLSv1.2 TLSv1.3;"
+)
+GATEWAY_TLS = 'tls: {{cert: "{tmp}/tls.crt", key: "{tmp}/tls.key"}}'
 
 ALLOWED = {"rate": "100000000r/s", "burst": " burst=1000000 nodelay",
            "period": "1s", "refill": 100000000, "max_tokens": 100000000}  # fmt: skip
@@ -184,11 +195,22 @@ def nginx(tmp: Path, name: str, conf: str, port: int) -> Iterator[subprocess.Pop
 
 
 def gateway(
-    tmp: Path, name: str, port: int, **fields: object
+    tmp: Path, name: str, port: int, tls: str = "", **fields: object
 ) -> Iterator[subprocess.Popen[bytes]]:
     path = tmp / f"{name}.yaml"
-    path.write_text(GATEWAY_CONFIG.format(tmp=tmp, name=name, port=port, **fields))
+    path.write_text(GATEWAY_CONFIG.format(tmp=tmp, name=name, port=port, **fields) + tls)
     return process([str(GATEWAY), "run", "--config", str(path)], port)  # type: ignore[return-value]
+
+
+def make_certificate(tmp: Path) -> None:
+    """A self-signed P-256 pair for 127.0.0.1 (wrk does not verify it)."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(tmp / "tls.key"), "-out", str(tmp / "tls.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
 
 
 def measure(label: str, url: str, rounds: int, duration: int, connections: int) -> Load:
@@ -218,7 +240,7 @@ def http_load_section(args: argparse.Namespace, tmp: Path) -> None:
             np, gp = free_port(), free_port()
             conf = NGINX_LIMIT.format(
                 tmp=tmp, name=f"nginx-{path_name}", workers=1, port=np, upstream=up,
-                rate=limits["rate"], burst=limits["burst"],
+                rate=limits["rate"], burst=limits["burst"], ssl="", tls="",
             )  # fmt: skip
             nginx_url, gateway_url = f"http://127.0.0.1:{np}/", f"http://127.0.0.1:{gp}/"
             with nginx(tmp, f"nginx-{path_name}", conf, np), gateway(
@@ -236,10 +258,11 @@ def http_load_section(args: argparse.Namespace, tmp: Path) -> None:
                         fixed_rate(gateway_url, rate, d, c),
                     )
             results[path_name] = (n, g)
+        results["tls"] = tls_load(tmp, args, common)
         np, gp = free_port(), free_port()
         conf = NGINX_LIMIT.format(
             tmp=tmp, name="nginx-cores", workers=cores, port=np, upstream=up,
-            rate=ALLOWED["rate"], burst=ALLOWED["burst"],
+            rate=ALLOWED["rate"], burst=ALLOWED["burst"], ssl="", tls="",
         )  # fmt: skip
         with nginx(tmp, "nginx-cores", conf, np):
             n = measure(f"nginx x{cores} workers, allowed", f"http://127.0.0.1:{np}/", r, d, c)
@@ -266,6 +289,26 @@ def http_load_section(args: argparse.Namespace, tmp: Path) -> None:
             f"  gateway p50 {g.p50_ms:.2f} ms  p99 {g.p99_ms:.2f} ms   "
             f"p99 difference {g.p99_ms - n.p99_ms:+.2f} ms"
         )
+
+
+def tls_load(tmp: Path, args: argparse.Namespace, common: dict[str, int]) -> tuple[Load, Load]:
+    """The allowed path over TLS: nginx and the gateway, one worker each,
+    the same certificate, the same wrk run against https://."""
+    make_certificate(tmp)
+    np, gp = free_port(), free_port()
+    conf = NGINX_LIMIT.format(
+        tmp=tmp, name="nginx-tls", workers=1, port=np, upstream=common["upstream"],
+        rate=ALLOWED["rate"], burst=ALLOWED["burst"], ssl=" ssl", tls=NGINX_TLS.format(tmp=tmp),
+    )  # fmt: skip
+    with nginx(tmp, "nginx-tls", conf, np), gateway(
+        tmp, "gateway-tls", gp, admin=free_port(), workers=1, backend="memory",
+        period=ALLOWED["period"], refill=ALLOWED["refill"], max_tokens=ALLOWED["max_tokens"],
+        tls=GATEWAY_TLS.format(tmp=tmp), **common,
+    ):  # fmt: skip
+        r, d, c = args.rounds, args.duration, args.connections
+        n = measure("nginx limit_req, TLS allowed", f"https://127.0.0.1:{np}/", r, d, c)
+        g = measure("gateway, TLS allowed", f"https://127.0.0.1:{gp}/", r, d, c)
+    return n, g
 
 
 def rss_bytes() -> int:

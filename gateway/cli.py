@@ -19,6 +19,7 @@ from typing import Final, NoReturn
 
 from gateway import __version__
 from gateway.config import GatewayConfig, load_config
+from gateway.config.tls import TlsPairError
 from gateway.errors import ConfigError
 from gateway.runtime import run_loop
 
@@ -141,6 +142,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_loop(serve())
     except OSError as exc:  # e.g. the port is taken
         return _start_failed(exc)
+    except TlsPairError as exc:  # its files changed since they were checked
+        return _start_failed(OSError(None, str(exc)))
     return 0
 
 
@@ -168,6 +171,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         run_worker(args.config, args.fd, args.index, args.ready_fd)
     except ConfigError as exc:
         return _print_problems(exc)
+    except TlsPairError as exc:
+        return _start_failed(OSError(None, str(exc)), "gateway worker")
     return 0
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -38,6 +39,7 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from gateway.config.model import ServerConfig
+from gateway.core import RequestHead
 from gateway.errors import ChunkExtensionError, MalformedBodyError
 from gateway.front import FrontConnection, PlainHandler
 
@@ -188,12 +190,14 @@ class GuardedServer(web.Server):
         handle_plain: PlainHandler,
         limits: ServerConfig,
         on_rejected: Callable[[str], None],
+        request_head: type[RequestHead] = RequestHead,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._handle_plain = handle_plain
         self._limits = limits
         self._on_rejected = on_rejected
+        self._request_head = request_head
         # Client connections open now (accepted by CappedSite, until closed
         # on either side of a hand-over), and who waits for one to close.
         self.open_connections = 0
@@ -221,7 +225,9 @@ class GuardedServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         # aiohttp's sites take the server as the protocol factory.
-        front = FrontConnection(self, self._handle_plain, self._limits, self._on_rejected)
+        front = FrontConnection(
+            self, self._handle_plain, self._limits, self._on_rejected, self._request_head
+        )
         return cast(RequestHandler, front)
 
     def make_handler(self, header_deadline_at: float) -> GuardedRequestHandler:
@@ -355,9 +361,13 @@ class CappedSite(web.BaseSite):
     ``max_connections`` client connections are open (new clients wait in
     the listen backlog, as with Envoy's connection limit) instead of
     accepting more than it can serve. ``on_capped`` is called each time the
-    cap stops it."""
+    cap stops it. With ``ssl_context``, each connection's TLS handshake runs
+    in a task of its own, bounded by ``handshake_timeout`` (nginx bounds it
+    by client_header_timeout; asyncio's default is 60 s), so a slow
+    handshake never holds up the next accept."""
 
-    __slots__ = ("_accepting", "_cap", "_on_capped", "_owns", "_warned_at", "sock")
+    __slots__ = ("_accepting", "_cap", "_handshake_timeout", "_handshakes", "_on_capped",
+                 "_owns", "_warned_at", "sock")  # fmt: skip
 
     def __init__(
         self,
@@ -367,8 +377,12 @@ class CappedSite(web.BaseSite):
         max_connections: int,
         owns_socket: bool,
         on_capped: Callable[[], None] = lambda: None,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = 60.0,
     ) -> None:
-        super().__init__(runner)
+        super().__init__(runner, ssl_context=ssl_context)
+        self._handshake_timeout = handshake_timeout
+        self._handshakes: set[asyncio.Task[None]] = set()
         self.sock = sock
         self._cap = max_connections
         self._owns = owns_socket
@@ -379,7 +393,8 @@ class CappedSite(web.BaseSite):
     @property
     def name(self) -> str:
         host, port = self.sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{host}:{port}"
 
     async def start(self) -> None:
         await super().start()
@@ -414,11 +429,28 @@ class CappedSite(web.BaseSite):
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             server.connection_opened()
-            try:
+            if self._ssl_context is None:
+                await self._connect(server, conn)
+            else:
+                handshake = loop.create_task(self._connect(server, conn))
+                self._handshakes.add(handshake)
+                handshake.add_done_callback(self._handshakes.discard)
+
+    async def _connect(self, server: GuardedServer, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if self._ssl_context is None:
                 await loop.connect_accepted_socket(server, conn)
-            except OSError:  # gone before it was set up
-                server.connection_closed()
-                conn.close()
+            else:
+                await loop.connect_accepted_socket(
+                    server, conn, ssl=self._ssl_context,
+                    ssl_handshake_timeout=self._handshake_timeout,
+                )  # fmt: skip
+        except (OSError, TimeoutError):
+            # Gone before it was set up, or its handshake failed (counted by
+            # gateway/tls.py): no protocol will say it closed.
+            server.connection_closed()
+            conn.close()
 
     async def stop(self) -> None:
         if self._accepting is not None:
@@ -426,6 +458,8 @@ class CappedSite(web.BaseSite):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accepting
             self._accepting = None
+        for handshake in list(self._handshakes):
+            handshake.cancel()
         if self._owns:
             self.sock.close()
         await super().stop()

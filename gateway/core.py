@@ -84,6 +84,7 @@ __all__ = [
     "RequestCore",
     "RequestHead",
     "Snapshot",
+    "TlsRequestHead",
     "Verdict",
     "decoded_path",
     "origin_form",
@@ -128,6 +129,15 @@ class RequestHead:
         self.peer = peer
         self.http10 = http10
         self.keep_alive = keep_alive
+
+
+class TlsRequestHead(RequestHead):
+    """A plain request that came over TLS: ``X-Forwarded-Proto: https``,
+    at no cost per request (the TLS listener's connections make these)."""
+
+    __slots__ = ()
+
+    scheme = "https"
 
 
 def origin_form(method: str, target: str) -> str | None:

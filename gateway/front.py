@@ -107,11 +107,13 @@ class FrontConnection(asyncio.Protocol):
         handle: PlainHandler,
         limits: ServerConfig,
         on_rejected: Callable[[str], None],
+        request_head: type[RequestHead] = RequestHead,
     ) -> None:
         self._server = server
         self._handle = handle
         self._limits = limits
         self._on_rejected = on_rejected
+        self._request_head = request_head  # core.TlsRequestHead on a TLS listener
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
@@ -320,7 +322,7 @@ class FrontConnection(asyncio.Protocol):
             self._buffer = bytearray(buffer)
             del self._buffer[:head_length]
         self._requests += 1
-        return RequestHead(
+        return self._request_head(
             method.decode(),
             self._url.decode("utf-8", "surrogateescape"),
             headers,

@@ -31,7 +31,7 @@ DECISIONS: Final = (
 REJECT_REASONS: Final = (
     "header_timeout", "body_timeout", "headers_too_large", "bad_request",
     "body_too_large", "concurrency", "bad_target", "bad_host", "underscore_header",
-    "transfer_coding", "send_timeout", "chunk_extension",
+    "transfer_coding", "send_timeout", "chunk_extension", "plain_http", "tls_handshake",
 )  # fmt: skip
 UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset", "invalid", "busy")
 # The gateway's own overhead is sub-millisecond; upstream time reaches seconds.

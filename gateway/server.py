@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
 from gateway.config import BucketSpec, GatewayConfig, Mode, RouteSpec, load_config, restart_keys
+from gateway.config.tls import TlsPairError
 from gateway.connection import (
     CappedSite,
     GuardedServer,
@@ -33,7 +34,7 @@ from gateway.connection import (
     connection_cap,
     listen_socket,
 )
-from gateway.core import RequestCore, Snapshot
+from gateway.core import RequestCore, RequestHead, Snapshot, TlsRequestHead
 from gateway.errors import ConfigError
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.redis_store import RedisStore
@@ -41,6 +42,7 @@ from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketSnapshot, BucketStore
 from gateway.metrics import Metrics
 from gateway.proxy_app import ProxyHandlers
+from gateway.tls import TlsListener
 from gateway.upstream import Upstream
 
 __all__ = ["Server", "bound_port", "describe_routes", "load_for_reload", "settle_heap"]
@@ -102,6 +104,7 @@ class Server:
         self._stop = asyncio.Event()
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self.tls: TlsListener | None = None  # the proxy listener's, while it serves TLS
         self.proxy_port = 0
         self.admin_port = 0
         self._started = False  # start() completed
@@ -140,11 +143,14 @@ class Server:
         self.access_log.start()
         await self.upstream.start()
         limits = config.server
+        if config.tls is not None:
+            self.tls = TlsListener(config.tls, self.metrics.count_rejected)
         proxy = GuardedServer(
             self.handlers.handle,
             handle_plain=self.handlers.serve_plain,
             limits=limits,
             on_rejected=self.metrics.count_rejected,
+            request_head=RequestHead if self.tls is None else TlsRequestHead,
             access_log=None,
             handler_cancellation=False,
             # Bodies pass through byte-for-byte: never inflate a client's gzip.
@@ -169,6 +175,8 @@ class Server:
             max_connections=max_connections,
             owns_socket=self._listen_socket is None,
             on_capped=self.metrics.connections_capped.inc,
+            ssl_context=None if self.tls is None else self.tls.context,
+            handshake_timeout=limits.header_timeout_seconds,
         )
         await _bind("listen", config.listen_host, config.listen_port, site)
         self.metrics.track(self.metrics.open_connections, lambda: proxy.open_connections)
@@ -186,8 +194,9 @@ class Server:
         await _bind("admin", config.admin_host, config.admin_port, admin_site)
         self.admin_port = bound_port(admin_site)
         log.info(
-            "proxy on %s:%d -> %s; admin on %s:%d",
-            config.listen_host, self.proxy_port, config.upstream.url,
+            "proxy on %s:%d%s -> %s; admin on %s:%d",
+            config.listen_host, self.proxy_port, "" if self.tls is None else " (TLS)",
+            config.upstream.url,
             config.admin_host, self.admin_port,
         )  # fmt: skip
         self._log_routes(config)
@@ -274,9 +283,26 @@ class Server:
         # Under a Supervisor, it counts reloads once; this worker does not.
         failures = self.metrics.config_reloads.labels("failure") if self._serve_admin else None
         new = load_for_reload(self.config_path, failures)
-        if new is None:
+        if new is None or not self._reload_tls(new, failures):
             return False
         self.apply(new)
+        return True
+
+    def _reload_tls(self, new: GatewayConfig, failures: Counter | None) -> bool:
+        """Read the certificate and key again, for new connections (open ones
+        keep theirs); False, logged and counted, when the pair cannot serve:
+        then nothing of ``new`` is applied and the old pair serves on."""
+        if self.tls is None or new.tls is None:
+            return True  # TLS turned on or off: apply() says it needs a restart
+        try:
+            self.tls.reload(new.tls)
+        except TlsPairError as exc:  # the files changed since load_for_reload read them
+            for key, message in exc.problems:
+                log.error("reload rejected: %s: %s", key, message)
+            if failures is not None:
+                failures.inc()
+            return False
+        log.info("reload: new TLS connections get %s", new.tls.cert)
         return True
 
     def apply(self, new: GatewayConfig) -> None:
@@ -289,6 +315,11 @@ class Server:
                 )
         if new.upstream != old.upstream:
             log.warning("reload: upstream changed; it takes effect after a restart")
+        if self._started and (new.tls is None) != (self.tls is None):
+            log.warning(
+                "reload: tls %s; turning TLS on or off takes effect only after a restart",
+                "added" if self.tls is None else "removed",
+            )
         self.memory_store.max_tracked = new.clients.max_tracked
         self.memory_store.idle_timeout_seconds = new.clients.idle_timeout_seconds
         self.core.snapshot = Snapshot(new, self.clock, self.store)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -33,6 +35,7 @@ from tests.helpers import (
     free_port,
     raw_connection,
     read_response,
+    tool,
 )
 from tests.upstream_app import build_upstream_app
 
@@ -114,7 +117,7 @@ async def start_gateway(tmp_path: Path, upstream: TestServer) -> AsyncIterator[S
             server=server,
             clock=clock,
             access_log_path=log_path,
-            url=f"http://127.0.0.1:{server.proxy_port}",
+            url=f"{'http' if config.tls is None else 'https'}://127.0.0.1:{server.proxy_port}",
             admin_url=f"http://127.0.0.1:{server.admin_port}",
             config_path=config_path,
         )
@@ -125,6 +128,77 @@ async def start_gateway(tmp_path: Path, upstream: TestServer) -> AsyncIterator[S
     for running in started:
         if not running.server.draining:
             await running.server.stop()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files made by ``openssl`` once per session: a CA, and two server
+    certificates it signed for localhost and 127.0.0.1 (pairs ``a`` and
+    ``b``, so a reload can swap one for the other)."""
+
+    directory: Path
+    ca: Path
+
+    def cert(self, name: str = "a") -> Path:
+        return self.directory / f"{name}.crt"
+
+    def key(self, name: str = "a") -> Path:
+        return self.directory / f"{name}.key"
+
+    def config(self, name: str = "a") -> dict[str, str]:
+        """The ``tls`` section serving pair ``name``."""
+        return {"cert": str(self.cert(name)), "key": str(self.key(name))}
+
+    def fingerprint(self, name: str = "a") -> str:
+        """SHA-256 of pair ``name``'s certificate (DER), as a client sees it."""
+        der = ssl.PEM_cert_to_DER_cert(self.cert(name).read_text())
+        return hashlib.sha256(der).hexdigest()
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client that trusts the CA (and checks the name)."""
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run([tool("openssl"), *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A CA and two server pairs it signed (P-256 keys: made at once)."""
+    directory = tmp_path_factory.mktemp("tls")
+    ca, ca_key = directory / "ca.crt", directory / "ca.key"
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    _openssl(
+        "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+        "-subj", "/CN=gateway test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    extensions = directory / "server.ext"
+    extensions.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid\n"
+        "subjectKeyIdentifier=hash\n"
+    )
+    for name in ("a", "b"):
+        request = directory / f"{name}.csr"
+        _openssl(
+            "req", "-new", *ec, "-keyout", str(directory / f"{name}.key"),
+            "-out", str(request), "-subj", f"/CN=localhost {name}",
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(directory / f"{name}.crt"), "-days", "2",
+            "-extfile", str(extensions),
+        )  # fmt: skip
+    return TlsFiles(directory, ca)
 
 
 class RedisServer:

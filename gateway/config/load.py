@@ -15,6 +15,7 @@ so their problems are located too.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Final, TypeVar
@@ -33,10 +34,12 @@ from gateway.config.model import (
     Override,
     RouteSpec,
     Setting,
+    TlsConfig,
     Unlimited,
     settings,
     yaml_keys,
 )
+from gateway.config.tls import pair_problems
 from gateway.errors import ConfigError, ConfigProblem
 
 __all__ = ["load_config", "parse_config", "parse_hostport"]
@@ -480,7 +483,9 @@ def _route_limit(
 
 def parse_config(text: str, path: str = "<memory>") -> GatewayConfig:
     """Parse YAML text into a ``GatewayConfig``; raise ``ConfigError`` listing
-    every problem, each located at ``path:line:column``."""
+    every problem, each located at ``path:line:column``. With ``tls``, its
+    files are read and the pair loaded (gateway.config.tls), relative names
+    taken from ``path``'s directory (the working directory for <memory>)."""
     loader = yaml.SafeLoader(text)
     try:
         try:
@@ -523,7 +528,21 @@ def _build(r: _Reader, root: yaml.Node, values: dict[str, yaml.Node]) -> Gateway
     # the user never wrote.
     unread = [problem.key for problem in r.problems]
     r.located(validate.config_problems(config, unread=unread, written=r.written()))
+    if config.tls is not None and "tls" not in unread:
+        tls = _beside(config.tls, r.path)
+        config = replace(config, tls=tls)
+        r.located(pair_problems(tls))
     return config
+
+
+def _beside(tls: TlsConfig, path: str) -> TlsConfig:
+    """Relative file names made relative to the config file's directory."""
+    if path == "<memory>":
+        return tls
+    where = os.path.dirname(path)
+    # An empty name stands in for a key with a problem: it stays empty.
+    cert = tls.cert and os.path.join(where, tls.cert)
+    return TlsConfig(cert, tls.key and os.path.join(where, tls.key))
 
 
 def load_config(path: str) -> GatewayConfig:

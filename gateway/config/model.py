@@ -42,6 +42,7 @@ from gateway.config.convert import (
     redis_address,
     status_range,
     status_set,
+    string,
     upstream_url,
     worker_count,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "ServerConfig",
     "Setting",
     "StorageConfig",
+    "TlsConfig",
     "Underscores",
     "Unlimited",
     "UpstreamConfig",
@@ -360,6 +362,29 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS on the proxy listener: a PEM certificate chain (the server's
+    certificate first, then the intermediates it is served with) and its
+    private key. The loader makes a relative path relative to the config
+    file's directory (as nginx's ``ssl_certificate`` is to its conf
+    directory) and loads the pair (gateway.config.tls); SIGHUP reads both
+    files again."""
+
+    cert: str = field(
+        metadata=Setting(
+            parse=string, required="is required (a PEM certificate chain)", stand_in=""
+        ).metadata()
+    )
+    key: str = field(
+        metadata=Setting(
+            parse=string,
+            required="is required (the certificate's PEM private key)",
+            stand_in="",
+        ).metadata()
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole file. Its fields' order is the order ``gateway check`` lists the
     top-level keys in."""
@@ -378,6 +403,9 @@ class GatewayConfig:
     )
     max_body_size: int = setting(0, parse=non_negative_int)
     mode: Mode = setting(Mode.ENFORCE, parse=enum_choice(Mode))
+    # None: plain HTTP. Its files are read again on reload; turning TLS on or
+    # off needs a restart (server.py says so).
+    tls: TlsConfig | None = optional_section(TlsConfig)
     # Read once at start as well, but not restart=True: server.apply reports an
     # upstream change on a line of its own.
     upstream: UpstreamConfig = field(

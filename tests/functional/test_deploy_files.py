@@ -35,7 +35,7 @@ from aiohttp.test_utils import TestServer
 from gateway.config import GatewayConfig
 from gateway.config.load import parse_config
 from gateway.workers import EXIT_MARGIN_SECONDS
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, TlsFiles
 from tests.helpers import (
     GATEWAY,
     POLL_INTERVAL,
@@ -56,6 +56,9 @@ COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 COMPOSE_GATEWAY_CONFIG = COMPOSE_DIR / "gateway.yaml"
 KUBERNETES_DIR = DEPLOY / "kubernetes"
+COMPOSE_TLS_FILE = COMPOSE_DIR / "docker-compose.tls.yml"
+COMPOSE_TLS_CONFIG = COMPOSE_DIR / "gateway-tls.yaml"
+KUBERNETES_TLS_FILE = KUBERNETES_DIR / "tls" / "gateway-tls.yaml"
 SYSTEMD_UNIT = DEPLOY / "systemd" / "ratelimit-gateway.service"
 EXAMPLE_CONFIG = REPO / "config" / "gateway.yaml"  # what the systemd unit's docs install
 PROMETHEUS_RULES = DEPLOY / "prometheus" / "rules"
@@ -68,7 +71,7 @@ CLI_TIMEOUT_SECONDS = 30
 GUARD_SECONDS = 15.0  # a bound so that a hang fails clearly; never a timing target
 
 YAML_FILES = sorted(
-    [*COMPOSE_DIR.glob("*.y*ml"), *KUBERNETES_DIR.glob("*.y*ml")], key=lambda p: str(p)
+    [*COMPOSE_DIR.glob("*.y*ml"), *KUBERNETES_DIR.glob("**/*.y*ml")], key=lambda p: str(p)
 )
 
 
@@ -286,6 +289,9 @@ def test_the_yaml_files_are_the_expected_ones() -> None:
         "compose/gateway.yaml",
         "kubernetes/gateway.yaml",
         "kubernetes/redis.yaml",
+        "compose/docker-compose.tls.yml",
+        "compose/gateway-tls.yaml",
+        "kubernetes/tls/gateway-tls.yaml",
     }
 
 
@@ -758,3 +764,134 @@ async def test_compose_config_runs_as_two_instances_sharing_one_redis(
             code = await asyncio.wait_for(process.wait(), GUARD_SECONDS)
             assert code == 0, f"{name} exited {code}\n" + "\n".join(output_of(tmp_path))
         assert await run_healthcheck(f"http://{configs['gateway-a']['admin']}") == 1
+
+
+# -- the TLS variants: compose override, Kubernetes with a kubernetes.io/tls Secret ----
+
+
+def tls_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    """(kind, metadata.name) -> object of deploy/kubernetes/tls/gateway-tls.yaml."""
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml_documents(KUBERNETES_TLS_FILE)}
+
+
+def tls_container(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    pod = objects[("Deployment", "ratelimit-gateway")]["spec"]["template"]["spec"]
+    (container,) = (c for c in pod["containers"] if c["name"] == "gateway")
+    return dict(container)
+
+
+def tls_configmap_text() -> str:
+    text: str = tls_objects()[("ConfigMap", "ratelimit-gateway-config")]["data"]["gateway.yaml"]
+    return text
+
+
+def with_pair(text: str, tls_files: TlsFiles) -> str:
+    """A TLS config with the test's pair in place of the container's paths."""
+    config = yaml.safe_load(text)
+    config["tls"] = tls_files.config()
+    return yaml.safe_dump(config)
+
+
+def without_tls(text: str, listen: str) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(text)
+    del config["tls"]
+    config["listen"] = listen
+    return config
+
+
+def test_tls_configs_are_their_base_with_tls() -> None:
+    """What differs between the TLS files and the plain ones: tls, the port."""
+    assert without_tls(COMPOSE_TLS_CONFIG.read_text(), "0.0.0.0:8080") == yaml.safe_load(
+        COMPOSE_GATEWAY_CONFIG.read_text()
+    )
+    assert without_tls(tls_configmap_text(), "0.0.0.0:8080") == yaml.safe_load(
+        kubernetes_config_text()
+    )
+
+
+@pytest.mark.parametrize("source", ["compose", "kubernetes"])
+def test_tls_config_passes_gateway_check_with_a_real_pair(
+    source: str, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    text = COMPOSE_TLS_CONFIG.read_text() if source == "compose" else tls_configmap_text()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(with_pair(text, tls_files))
+    result = run([GATEWAY, "check", "--config", str(path)], timeout=CLI_TIMEOUT_SECONDS)
+    assert_succeeded(result)
+    config = parse_config(path.read_text(), str(path))
+    assert config.tls is not None
+    assert config.listen_port == 8443
+
+
+def test_compose_tls_override_mounts_the_pair_where_the_config_reads_it() -> None:
+    override = yaml.safe_load(COMPOSE_TLS_FILE.read_text())
+    config = yaml.safe_load(COMPOSE_TLS_CONFIG.read_text())
+    cert, key = PurePosixPath(config["tls"]["cert"]), PurePosixPath(config["tls"]["key"])
+    assert cert.parent == key.parent
+    listen_port = str(config["listen"]).rpartition(":")[2]
+    base_services = compose()["services"]
+    for name in GATEWAY_SERVICES:
+        service = override["services"][name]
+        mounts = {target: source for source, target in map(volume_mount, service["volumes"])}
+        # The override's config replaces the base's at the same target.
+        assert (COMPOSE_DIR / mounts[docker_config_path()]).resolve() == COMPOSE_TLS_CONFIG
+        # The pair's directory, as a directory: a renewed file is seen after SIGHUP.
+        source = mounts[str(cert.parent)]
+        assert source == "./tls"
+        assert all(v.endswith(":ro") for v in service["volumes"])
+        published = [str(p).split(":") for p in service["ports"]]
+        assert [p[2] for p in published] == [listen_port]
+        assert all(p[0] == "127.0.0.1" for p in published)
+        assert name in base_services
+
+
+def test_kubernetes_tls_mounts_a_tls_secret_where_the_config_reads_it() -> None:
+    objects = tls_objects()
+    config = yaml.safe_load(tls_configmap_text())
+    pod = objects[("Deployment", "ratelimit-gateway")]["spec"]["template"]["spec"]
+    container = tls_container(objects)
+    (volume,) = (v for v in pod["volumes"] if "secret" in v)
+    secret = volume["secret"]
+    assert secret["secretName"] == "ratelimit-gateway-tls"
+    # The keys of a kubernetes.io/tls Secret.
+    assert {item["key"] for item in secret["items"]} == {"tls.crt", "tls.key"}
+    (mount,) = (m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert "subPath" not in mount, "a subPath mount never sees the Secret renewed"
+    assert mount["readOnly"] is True
+    mounted = {
+        str(PurePosixPath(mount["mountPath"]) / item["path"]): item["key"]
+        for item in secret["items"]
+    }
+    assert mounted == {config["tls"]["cert"]: "tls.crt", config["tls"]["key"]: "tls.key"}
+    # The key readable by the gateway's group only (not a nested mount in the ConfigMap's).
+    assert secret["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    configmap_mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert not mount["mountPath"].startswith(configmap_mount["mountPath"] + "/")
+    # The https port is the config's listen port, and the Service's target.
+    listen_port = int(str(config["listen"]).rpartition(":")[2])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["https"] == listen_port
+    (service_port,) = objects[("Service", "ratelimit-gateway")]["spec"]["ports"]
+    assert (service_port["port"], service_port["targetPort"]) == (443, "https")
+
+
+def test_kubernetes_tls_manifest_is_the_base_with_tls() -> None:
+    """Everything but the TLS parts is ../gateway.yaml's, so the two stay alike."""
+    tls, base = tls_objects(), kubernetes_objects()
+    assert set(tls) == {key for key in base if key[1].startswith("ratelimit-gateway")}
+    tls = copy.deepcopy(tls)
+    configmap = tls[("ConfigMap", "ratelimit-gateway-config")]
+    configmap["data"]["gateway.yaml"] = kubernetes_config_text()
+    pod = tls[("Deployment", "ratelimit-gateway")]["spec"]["template"]["spec"]
+    pod["volumes"] = [v for v in pod["volumes"] if "secret" not in v]
+    del pod["securityContext"]["fsGroup"]
+    container = tls_container(tls)
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "tls"]
+    for port in container["ports"]:
+        if port["name"] == "https":
+            port.update(name="http", containerPort=8080)
+    pod["containers"] = [container]
+    (service_port,) = tls[("Service", "ratelimit-gateway")]["spec"]["ports"]
+    service_port.update(name="http", port=80, targetPort="http")
+    assert tls == {key: base[key] for key in tls}

@@ -81,7 +81,7 @@ def _text_problems(text: str) -> list[str]:
             [
                 "3:1: limts: unknown key; did you mean 'limits'? expected one of: listen, "
                 "admin, workers, "
-                "drain_timeout, max_body_size, mode, upstream, clients, limits, routes, "
+                "drain_timeout, max_body_size, mode, tls, upstream, clients, limits, routes, "
                 "storage, access_log, server"
             ],
             id="unknown-top-level-key",
@@ -963,7 +963,7 @@ def test_unknown_key_lists_are_the_model_fields_keys(name: str, cls: type) -> No
 
 def test_top_level_keys_follow_the_model_field_order() -> None:
     assert yaml_keys(GatewayConfig) == (
-        "listen", "admin", "workers", "drain_timeout", "max_body_size", "mode",
+        "listen", "admin", "workers", "drain_timeout", "max_body_size", "mode", "tls",
         "upstream", "clients", "limits", "routes", "storage", "access_log", "server",
     )  # fmt: skip
     assert yaml_keys(BucketSpec) == (
