@@ -20,6 +20,7 @@ nothing imports from the gateway, so this module sits outside the layers.
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,7 +46,7 @@ class SpaceSaving:
     hundred), so log k is a handful of comparisons.
     """
 
-    __slots__ = ("_counts", "_errors", "_heap", "k", "total")
+    __slots__ = ("_counts", "_errors", "_heap", "_json", "k", "total")
 
     def __init__(self, k: int) -> None:
         if k < 1:
@@ -55,10 +56,17 @@ class SpaceSaving:
         self._counts: dict[str, int] = {}
         self._errors: dict[str, int] = {}
         self._heap: list[tuple[int, str]] = []
+        # to_json's text and the total it was made at: every change raises
+        # the total (add) or drops the cache (merge).
+        self._json: tuple[int, str] | None = None
 
     def __len__(self) -> int:
         """The number of counters held: never more than ``k``."""
         return len(self._counts)
+
+    def __contains__(self, client: object) -> bool:
+        """Whether ``client`` holds a counter."""
+        return client in self._counts
 
     @property
     def floor(self) -> int:
@@ -177,6 +185,7 @@ class SpaceSaving:
     def merge(self, other: SpaceSaving) -> None:
         """Fold ``other`` (same k) into this sketch, in place."""
         both = SpaceSaving.merged((self, other), self.k)
+        self._json = None
         self.total = both.total
         self._counts, self._errors, self._heap = both._counts, both._errors, both._heap
 
@@ -194,6 +203,23 @@ class SpaceSaving:
             "total": self.total,
             "items": [[c, n, e] for c, n, e in self.entries()],
         }
+
+    def to_json(self) -> str:
+        """``to_dict`` as compact JSON, made again only after a change: a
+        worker rewrites its sketches every second, and only the current
+        sub-window's have changed."""
+        cached = self._json
+        if cached is not None and cached[0] == self.total:
+            return cached[1]
+        errors = self._errors
+        # Unsorted: from_dict does not need the order, and this runs on the
+        # worker's event loop.
+        items = json.dumps(
+            [[c, n, errors[c]] for c, n in self._counts.items()], separators=(",", ":")
+        )
+        text = f'{{"k":{self.k},"total":{self.total},"items":{items}}}'
+        self._json = (self.total, text)
+        return text
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SpaceSaving:
@@ -344,6 +370,18 @@ class WindowedSpaceSaving:
             ],
         }
 
+    def to_json(self) -> str:
+        """``to_dict`` as compact JSON, from each sub-window's cached text."""
+        slots = ",".join(
+            f'{{"epoch":{e},"sketch":{s.to_json()}}}'
+            for e, s in zip(self._epochs, self._sketches, strict=True)
+            if e is not None and s is not None
+        )
+        return (
+            f'{{"k":{self.k},"sub_window_seconds":{json.dumps(self.sub_window_seconds)},'
+            f'"sub_windows":{self.sub_windows},"slots":[{slots}]}}'
+        )
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WindowedSpaceSaving:
         """The windowed sketch ``to_dict`` described; ValueError when malformed."""
@@ -393,6 +431,7 @@ class TopClients:
         "routes_overflow",
         "sub_window_seconds",
         "sub_windows",
+        "version",
     )
 
     def __init__(
@@ -412,6 +451,8 @@ class TopClients:
         self._routes: dict[str, WindowedSpaceSaving] = {}
         # Counts left out of the per-route sketches for want of room, ever.
         self.routes_overflow = 0
+        # Raised by every record and merge: a writer skips an unchanged state.
+        self.version = 0
 
     @property
     def routes(self) -> list[str]:
@@ -434,6 +475,7 @@ class TopClients:
 
     def record(self, client: str, now: float, route: str | None = None, count: int = 1) -> None:
         """Count ``count`` denials of ``client`` at ``now``, overall and under ``route``."""
+        self.version += 1
         self.overall.record(client, now, count)
         if route is None:
             return
@@ -450,6 +492,13 @@ class TopClients:
         sketch = self._routes.get(route)
         return [] if sketch is None else sketch.top(n, now)
 
+    def route_window(self, route: str, now: float) -> SpaceSaving | None:
+        """``route``'s sketch of the window ending at ``now`` (None: no sketch,
+        an empty one when nothing was denied there in the window). Read only:
+        it may be a live sub-window's own sketch."""
+        sketch = self._routes.get(route)
+        return None if sketch is None else sketch.window(now)
+
     def entries(self) -> int:
         """The number of counters held, over every sketch."""
         return self.overall.entries() + sum(s.entries() for s in self._routes.values())
@@ -460,6 +509,7 @@ class TopClients:
         Routes new to this side are taken while there is room; the counts of
         the rest go to ``routes_overflow`` (their share of overall is kept).
         """
+        self.version += 1
         self.overall.merge(other.overall)
         self.routes_overflow += other.routes_overflow
         for route in sorted(other._routes):
@@ -485,6 +535,18 @@ class TopClients:
             "overall": self.overall.to_dict(),
             "routes": {r: s.to_dict() for r, s in self._routes.items()},
         }
+
+    def to_json(self) -> str:
+        """``to_dict`` as compact JSON; each sub-window's text is made again
+        only after it changed, so a worker's once-a-second write costs the
+        current sub-window's sketches, not all of them."""
+        routes = ",".join(f"{json.dumps(r)}:{s.to_json()}" for r, s in self._routes.items())
+        return (
+            f'{{"k":{self.k},"max_routes":{self.max_routes},'
+            f'"sub_window_seconds":{json.dumps(self.sub_window_seconds)},'
+            f'"sub_windows":{self.sub_windows},"routes_overflow":{self.routes_overflow},'
+            f'"overall":{self.overall.to_json()},"routes":{{{routes}}}}}'
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TopClients:
