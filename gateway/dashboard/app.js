@@ -9,7 +9,6 @@
   const DECISIONS = ["allowed", "delayed", "exempt", "unlimited", "shadow_denied", "denied", "blocked"];
   const HISTORY_SECONDS = 15 * 60;
   const NOW_SECONDS = 10; // "req/s" and "denied/s" are rates over this much history
-  const RATIO_STEP_SECONDS = 30;
   const SVG = "http://www.w3.org/2000/svg";
 
   const query = new URLSearchParams(location.search);
@@ -55,6 +54,23 @@
   function fmtSpan(seconds) {
     if (seconds >= 60) return Math.round(seconds / 60) + " min";
     return Math.max(1, Math.round(seconds)) + " s";
+  }
+  // 0.4 s, 45 s, 12 min 5 s, 1 h, 2 h 30 min
+  function fmtDuration(seconds) {
+    if (seconds < 10) return seconds.toFixed(1).replace(/\.0$/, "") + " s";
+    if (seconds < 60) return Math.round(seconds) + " s";
+    const parts = [];
+    let rest = Math.round(seconds);
+    for (const [unit, size] of [["h", 3600], ["min", 60], ["s", 1]]) {
+      if (rest >= size && parts.length < 2) {
+        parts.push(Math.floor(rest / size) + " " + unit);
+        rest %= size;
+      } else if (parts.length) break;
+    }
+    return parts.join(" ");
+  }
+  function fmtRefill(b) {
+    return b.refill_tokens + " every " + fmtDuration(b.refill_period_seconds);
   }
   function sum(obj) {
     let s = 0;
@@ -117,6 +133,16 @@
 
   // ---- charts ----
 
+  // The time axis: the page's history, at least a minute, at most 15.
+  function span() {
+    const history = samples[samples.length - 1].t - samples[0].t;
+    return Math.min(HISTORY_SECONDS, Math.max(60, Math.ceil(history / 60) * 60));
+  }
+
+  function fmtAgo(seconds) {
+    return seconds >= 60 ? "−" + seconds / 60 + " min" : "−" + seconds + " s";
+  }
+
   function niceMax(x) {
     if (x <= 0) return 1;
     const p = Math.pow(10, Math.floor(Math.log10(x)));
@@ -124,7 +150,7 @@
     return 10 * p;
   }
 
-  function axes(chart, yMax, yFmt, now) {
+  function axes(chart, yMax, yFmt, now, width) {
     const W = 640, H = 200, L = 44, B = 18;
     chart.replaceChildren();
     for (let i = 0; i <= 4; i++) {
@@ -134,14 +160,15 @@
       label.textContent = yFmt((yMax * i) / 4);
       chart.append(label);
     }
-    for (const m of [15, 10, 5, 0]) {
-      const x = L + (W - L) * (1 - (m * 60) / HISTORY_SECONDS);
-      const label = svg("text", { x, y: H - 3, "text-anchor": m === 0 ? "end" : m === 15 ? "start" : "middle" });
-      label.textContent = m === 0 ? "now" : "−" + m + " min";
+    const step = [10, 15, 30, 60, 120, 300].find((s) => width / s <= 4) || 300;
+    for (let ago = 0; ago <= width; ago += step) {
+      const x = L + (W - L) * (1 - ago / width);
+      const label = svg("text", { x, y: H - 3, "text-anchor": ago === 0 ? "end" : ago === width ? "start" : "middle" });
+      label.textContent = ago === 0 ? "now" : fmtAgo(ago);
       chart.append(label);
     }
     return {
-      x: (t) => L + (W - L) * (1 - (now - t) / HISTORY_SECONDS),
+      x: (t) => L + (W - L) * Math.max(0, 1 - (now - t) / width),
       y: (v) => (H - B) * (1 - v / yMax),
     };
   }
@@ -157,7 +184,7 @@
     let peak = 0;
     for (const s of steps) peak = Math.max(peak, present.reduce((a, d) => a + s.r[d], 0));
     const yMax = niceMax(peak * 1.1);
-    const scale = axes(chart, yMax, fmtRate, now);
+    const scale = axes(chart, yMax, fmtRate, now, span());
     if (steps.length) {
       const base = steps.map(() => 0);
       for (const d of present) {
@@ -179,11 +206,14 @@
   function drawRatio() {
     const chart = $("chart-ratio");
     const now = samples[samples.length - 1].t;
-    // 30 s steps: the first sample of each step against the next step's first.
+    // Steps of 1/30 of the axis (30 s over 15 min): the first sample of
+    // each step against the next step's first.
+    const width = span();
+    const stepSeconds = Math.max(5, Math.round(width / 30 / 5) * 5);
     const marks = [];
     let lastStep = null;
     for (const s of samples) {
-      const step = Math.floor(s.t / RATIO_STEP_SECONDS);
+      const step = Math.floor(s.t / stepSeconds);
       if (step !== lastStep) marks.push(s);
       lastStep = step;
     }
@@ -201,7 +231,8 @@
       }
     }
     const yMax = Math.min(1, niceMax(Math.max(peak * 1.15, 0.05)));
-    const scale = axes(chart, yMax, (v) => Math.round(v * 100) + " %", now);
+    const scale = axes(chart, yMax, (v) => Math.round(v * 100) + " %", now, width);
+    $("ratio-caption").textContent = "· denied / all decisions, " + stepSeconds + " s steps";
     const shadowSeen = series.shadow_denied.some(([, v]) => v > 0);
     $("ratio-shadow-key").hidden = !shadowSeen;
     for (const d of shadowSeen ? ["shadow_denied", "denied"] : ["denied"]) {
@@ -262,6 +293,7 @@
     const filter = $("route-filter").value.trim();
     const tbody = $("routes").tBodies[0];
     const now = last.t;
+    const width = span();
     const shown = [];
     for (const route of routeOrder) {
       const row = routeRow(route);
@@ -293,12 +325,12 @@
         peak = Math.max(peak, sum(rr));
       }
       for (const [t, v, dv] of steps) {
-        const x = (140 * (1 - (now - t) / HISTORY_SECONDS)).toFixed(1);
+        const x = (140 * Math.max(0, 1 - (now - t) / width)).toFixed(1);
         pts.push(x + "," + (23 - (22 * v) / (peak || 1)).toFixed(1));
         dpts.push(x + "," + (23 - (22 * dv) / (peak || 1)).toFixed(1));
       }
-      row.line.setAttribute("points", pts.join(" "));
-      row.denied.setAttribute("points", dpts.join(" "));
+      row.line.setAttribute("points", peak > 0 ? pts.join(" ") : "");
+      row.denied.setAttribute("points", peak > 0 ? dpts.join(" ") : "");
       const top = topByRoute.get(route);
       row.cells.top.replaceChildren(top ? clientButton(top.client) : "");
       if (top) row.cells.top.append(el("span", { class: "err" }, " " + fmtCount(top.denied)));
@@ -311,7 +343,7 @@
     order.sort((a, b) => b.rate - a.rate || b.total - a.total);
     for (const row of order) tbody.append(row.tr);
     $("routes-count").textContent =
-      "· " + routeOrder.length + " (matching order: config's, then default)" + (filter ? ", " + shown.length + " shown" : "");
+      "· " + routeOrder.length + ", busiest first" + (filter ? ", " + shown.length + " shown" : "") + " · denied % over the charts' period";
   }
 
   // ---- top denied clients ----
@@ -325,13 +357,31 @@
     return button;
   }
 
-  function bucketTags(buckets) {
-    if (buckets === null) return [el("span", { class: "err" }, "storage unreachable")];
-    return (buckets || []).map((b) => {
-      const tokens = el("b", { class: b.tokens <= 0 ? "tokens-empty" : "" }, String(b.tokens));
-      const name = b.policy === b.route ? b.route : b.route + " " + b.policy;
-      return el("span", { class: "tag", title: "refills " + b.refill_tokens + " every " + b.refill_period_seconds + " s" }, name + " ", tokens, "/" + b.max_tokens);
+  // The bucket of `route` (a label) with the fewest tokens: bucket routes
+  // are keys, "/login POST" for a route with methods.
+  function lowestBucket(buckets, route) {
+    let lowest = null;
+    for (const b of buckets || []) {
+      if (b.route !== route && !b.route.startsWith(route + " ")) continue;
+      if (!lowest || b.tokens < lowest.tokens) lowest = b;
+    }
+    return lowest;
+  }
+
+  function routeTags(entry) {
+    const routes = Object.entries(entry.routes);
+    const tags = routes.slice(0, 3).map(([route, n]) => {
+      const tag = el("span", { class: "tag" }, route + " ", el("b", {}, fmtCount(n)));
+      const b = lowestBucket(entry.buckets, route);
+      if (b) {
+        tag.title = b.policy + ": " + b.tokens + " of " + b.max_tokens + " tokens, " + fmtRefill(b);
+        tag.append(el("span", { class: "tokens" + (b.tokens <= 0 ? " tokens-empty" : "") }, b.tokens + "/" + b.max_tokens));
+      }
+      return tag;
     });
+    if (routes.length > 3) tags.push(el("span", { class: "muted" }, "+" + (routes.length - 3) + " more"));
+    if (entry.buckets === null) tags.push(el("span", { class: "err" }, " tokens: storage unreachable"));
+    return tags;
   }
 
   function drawClients(answer) {
@@ -339,15 +389,13 @@
     const trs = answer.clients.map((c, i) => {
       const denied = el("td", { class: "num", "data-field": "denied" }, fmtCount(c.denied));
       if (c.error > 0) denied.append(el("span", { class: "err" }, " ±" + fmtCount(c.error)));
-      const routes = Object.entries(c.routes).slice(0, 3).map(([r, n]) => el("span", { class: "tag" }, r + " ", el("b", {}, fmtCount(n))));
       return el(
         "tr",
         { "data-client": c.client },
         el("td", { class: "num" }, String(i + 1)),
-        el("td", {}, clientButton(c.client)),
+        el("td", { class: "client" }, clientButton(c.client)),
         denied,
-        el("td", {}, ...routes),
-        el("td", {}, ...bucketTags(c.buckets))
+        el("td", {}, ...routeTags(c))
       );
     });
     tbody.replaceChildren(...trs);
@@ -408,8 +456,8 @@
           el("td", { class: "route" }, b.route),
           el("td", {}, b.policy + (b.key && b.key !== body.id ? " (" + b.key + ")" : "")),
           el("td", { class: "num" }, el("b", { class: b.tokens <= 0 ? "tokens-empty" : "" }, String(b.tokens)), " / " + b.max_tokens),
-          el("td", {}, b.refill_tokens + " every " + b.refill_period_seconds + " s"),
-          el("td", { class: "num" }, b.held ? b.next_refill_seconds.toFixed(1) + " s" : "full")
+          el("td", {}, fmtRefill(b)),
+          el("td", { class: "num" }, b.held ? fmtDuration(b.next_refill_seconds) : "full")
         )
       );
     }
