@@ -101,6 +101,7 @@
     const sample = {
       t: stats.time,
       totals: stats.totals.decisions,
+      errors: stats.totals.upstream_errors,
       routes,
       inflight: stats.inflight,
       tracked: stats.clients_tracked,
@@ -254,9 +255,18 @@
       $("card-shadow").textContent = fmtRate(r.shadow_denied);
       const all = sum(last.totals) - sum(first.totals);
       $("card-ratio").textContent = all > 0 ? fmtPct((last.totals.denied - first.totals.denied) / all) : "–";
+      const recent = sampleBefore(NOW_SECONDS);
+      const dt = last.t - recent.t;
+      const errors = Object.keys(last.errors).reduce((a, k) => a + last.errors[k] - (recent.errors[k] || 0), 0);
+      $("card-upstream").textContent = dt > 0 ? fmtRate(Math.max(0, errors) / dt) : "–";
+      $("card-upstream").classList.toggle("bad", errors > 0);
       const span = last.t - first.t;
       $("card-ratio-sub").textContent = span >= HISTORY_SECONDS - 5 ? "last 15 min" : "last " + fmtSpan(span) + " (page open)";
     }
+    const kinds = Object.entries(last.errors);
+    $("card-upstream-sub").textContent = kinds.some(([, n]) => n > 0)
+      ? "since start: " + kinds.map(([k, n]) => fmtCount(n) + " " + k).join(", ")
+      : "none since start";
     $("card-inflight").textContent = fmtCount(last.inflight);
     $("card-tracked").textContent = fmtCount(last.tracked);
   }

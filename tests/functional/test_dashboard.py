@@ -27,7 +27,7 @@ from playwright.async_api import (
 )
 
 from tests.conftest import RedisServer, RunningGateway, StartGateway
-from tests.helpers import bucket, limits
+from tests.helpers import bucket, free_port, limits
 
 EXPECT_TIMEOUT_MS = 10_000  # a bound so a broken page fails clearly, not a timing target
 API_KEY = {"identify_by": "header"}
@@ -208,3 +208,17 @@ async def test_the_page_shows_storage_down(
     await page.click("#lookup button")
     await expect(page.locator("#lookup-result")).to_contain_text("storage unreachable")
     await page.screenshot(path=tmp_path / "dashboard-storage-down.png", full_page=True)
+
+
+async def test_the_page_shows_upstream_errors(
+    start_gateway: StartGateway, page: Page, tmp_path: Path
+) -> None:
+    gw = await start_gateway(upstream_url=f"http://127.0.0.1:{free_port()}", clients=API_KEY)
+    await open_dashboard(page, gw)
+    await expect(page.locator("#card-upstream-sub")).to_have_text("none since start")
+    assert await send(gw, "key-a", "/x", 3) == [502] * 3  # nothing listens there
+    await expect(page.locator("#card-upstream-sub")).to_have_text(
+        "since start: 3 connect, 0 timeout, 0 reset"
+    )
+    await expect(page.locator("#card-upstream")).not_to_have_text(NO_RATE)
+    await page.screenshot(path=tmp_path / "dashboard-upstream-down.png", full_page=True)
