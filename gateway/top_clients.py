@@ -161,22 +161,22 @@ class SpaceSaving:
                 raise ValueError(f"cannot merge a sketch of k={part.k} into k={k}")
         out = cls(k)
         out.total = sum(p.total for p in parts)
-        union: set[str] = set()
-        for part in parts:
-            union.update(part._counts)
         floors = [p.floor for p in parts]
-        merged: list[Entry] = []
-        for client in union:
-            count = error = 0
-            for part, floor in zip(parts, floors, strict=True):
-                held = part._counts.get(client)
-                if held is None:
-                    count += floor
-                    error += floor
-                else:
-                    count += held
-                    error += part._errors[client]
-            merged.append((client, count, error))
+        all_floors = sum(floors)
+        # One pass over what each part holds: a client gets what each part
+        # holding it says, less that part's floor; then every part's floor
+        # once, which counts the floor of each part that does not hold it.
+        counts: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        for part, floor in zip(parts, floors, strict=True):
+            part_errors = part._errors
+            for client, held in part._counts.items():
+                counts[client] = counts.get(client, 0) + held - floor
+                errors[client] = errors.get(client, 0) + part_errors[client] - floor
+        merged: list[Entry] = [
+            (client, count + all_floors, errors[client] + all_floors)
+            for client, count in counts.items()
+        ]
         if len(merged) > k:
             merged = heapq.nlargest(k, merged, key=lambda e: (e[1], e[0]))
         out._load(merged)
@@ -260,7 +260,7 @@ class WindowedSpaceSaving:
     Memory: at most ``sub_windows * k`` counters.
     """
 
-    __slots__ = ("_epochs", "_sketches", "k", "sub_window_seconds", "sub_windows")
+    __slots__ = ("_closed", "_epochs", "_sketches", "k", "sub_window_seconds", "sub_windows")
 
     def __init__(self, k: int, sub_window_seconds: float = 60.0, sub_windows: int = 5) -> None:
         if k < 1:
@@ -275,6 +275,10 @@ class WindowedSpaceSaving:
         # None: a slot never used; otherwise the epoch its sketch counts.
         self._epochs: list[int | None] = [None] * sub_windows
         self._sketches: list[SpaceSaving | None] = [None] * sub_windows
+        # The merge of the live sub-windows before the current one, and what
+        # it was made of ((epoch, total) of each): those no longer change, so
+        # a poll merges one cached sketch with the current sub-window's.
+        self._closed: tuple[tuple[tuple[int, int], ...], SpaceSaving] | None = None
 
     def _epoch(self, now: float) -> int:
         return int(now // self.sub_window_seconds)
@@ -302,11 +306,30 @@ class WindowedSpaceSaving:
         ]
 
     def window(self, now: float) -> SpaceSaving:
-        """One sketch of the window ending at ``now`` (the live sub-windows merged)."""
-        live = self._live(now)
-        if len(live) == 1:
-            return live[0]
-        return SpaceSaving.merged(live, self.k)
+        """One sketch of the window ending at ``now`` (the live sub-windows
+        merged). Read only: it may be a sub-window's own sketch."""
+        epoch = self._epoch(now)
+        oldest = epoch - self.sub_windows
+        closed: list[tuple[int, SpaceSaving]] = []
+        current: SpaceSaving | None = None
+        for e, s in zip(self._epochs, self._sketches, strict=True):
+            if s is None or e is None or not oldest < e <= epoch:
+                continue
+            if e == epoch:
+                current = s
+            else:
+                closed.append((e, s))
+        if not closed:
+            return current if current is not None else SpaceSaving(self.k)
+        made_of = tuple(sorted((e, s.total) for e, s in closed))
+        cached = self._closed
+        if cached is None or cached[0] != made_of:
+            sketches = [s for _e, s in closed]
+            merged = sketches[0] if len(sketches) == 1 else SpaceSaving.merged(sketches, self.k)
+            cached = self._closed = (made_of, merged)
+        if current is None:
+            return cached[1]
+        return SpaceSaving.merged((cached[1], current), self.k)
 
     def top(self, n: int, now: float) -> list[Entry]:
         """The ``n`` clients with the largest estimated counts in the window ending at ``now``.
@@ -348,6 +371,7 @@ class WindowedSpaceSaving:
                     by_epoch.setdefault(e, []).append(s)
         self._epochs = [None] * self.sub_windows
         self._sketches = [None] * self.sub_windows
+        self._closed = None
         # Only the newest epoch's window: an older epoch would share a ring
         # slot with a newer one, and is outside every later answer anyway.
         newest = max(by_epoch, default=0)

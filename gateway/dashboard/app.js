@@ -147,7 +147,8 @@
   function niceMax(x) {
     if (x <= 0) return 1;
     const p = Math.pow(10, Math.floor(Math.log10(x)));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= x) return m * p;
+    // Four steps of 0.25, 0.5, 1, 2 or 2.5 x 10^n: round labels.
+    for (const m of [1, 2, 4, 8, 10]) if (m * p >= x - 1e-12) return m * p;
     return 10 * p;
   }
 

@@ -382,3 +382,30 @@ def test_a_merge_drops_the_cached_json() -> None:
     one.merge(two)
     assert one.to_json() != before
     assert _sorted_items(json.loads(one.to_json())) == _sorted_items(one.to_dict())
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    st.lists(
+        st.tuples(st.floats(min_value=0, max_value=900), _clients, st.integers(1, 3)),
+        max_size=80,
+    ),
+    _ks,
+)
+def test_the_window_asked_again_and_again_keeps_the_promises(
+    events: list[tuple[float, str, int]], k: int
+) -> None:
+    """``window`` reuses its merge of the closed sub-windows between polls;
+    asked after every record, as a dashboard polls, every answer still holds."""
+    events.sort(key=lambda e: e[0])
+    window = WindowedSpaceSaving(k, sub_window_seconds=60.0, sub_windows=5)
+    for i, (now, client, count) in enumerate(events):
+        window.record(client, now, count)
+        epoch = int(now // 60.0)
+        live = [(c, n) for t, c, n in events[: i + 1] if epoch - 5 < int(t // 60.0) <= epoch]
+        answer = window.window(now)
+        _check(answer.entries(), _truth(live), k, window.total(now))
+        assert answer.total == window.total(now)
+        # The same answer as a copy that has cached nothing yet.
+        fresh = WindowedSpaceSaving.from_dict(window.to_dict())
+        assert answer.entries() == fresh.window(now).entries()
