@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["SpaceSaving", "TopClients", "WindowedSpaceSaving"]
@@ -257,10 +257,13 @@ class WindowedSpaceSaving:
     previous ``sub_windows - 1``: between (n - 1) and n widths of history,
     4 to 5 minutes by default. An update for a sub-window that has already
     left the ring is dropped (the caller's clock is expected to be monotonic).
-    Memory: at most ``sub_windows * k`` counters.
+    Memory: at most ``sub_windows * k`` counters, and two merged answers of
+    ``k`` kept for the next poll.
     """
 
-    __slots__ = ("_closed", "_epochs", "_sketches", "k", "sub_window_seconds", "sub_windows")
+    __slots__ = (
+        "_closed", "_epochs", "_sketches", "_whole", "k", "sub_window_seconds", "sub_windows",
+    )  # fmt: skip
 
     def __init__(self, k: int, sub_window_seconds: float = 60.0, sub_windows: int = 5) -> None:
         if k < 1:
@@ -279,6 +282,9 @@ class WindowedSpaceSaving:
         # it was made of ((epoch, total) of each): those no longer change, so
         # a poll merges one cached sketch with the current sub-window's.
         self._closed: tuple[tuple[tuple[int, int], ...], SpaceSaving] | None = None
+        # The last answer and what it was made of: a route nobody was denied
+        # on since the last poll costs no merge.
+        self._whole: tuple[tuple[tuple[int, int], ...], SpaceSaving] | None = None
 
     def _epoch(self, now: float) -> int:
         return int(now // self.sub_window_seconds)
@@ -329,7 +335,11 @@ class WindowedSpaceSaving:
             cached = self._closed = (made_of, merged)
         if current is None:
             return cached[1]
-        return SpaceSaving.merged((cached[1], current), self.k)
+        whole_of = (*made_of, (epoch, current.total))
+        whole = self._whole
+        if whole is None or whole[0] != whole_of:
+            whole = self._whole = (whole_of, SpaceSaving.merged((cached[1], current), self.k))
+        return whole[1]
 
     def top(self, n: int, now: float) -> list[Entry]:
         """The ``n`` clients with the largest estimated counts in the window ending at ``now``.
@@ -351,6 +361,13 @@ class WindowedSpaceSaving:
         """The number of counters held over all sub-windows: at most sub_windows * k."""
         return sum(len(s) for s in self._sketches if s is not None)
 
+    def slots(self) -> list[tuple[int, SpaceSaving]]:
+        """(epoch, sketch) of every sub-window held, live or not."""
+        return [
+            (e, s) for e, s in zip(self._epochs, self._sketches, strict=True)
+            if e is not None and s is not None
+        ]  # fmt: skip
+
     def _check_compatible(self, other: WindowedSpaceSaving) -> None:
         mine = (self.k, self.sub_window_seconds, self.sub_windows)
         theirs = (other.k, other.sub_window_seconds, other.sub_windows)
@@ -371,7 +388,7 @@ class WindowedSpaceSaving:
                     by_epoch.setdefault(e, []).append(s)
         self._epochs = [None] * self.sub_windows
         self._sketches = [None] * self.sub_windows
-        self._closed = None
+        self._closed = self._whole = None
         # Only the newest epoch's window: an older epoch would share a ring
         # slot with a newer one, and is outside every later answer anyway.
         newest = max(by_epoch, default=0)
@@ -407,8 +424,15 @@ class WindowedSpaceSaving:
         )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> WindowedSpaceSaving:
-        """The windowed sketch ``to_dict`` described; ValueError when malformed."""
+    def from_dict(
+        cls, data: Mapping[str, Any], known: Mapping[tuple[int, int], SpaceSaving] | None = None
+    ) -> WindowedSpaceSaving:
+        """The windowed sketch ``to_dict`` described; ValueError when malformed.
+
+        ``known``: sub-windows parsed from the same source before, by (epoch,
+        total); one found there is taken as it is, not parsed again (a
+        sub-window's total rises with every count, so equal means unchanged).
+        """
         width = data.get("sub_window_seconds")
         if isinstance(width, bool) or not isinstance(width, int | float):
             raise ValueError(f"sub_window_seconds must be a number, got {width!r}")
@@ -427,7 +451,8 @@ class WindowedSpaceSaving:
             sketch_data = entry.get("sketch")
             if not isinstance(sketch_data, Mapping):
                 raise ValueError("a slot's sketch must be an object")
-            sketch = SpaceSaving.from_dict(sketch_data)
+            seen = None if known is None else known.get((epoch, sketch_data.get("total", -1)))
+            sketch = seen if seen is not None else SpaceSaving.from_dict(sketch_data)
             if sketch.k != out.k:
                 raise ValueError(f"a slot's k={sketch.k} differs from k={out.k}")
             slot = epoch % out.sub_windows
@@ -444,10 +469,12 @@ class TopClients:
     Route labels come from the config, so the bound is a guard, not a policy:
     a record for a new route past it counts overall only (and in
     ``routes_overflow``), unless a route with an empty window can make room.
-    Memory: at most (max_routes + 1) * sub_windows * k counters.
+    Memory: at most (max_routes + 1) * (sub_windows + 2) * k counters (with the
+    merged answers kept for the next poll).
     """
 
     __slots__ = (
+        "_made_of",
         "_routes",
         "k",
         "max_routes",
@@ -477,6 +504,10 @@ class TopClients:
         self.routes_overflow = 0
         # Raised by every record and merge: a writer skips an unchanged state.
         self.version = 0
+        # merged(): the parts each merged sub-window was made of, by (route, epoch).
+        self._made_of: dict[
+            tuple[str | None, int], tuple[tuple[SpaceSaving, ...], SpaceSaving]
+        ] = {}
 
     @property
     def routes(self) -> list[str]:
@@ -573,13 +604,23 @@ class TopClients:
         )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TopClients:
-        """The ``TopClients`` that ``to_dict`` described; ValueError when malformed."""
+    def from_dict(cls, data: Mapping[str, Any], known: TopClients | None = None) -> TopClients:
+        """The ``TopClients`` that ``to_dict`` described; ValueError when malformed.
+
+        ``known``: what the same source described last time; its sub-windows
+        that did not change since are taken as they are, not parsed again.
+        """
         overall_data = data.get("overall")
         routes = data.get("routes")
         if not isinstance(overall_data, Mapping) or not isinstance(routes, Mapping):
             raise ValueError("overall and routes must be objects")
-        overall = WindowedSpaceSaving.from_dict(overall_data)
+
+        def seen(sketch: WindowedSpaceSaving | None) -> dict[tuple[int, int], SpaceSaving]:
+            return {} if sketch is None else {(e, s.total): s for e, s in sketch.slots()}
+
+        overall = WindowedSpaceSaving.from_dict(
+            overall_data, seen(None if known is None else known.overall)
+        )
         out = cls(
             overall.k,
             _int(data.get("max_routes"), "max_routes"),
@@ -593,9 +634,83 @@ class TopClients:
         for route, sketch_data in routes.items():
             if not isinstance(route, str) or not isinstance(sketch_data, Mapping):
                 raise ValueError(f"route {route!r} must map a label to an object")
-            sketch = WindowedSpaceSaving.from_dict(sketch_data)
+            sketch = WindowedSpaceSaving.from_dict(
+                sketch_data, seen(None if known is None else known._routes.get(route))
+            )
             overall._check_compatible(sketch)
             out._routes[route] = sketch
+        return out
+
+    @classmethod
+    def merged(
+        cls, parts: Sequence[TopClients], previous: TopClients | None = None
+    ) -> TopClients:
+        """One ``TopClients`` of several processes' (same shape, same clock).
+
+        ``previous``: the answer of the last call with the same sources. A
+        merged sub-window whose parts are the same objects as then is taken
+        from it, and each window keeps its merge of the closed sub-windows:
+        with the sources parsed by ``from_dict(data, known)``, only the
+        current sub-window's work is done again. Routes past ``max_routes``
+        (by label order) count in ``routes_overflow``.
+        """
+        out = cls()
+        if parts:
+            first = parts[0]
+            out = cls(first.k, first.max_routes, first.sub_window_seconds, first.sub_windows)
+        for part in parts:
+            out.overall._check_compatible(part.overall)
+        out.routes_overflow = sum(p.routes_overflow for p in parts)
+        newest = max((e for p in parts for e, _s in p.overall.slots()), default=0)
+        labels = sorted({r for p in parts for r in p._routes})
+        kept, dropped = labels[: out.max_routes], labels[out.max_routes :]
+        for extra in dropped:
+            out.routes_overflow += sum(
+                s.total
+                for p in parts
+                if extra in p._routes
+                for _e, s in p._routes[extra].slots()
+            )
+        old_made_of = {} if previous is None else previous._made_of
+        label: str | None
+        for label in (None, *kept):
+            windows = [
+                p.overall if label is None else p._routes[label]
+                for p in parts
+                if label is None or label in p._routes
+            ]
+            by_epoch: dict[int, list[SpaceSaving]] = {}
+            for window in windows:
+                for epoch, sketch in window.slots():
+                    if epoch > newest - out.sub_windows:
+                        by_epoch.setdefault(epoch, []).append(sketch)
+            target = out.overall if label is None else WindowedSpaceSaving(
+                out.k, out.sub_window_seconds, out.sub_windows
+            )  # fmt: skip
+            for epoch, sketches in by_epoch.items():
+                made_of = tuple(sketches)
+                before = old_made_of.get((label, epoch))
+                if (
+                    before is not None
+                    and len(before[0]) == len(made_of)
+                    and all(a is b for a, b in zip(before[0], made_of, strict=True))
+                ):
+                    merged = before[1]
+                elif len(made_of) == 1:
+                    merged = made_of[0]
+                else:
+                    merged = SpaceSaving.merged(made_of, out.k)
+                out._made_of[(label, epoch)] = (made_of, merged)
+                slot = epoch % out.sub_windows
+                target._epochs[slot] = epoch
+                target._sketches[slot] = merged
+            if previous is not None:
+                # Their keys say what they were made of: reused only if still so.
+                old = previous.overall if label is None else previous._routes.get(label)
+                if old is not None:
+                    target._closed, target._whole = old._closed, old._whole
+            if label is not None:
+                out._routes[label] = target
         return out
 
 

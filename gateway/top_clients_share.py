@@ -6,7 +6,8 @@ in the workers' shared directory (the one prometheus_client's multiprocess
 mode uses), once a second and only when it changed; a temporary file renamed
 over the old one, so a reader never sees half a file. The supervisor merges
 the files of every worker index when asked, and reuses the merge until a file
-changes. A restarted worker starts from its predecessor's file, so a crash
+changes; when one has, only its changed sub-windows (the current minute's) are
+parsed and merged again. A restarted worker starts from its predecessor's file, so a crash
 does not forget the last minutes' denials. The sketches of every process use
 ``time.monotonic()``, one clock for the whole machine, so their sub-windows
 line up.
@@ -40,8 +41,10 @@ def top_denied_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"top-denied-{index}.json")
 
 
-def _read(path: str) -> TopClients:
-    """The sketches in ``path``; OSError or ValueError when it holds none."""
+def _read(path: str, known: TopClients | None = None) -> TopClients:
+    """The sketches in ``path``; OSError or ValueError when it holds none.
+    ``known``: what the file held last time (its unchanged sub-windows are
+    taken from there, not parsed again)."""
     with open(path, "rb") as file:
         data = file.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
@@ -49,7 +52,7 @@ def _read(path: str) -> TopClients:
     parsed = json.loads(data)
     if not isinstance(parsed, dict):
         raise ValueError("not a JSON object")
-    return TopClients.from_dict(parsed)
+    return TopClients.from_dict(parsed, known)
 
 
 class TopDeniedWriter:
@@ -99,6 +102,7 @@ class SharedTopDenied:
         self._lock = threading.Lock()
         self._stamp: tuple[tuple[int, int] | None, ...] | None = None
         self._merged = TopClients()
+        self._parsed: dict[str, TopClients] = {}
 
     def _file_stamp(self, path: str) -> tuple[int, int] | None:
         try:
@@ -113,13 +117,22 @@ class SharedTopDenied:
             stamp = tuple(self._file_stamp(p) for p in self.paths)
             if stamp == self._stamp:
                 return self._merged
-            merged = TopClients()
+            parts = []
             for path, file_stamp in zip(self.paths, stamp, strict=True):
                 if file_stamp is None:
                     continue  # that worker has denied nobody yet
                 try:
-                    merged.merge(_read(path))
+                    part = _read(path, self._parsed.get(path))
                 except (OSError, ValueError) as exc:
                     log.warning("top denied clients: %s left out: %s", path, exc)
+                    self._parsed.pop(path, None)
+                    continue
+                self._parsed[path] = part
+                parts.append(part)
+            try:
+                merged = TopClients.merged(parts, self._merged)
+            except ValueError as exc:  # workers of another shape: not ours
+                log.warning("top denied clients: workers' files not merged: %s", exc)
+                merged = TopClients()
             self._stamp, self._merged = stamp, merged
             return merged

@@ -341,7 +341,7 @@
         dpts.push(x + "," + (23 - (22 * dv) / (peak || 1)).toFixed(1));
       }
       row.line.setAttribute("points", peak > 0 ? pts.join(" ") : "");
-      row.denied.setAttribute("points", peak > 0 ? dpts.join(" ") : "");
+      row.denied.setAttribute("points", steps.some((step) => step[2] > 0) ? dpts.join(" ") : "");
       const top = topByRoute.get(route);
       row.cells.top.replaceChildren(top ? clientButton(top.client) : "");
       if (top) row.cells.top.append(el("span", { class: "err" }, " " + fmtCount(top.denied)));

@@ -409,3 +409,19 @@ def test_the_window_asked_again_and_again_keeps_the_promises(
         # The same answer as a copy that has cached nothing yet.
         fresh = WindowedSpaceSaving.from_dict(window.to_dict())
         assert answer.entries() == fresh.window(now).entries()
+
+
+def test_merged_parts_keep_routes_within_the_bound() -> None:
+    one, two = TopClients(k=4, max_routes=2), TopClients(k=4, max_routes=2)
+    one.record("a", 10.0, "r1", 4)
+    two.record("a", 20.0, "r1", 2)
+    two.record("b", 20.0, "r2", 3)
+    one.record("c", 20.0, "r3", 1)
+    merged = TopClients.merged([one, two])
+    assert merged.top(5, 30.0) == [("a", 6, 0), ("b", 3, 0), ("c", 1, 0)]
+    assert merged.routes == ["r1", "r2"]
+    assert merged.top(5, 30.0, route="r1") == [("a", 6, 0)]
+    assert merged.routes_overflow == 1  # r3, past max_routes
+    assert TopClients.merged([]).top(5, 30.0) == []
+    with pytest.raises(ValueError, match="cannot merge"):
+        TopClients.merged([one, TopClients(k=5)])

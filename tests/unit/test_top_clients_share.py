@@ -5,14 +5,17 @@ files in the test's tmp dir; time is an argument, no test sleeps."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway import top_clients_share
-from gateway.top_clients import TopClients
+from gateway.top_clients import SpaceSaving, TopClients
 from gateway.top_clients_share import SharedTopDenied, TopDeniedWriter, top_denied_path
 
 
@@ -117,3 +120,45 @@ def test_a_failed_write_is_logged_once_and_retried(
     missing.mkdir()
     writer.write()
     assert Path(writer.path).exists()
+
+
+def _answers(top: TopClients, now: float) -> list[object]:
+    return [top.top(64, now), *(top.top(64, now, route=r) for r in top.routes)]
+
+
+def test_a_read_after_a_change_parses_and_merges_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files rewritten every second change in their current minute only: the
+    supervisor parses that again, not the closed minutes, and its answer is
+    the one a merge from scratch gives."""
+    rng = random.Random(7)
+    tops = [TopClients(k=8), TopClients(k=8)]
+    writers = [
+        TopDeniedWriter(t, top_denied_path(str(tmp_path), i)) for i, t in enumerate(tops)
+    ]
+    shared = SharedTopDenied(str(tmp_path), 2)
+    parsed = 0
+    real_from_dict = SpaceSaving.from_dict.__func__  # type: ignore[attr-defined]
+
+    def counting_from_dict(cls: type[SpaceSaving], data: Any) -> SpaceSaving:
+        nonlocal parsed
+        parsed += 1
+        result: SpaceSaving = real_from_dict(cls, data)
+        return result
+
+    monkeypatch.setattr(SpaceSaving, "from_dict", classmethod(counting_from_dict))
+    for second in range(0, 600, 7):  # ten minutes, a write every 7 s
+        for top in tops:
+            for _ in range(rng.randint(0, 30)):
+                top.record(f"c{rng.randint(0, 20)}", float(second), f"/r{rng.randint(0, 3)}")
+        for writer in writers:
+            writer.write()
+        parsed = 0
+        merged = shared.read()
+        # At most the current sub-window of overall and 4 routes, per worker.
+        assert parsed <= 2 * 5, second
+        fresh = TopClients.merged(
+            [TopClients.from_dict(json.loads(Path(p).read_text())) for p in shared.paths]
+        )
+        assert _answers(merged, float(second)) == _answers(fresh, float(second)), second
