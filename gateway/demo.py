@@ -119,7 +119,8 @@ async def run_demo(listen: str, admin: str) -> None:
             f"ratelimit-gateway demo\n"
             f"  demo upstream : {upstream_url}\n"
             f"  gateway       : {proxy}\n"
-            f"  admin         : {admin_url}\n\n"
+            f"  admin         : {admin_url}\n"
+            f"  dashboard     : {admin_url}/   (open it in a browser)\n\n"
             f"Try:\n"
             f"  curl -i {proxy}/hello            # 5 at once, then 2 per second; then 429\n"
             f"  curl -i -H 'X-API-Key: key-premium-1' {proxy}/hello   # 100 at once\n"
@@ -130,7 +131,8 @@ async def run_demo(listen: str, admin: str) -> None:
             f"  curl -i -H 'X-API-Key: demo-banned' {proxy}/hello    # deny list: 403\n"
             f"  curl -i {proxy}/beta             # shadow mode: never denied, counted\n"
             f"  curl {admin_url}/metrics | grep gateway_requests_total\n"
-            f"  curl {admin_url}/admin/clients/ip:127.0.0.1\n\n"
+            f"  curl {admin_url}/admin/clients/ip:127.0.0.1\n"
+            f"  curl {admin_url}/admin/clients   # who was denied most, last 5 minutes\n\n"
             f"Ctrl-C to stop. Access log follows (JSON lines):",
             flush=True,
         )

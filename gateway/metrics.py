@@ -19,7 +19,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-__all__ = ["DECISIONS", "MULTIPROCESS", "Metrics", "RouteMetrics"]
+__all__ = ["DECISIONS", "MULTIPROCESS", "UPSTREAM_ERROR_KINDS", "Metrics", "RouteMetrics"]
 
 # prometheus_client picks its value store at import from this variable; the
 # supervisor sets it before any worker starts (gateway/workers.py).

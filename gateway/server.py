@@ -17,11 +17,12 @@ import math
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import Metric
 
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
@@ -39,10 +40,12 @@ from gateway.errors import ConfigError
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.redis_store import RedisStore
 from gateway.limiting.refill_clock import RefillClock
+from gateway.limiting.routes import DEFAULT_ROUTE_LABEL
 from gateway.limiting.store import BucketSnapshot, BucketStore
 from gateway.metrics import Metrics
 from gateway.proxy_app import ProxyHandlers
 from gateway.tls import TlsListener
+from gateway.top_clients import TopClients
 from gateway.upstream import Upstream
 
 __all__ = ["Server", "bound_port", "describe_routes", "load_for_reload", "settle_heap"]
@@ -115,10 +118,32 @@ class Server:
     def metrics_registry(self) -> CollectorRegistry:
         return self.metrics.registry
 
-    async def client_buckets(self, client: str) -> list[BucketSnapshot]:
-        snapshot = self.core.snapshot
-        client, ip = snapshot.identifier.normalised_id(client)
-        return await snapshot.limiter.client_buckets(client, ip)
+    @property
+    def workers(self) -> int:
+        return 1
+
+    def route_labels(self) -> list[str]:
+        return [*(r.path_prefix for r in self.config.routes), DEFAULT_ROUTE_LABEL]
+
+    def request_metrics(self) -> Iterable[Metric]:
+        m = self.metrics
+        return [
+            *m.requests.collect(),
+            *m.upstream_errors.collect(),
+            *m.inflight.collect(),
+            *m.clients_tracked.collect(),
+        ]
+
+    async def top_denied(self) -> TopClients:
+        return self.core.top_denied
+
+    def normalised_id(self, client: str) -> tuple[str, str]:
+        return self.core.snapshot.identifier.normalised_id(client)
+
+    async def client_buckets(
+        self, client: str, ip: str, routes: Collection[str] | None = None
+    ) -> list[BucketSnapshot]:
+        return await self.core.snapshot.limiter.client_buckets(client, ip, routes)
 
     def background_parts(self) -> dict[str, Callable[[], bool]]:
         return {

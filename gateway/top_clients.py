@@ -20,7 +20,8 @@ nothing imports from the gateway, so this module sits outside the layers.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["SpaceSaving", "TopClients", "WindowedSpaceSaving"]
@@ -45,7 +46,7 @@ class SpaceSaving:
     hundred), so log k is a handful of comparisons.
     """
 
-    __slots__ = ("_counts", "_errors", "_heap", "k", "total")
+    __slots__ = ("_counts", "_errors", "_heap", "_json", "k", "total")
 
     def __init__(self, k: int) -> None:
         if k < 1:
@@ -55,10 +56,17 @@ class SpaceSaving:
         self._counts: dict[str, int] = {}
         self._errors: dict[str, int] = {}
         self._heap: list[tuple[int, str]] = []
+        # to_json's text and the total it was made at: every change raises
+        # the total (add) or drops the cache (merge).
+        self._json: tuple[int, str] | None = None
 
     def __len__(self) -> int:
         """The number of counters held: never more than ``k``."""
         return len(self._counts)
+
+    def __contains__(self, client: object) -> bool:
+        """Whether ``client`` holds a counter."""
+        return client in self._counts
 
     @property
     def floor(self) -> int:
@@ -153,22 +161,22 @@ class SpaceSaving:
                 raise ValueError(f"cannot merge a sketch of k={part.k} into k={k}")
         out = cls(k)
         out.total = sum(p.total for p in parts)
-        union: set[str] = set()
-        for part in parts:
-            union.update(part._counts)
         floors = [p.floor for p in parts]
-        merged: list[Entry] = []
-        for client in union:
-            count = error = 0
-            for part, floor in zip(parts, floors, strict=True):
-                held = part._counts.get(client)
-                if held is None:
-                    count += floor
-                    error += floor
-                else:
-                    count += held
-                    error += part._errors[client]
-            merged.append((client, count, error))
+        all_floors = sum(floors)
+        # One pass over what each part holds: a client gets what each part
+        # holding it says, less that part's floor; then every part's floor
+        # once, which counts the floor of each part that does not hold it.
+        counts: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        for part, floor in zip(parts, floors, strict=True):
+            part_errors = part._errors
+            for client, held in part._counts.items():
+                counts[client] = counts.get(client, 0) + held - floor
+                errors[client] = errors.get(client, 0) + part_errors[client] - floor
+        merged: list[Entry] = [
+            (client, count + all_floors, errors[client] + all_floors)
+            for client, count in counts.items()
+        ]
         if len(merged) > k:
             merged = heapq.nlargest(k, merged, key=lambda e: (e[1], e[0]))
         out._load(merged)
@@ -177,6 +185,7 @@ class SpaceSaving:
     def merge(self, other: SpaceSaving) -> None:
         """Fold ``other`` (same k) into this sketch, in place."""
         both = SpaceSaving.merged((self, other), self.k)
+        self._json = None
         self.total = both.total
         self._counts, self._errors, self._heap = both._counts, both._errors, both._heap
 
@@ -194,6 +203,23 @@ class SpaceSaving:
             "total": self.total,
             "items": [[c, n, e] for c, n, e in self.entries()],
         }
+
+    def to_json(self) -> str:
+        """``to_dict`` as compact JSON, made again only after a change: a
+        worker rewrites its sketches every second, and only the current
+        sub-window's have changed."""
+        cached = self._json
+        if cached is not None and cached[0] == self.total:
+            return cached[1]
+        errors = self._errors
+        # Unsorted: from_dict does not need the order, and this runs on the
+        # worker's event loop.
+        items = json.dumps(
+            [[c, n, errors[c]] for c, n in self._counts.items()], separators=(",", ":")
+        )
+        text = f'{{"k":{self.k},"total":{self.total},"items":{items}}}'
+        self._json = (self.total, text)
+        return text
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SpaceSaving:
@@ -231,10 +257,13 @@ class WindowedSpaceSaving:
     previous ``sub_windows - 1``: between (n - 1) and n widths of history,
     4 to 5 minutes by default. An update for a sub-window that has already
     left the ring is dropped (the caller's clock is expected to be monotonic).
-    Memory: at most ``sub_windows * k`` counters.
+    Memory: at most ``sub_windows * k`` counters, and two merged answers of
+    ``k`` kept for the next poll.
     """
 
-    __slots__ = ("_epochs", "_sketches", "k", "sub_window_seconds", "sub_windows")
+    __slots__ = (
+        "_closed", "_epochs", "_sketches", "_whole", "k", "sub_window_seconds", "sub_windows",
+    )  # fmt: skip
 
     def __init__(self, k: int, sub_window_seconds: float = 60.0, sub_windows: int = 5) -> None:
         if k < 1:
@@ -249,6 +278,13 @@ class WindowedSpaceSaving:
         # None: a slot never used; otherwise the epoch its sketch counts.
         self._epochs: list[int | None] = [None] * sub_windows
         self._sketches: list[SpaceSaving | None] = [None] * sub_windows
+        # The merge of the live sub-windows before the current one, and what
+        # it was made of ((epoch, total) of each): those no longer change, so
+        # a poll merges one cached sketch with the current sub-window's.
+        self._closed: tuple[tuple[tuple[int, int], ...], SpaceSaving] | None = None
+        # The last answer and what it was made of: a route nobody was denied
+        # on since the last poll costs no merge.
+        self._whole: tuple[tuple[tuple[int, int], ...], SpaceSaving] | None = None
 
     def _epoch(self, now: float) -> int:
         return int(now // self.sub_window_seconds)
@@ -276,11 +312,34 @@ class WindowedSpaceSaving:
         ]
 
     def window(self, now: float) -> SpaceSaving:
-        """One sketch of the window ending at ``now`` (the live sub-windows merged)."""
-        live = self._live(now)
-        if len(live) == 1:
-            return live[0]
-        return SpaceSaving.merged(live, self.k)
+        """One sketch of the window ending at ``now`` (the live sub-windows
+        merged). Read only: it may be a sub-window's own sketch."""
+        epoch = self._epoch(now)
+        oldest = epoch - self.sub_windows
+        closed: list[tuple[int, SpaceSaving]] = []
+        current: SpaceSaving | None = None
+        for e, s in zip(self._epochs, self._sketches, strict=True):
+            if s is None or e is None or not oldest < e <= epoch:
+                continue
+            if e == epoch:
+                current = s
+            else:
+                closed.append((e, s))
+        if not closed:
+            return current if current is not None else SpaceSaving(self.k)
+        made_of = tuple(sorted((e, s.total) for e, s in closed))
+        cached = self._closed
+        if cached is None or cached[0] != made_of:
+            sketches = [s for _e, s in closed]
+            merged = sketches[0] if len(sketches) == 1 else SpaceSaving.merged(sketches, self.k)
+            cached = self._closed = (made_of, merged)
+        if current is None:
+            return cached[1]
+        whole_of = (*made_of, (epoch, current.total))
+        whole = self._whole
+        if whole is None or whole[0] != whole_of:
+            whole = self._whole = (whole_of, SpaceSaving.merged((cached[1], current), self.k))
+        return whole[1]
 
     def top(self, n: int, now: float) -> list[Entry]:
         """The ``n`` clients with the largest estimated counts in the window ending at ``now``.
@@ -302,6 +361,13 @@ class WindowedSpaceSaving:
         """The number of counters held over all sub-windows: at most sub_windows * k."""
         return sum(len(s) for s in self._sketches if s is not None)
 
+    def slots(self) -> list[tuple[int, SpaceSaving]]:
+        """(epoch, sketch) of every sub-window held, live or not."""
+        return [
+            (e, s) for e, s in zip(self._epochs, self._sketches, strict=True)
+            if e is not None and s is not None
+        ]  # fmt: skip
+
     def _check_compatible(self, other: WindowedSpaceSaving) -> None:
         mine = (self.k, self.sub_window_seconds, self.sub_windows)
         theirs = (other.k, other.sub_window_seconds, other.sub_windows)
@@ -322,6 +388,7 @@ class WindowedSpaceSaving:
                     by_epoch.setdefault(e, []).append(s)
         self._epochs = [None] * self.sub_windows
         self._sketches = [None] * self.sub_windows
+        self._closed = self._whole = None
         # Only the newest epoch's window: an older epoch would share a ring
         # slot with a newer one, and is outside every later answer anyway.
         newest = max(by_epoch, default=0)
@@ -344,9 +411,28 @@ class WindowedSpaceSaving:
             ],
         }
 
+    def to_json(self) -> str:
+        """``to_dict`` as compact JSON, from each sub-window's cached text."""
+        slots = ",".join(
+            f'{{"epoch":{e},"sketch":{s.to_json()}}}'
+            for e, s in zip(self._epochs, self._sketches, strict=True)
+            if e is not None and s is not None
+        )
+        return (
+            f'{{"k":{self.k},"sub_window_seconds":{json.dumps(self.sub_window_seconds)},'
+            f'"sub_windows":{self.sub_windows},"slots":[{slots}]}}'
+        )
+
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> WindowedSpaceSaving:
-        """The windowed sketch ``to_dict`` described; ValueError when malformed."""
+    def from_dict(
+        cls, data: Mapping[str, Any], known: Mapping[tuple[int, int], SpaceSaving] | None = None
+    ) -> WindowedSpaceSaving:
+        """The windowed sketch ``to_dict`` described; ValueError when malformed.
+
+        ``known``: sub-windows parsed from the same source before, by (epoch,
+        total); one found there is taken as it is, not parsed again (a
+        sub-window's total rises with every count, so equal means unchanged).
+        """
         width = data.get("sub_window_seconds")
         if isinstance(width, bool) or not isinstance(width, int | float):
             raise ValueError(f"sub_window_seconds must be a number, got {width!r}")
@@ -365,7 +451,8 @@ class WindowedSpaceSaving:
             sketch_data = entry.get("sketch")
             if not isinstance(sketch_data, Mapping):
                 raise ValueError("a slot's sketch must be an object")
-            sketch = SpaceSaving.from_dict(sketch_data)
+            seen = None if known is None else known.get((epoch, sketch_data.get("total", -1)))
+            sketch = seen if seen is not None else SpaceSaving.from_dict(sketch_data)
             if sketch.k != out.k:
                 raise ValueError(f"a slot's k={sketch.k} differs from k={out.k}")
             slot = epoch % out.sub_windows
@@ -382,10 +469,12 @@ class TopClients:
     Route labels come from the config, so the bound is a guard, not a policy:
     a record for a new route past it counts overall only (and in
     ``routes_overflow``), unless a route with an empty window can make room.
-    Memory: at most (max_routes + 1) * sub_windows * k counters.
+    Memory: at most (max_routes + 1) * (sub_windows + 2) * k counters (with the
+    merged answers kept for the next poll).
     """
 
     __slots__ = (
+        "_made_of",
         "_routes",
         "k",
         "max_routes",
@@ -393,6 +482,7 @@ class TopClients:
         "routes_overflow",
         "sub_window_seconds",
         "sub_windows",
+        "version",
     )
 
     def __init__(
@@ -412,6 +502,12 @@ class TopClients:
         self._routes: dict[str, WindowedSpaceSaving] = {}
         # Counts left out of the per-route sketches for want of room, ever.
         self.routes_overflow = 0
+        # Raised by every record and merge: a writer skips an unchanged state.
+        self.version = 0
+        # merged(): the parts each merged sub-window was made of, by (route, epoch).
+        self._made_of: dict[
+            tuple[str | None, int], tuple[tuple[SpaceSaving, ...], SpaceSaving]
+        ] = {}
 
     @property
     def routes(self) -> list[str]:
@@ -434,6 +530,7 @@ class TopClients:
 
     def record(self, client: str, now: float, route: str | None = None, count: int = 1) -> None:
         """Count ``count`` denials of ``client`` at ``now``, overall and under ``route``."""
+        self.version += 1
         self.overall.record(client, now, count)
         if route is None:
             return
@@ -450,6 +547,13 @@ class TopClients:
         sketch = self._routes.get(route)
         return [] if sketch is None else sketch.top(n, now)
 
+    def route_window(self, route: str, now: float) -> SpaceSaving | None:
+        """``route``'s sketch of the window ending at ``now`` (None: no sketch,
+        an empty one when nothing was denied there in the window). Read only:
+        it may be a live sub-window's own sketch."""
+        sketch = self._routes.get(route)
+        return None if sketch is None else sketch.window(now)
+
     def entries(self) -> int:
         """The number of counters held, over every sketch."""
         return self.overall.entries() + sum(s.entries() for s in self._routes.values())
@@ -460,6 +564,7 @@ class TopClients:
         Routes new to this side are taken while there is room; the counts of
         the rest go to ``routes_overflow`` (their share of overall is kept).
         """
+        self.version += 1
         self.overall.merge(other.overall)
         self.routes_overflow += other.routes_overflow
         for route in sorted(other._routes):
@@ -486,14 +591,36 @@ class TopClients:
             "routes": {r: s.to_dict() for r, s in self._routes.items()},
         }
 
+    def to_json(self) -> str:
+        """``to_dict`` as compact JSON; each sub-window's text is made again
+        only after it changed, so a worker's once-a-second write costs the
+        current sub-window's sketches, not all of them."""
+        routes = ",".join(f"{json.dumps(r)}:{s.to_json()}" for r, s in self._routes.items())
+        return (
+            f'{{"k":{self.k},"max_routes":{self.max_routes},'
+            f'"sub_window_seconds":{json.dumps(self.sub_window_seconds)},'
+            f'"sub_windows":{self.sub_windows},"routes_overflow":{self.routes_overflow},'
+            f'"overall":{self.overall.to_json()},"routes":{{{routes}}}}}'
+        )
+
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TopClients:
-        """The ``TopClients`` that ``to_dict`` described; ValueError when malformed."""
+    def from_dict(cls, data: Mapping[str, Any], known: TopClients | None = None) -> TopClients:
+        """The ``TopClients`` that ``to_dict`` described; ValueError when malformed.
+
+        ``known``: what the same source described last time; its sub-windows
+        that did not change since are taken as they are, not parsed again.
+        """
         overall_data = data.get("overall")
         routes = data.get("routes")
         if not isinstance(overall_data, Mapping) or not isinstance(routes, Mapping):
             raise ValueError("overall and routes must be objects")
-        overall = WindowedSpaceSaving.from_dict(overall_data)
+
+        def seen(sketch: WindowedSpaceSaving | None) -> dict[tuple[int, int], SpaceSaving]:
+            return {} if sketch is None else {(e, s.total): s for e, s in sketch.slots()}
+
+        overall = WindowedSpaceSaving.from_dict(
+            overall_data, seen(None if known is None else known.overall)
+        )
         out = cls(
             overall.k,
             _int(data.get("max_routes"), "max_routes"),
@@ -507,9 +634,83 @@ class TopClients:
         for route, sketch_data in routes.items():
             if not isinstance(route, str) or not isinstance(sketch_data, Mapping):
                 raise ValueError(f"route {route!r} must map a label to an object")
-            sketch = WindowedSpaceSaving.from_dict(sketch_data)
+            sketch = WindowedSpaceSaving.from_dict(
+                sketch_data, seen(None if known is None else known._routes.get(route))
+            )
             overall._check_compatible(sketch)
             out._routes[route] = sketch
+        return out
+
+    @classmethod
+    def merged(
+        cls, parts: Sequence[TopClients], previous: TopClients | None = None
+    ) -> TopClients:
+        """One ``TopClients`` of several processes' (same shape, same clock).
+
+        ``previous``: the answer of the last call with the same sources. A
+        merged sub-window whose parts are the same objects as then is taken
+        from it, and each window keeps its merge of the closed sub-windows:
+        with the sources parsed by ``from_dict(data, known)``, only the
+        current sub-window's work is done again. Routes past ``max_routes``
+        (by label order) count in ``routes_overflow``.
+        """
+        out = cls()
+        if parts:
+            first = parts[0]
+            out = cls(first.k, first.max_routes, first.sub_window_seconds, first.sub_windows)
+        for part in parts:
+            out.overall._check_compatible(part.overall)
+        out.routes_overflow = sum(p.routes_overflow for p in parts)
+        newest = max((e for p in parts for e, _s in p.overall.slots()), default=0)
+        labels = sorted({r for p in parts for r in p._routes})
+        kept, dropped = labels[: out.max_routes], labels[out.max_routes :]
+        for extra in dropped:
+            out.routes_overflow += sum(
+                s.total
+                for p in parts
+                if extra in p._routes
+                for _e, s in p._routes[extra].slots()
+            )
+        old_made_of = {} if previous is None else previous._made_of
+        label: str | None
+        for label in (None, *kept):
+            windows = [
+                p.overall if label is None else p._routes[label]
+                for p in parts
+                if label is None or label in p._routes
+            ]
+            by_epoch: dict[int, list[SpaceSaving]] = {}
+            for window in windows:
+                for epoch, sketch in window.slots():
+                    if epoch > newest - out.sub_windows:
+                        by_epoch.setdefault(epoch, []).append(sketch)
+            target = out.overall if label is None else WindowedSpaceSaving(
+                out.k, out.sub_window_seconds, out.sub_windows
+            )  # fmt: skip
+            for epoch, sketches in by_epoch.items():
+                made_of = tuple(sketches)
+                before = old_made_of.get((label, epoch))
+                if (
+                    before is not None
+                    and len(before[0]) == len(made_of)
+                    and all(a is b for a, b in zip(before[0], made_of, strict=True))
+                ):
+                    merged = before[1]
+                elif len(made_of) == 1:
+                    merged = made_of[0]
+                else:
+                    merged = SpaceSaving.merged(made_of, out.k)
+                out._made_of[(label, epoch)] = (made_of, merged)
+                slot = epoch % out.sub_windows
+                target._epochs[slot] = epoch
+                target._sketches[slot] = merged
+            if previous is not None:
+                # Their keys say what they were made of: reused only if still so.
+                old = previous.overall if label is None else previous._routes.get(label)
+                if old is not None:
+                    target._closed, target._whole = old._closed, old._whole
+            if label is not None:
+                out._routes[label] = target
         return out
 
 

@@ -7,7 +7,10 @@ SO_REUSEPORT's fixed hashing onto a stalled process). Workers are fresh
 interpreters (``python -m gateway worker``), never forks of a process with a
 running event loop. The supervisor serves the admin listener: one /metrics
 summing every worker (prometheus_client multiprocess mode), /healthz naming a
-dead worker, /readyz, and /admin/clients/{id} read from the shared store.
+dead worker, /readyz, /admin/stats from the same counter files,
+/admin/clients merging the files each worker writes its top denied clients
+to (gateway/top_clients_share.py), and /admin/clients/{id} read from the
+shared store.
 
 Signals: SIGTERM/SIGINT are forwarded (each worker drains), and the
 supervisor waits ``drain_timeout`` plus a margin before killing stragglers;
@@ -19,6 +22,7 @@ that dies is restarted, logged and counted (gateway_workers_restarted_total).
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 import os
 import shutil
@@ -26,12 +30,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.metrics_core import Metric
 
 from gateway.admin_app import build_admin_app
 from gateway.clients import ClientIdentifier
@@ -41,9 +46,12 @@ from gateway.limiting.limiter import Limiter
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.redis_store import RedisStore
 from gateway.limiting.refill_clock import RefillClock
+from gateway.limiting.routes import DEFAULT_ROUTE_LABEL
 from gateway.limiting.store import BucketSnapshot
 from gateway.metrics import Metrics
 from gateway.server import Server, bound_port, describe_routes, load_for_reload
+from gateway.top_clients import TopClients
+from gateway.top_clients_share import SharedTopDenied, TopDeniedWriter, top_denied_path
 
 __all__ = ["Supervisor", "run_worker"]
 
@@ -95,6 +103,7 @@ class Supervisor:
         self._store = RedisStore(config.storage, self._local)
         self._limiter = Limiter(config, self._clock, self._store)
         self._identifier = ClientIdentifier(config.clients)
+        self._top_denied = SharedTopDenied(metrics_dir, config.workers)
 
     # -- admin_app.AdminView --
 
@@ -114,9 +123,33 @@ class Supervisor:
             "not_draining": not self._stopping,
         }
 
-    async def client_buckets(self, client: str) -> list[BucketSnapshot]:
-        client, ip = self._identifier.normalised_id(client)
-        return await self._limiter.client_buckets(client, ip)
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    def route_labels(self) -> list[str]:
+        return [*(r.path_prefix for r in self.config.routes), DEFAULT_ROUTE_LABEL]
+
+    def request_metrics(self) -> Iterable[Metric]:
+        # Only the files /admin/stats reads from (counters, and the gauges
+        # summed over live workers), not the histograms /metrics adds up.
+        files = [
+            *glob.glob(os.path.join(self.metrics_dir, "counter_*.db")),
+            *glob.glob(os.path.join(self.metrics_dir, "gauge_livesum_*.db")),
+        ]
+        merged: Iterable[Metric] = prometheus_multiprocess.MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call]
+        return merged
+
+    async def top_denied(self) -> TopClients:
+        return await asyncio.to_thread(self._top_denied.read)
+
+    def normalised_id(self, client: str) -> tuple[str, str]:
+        return self._identifier.normalised_id(client)
+
+    async def client_buckets(
+        self, client: str, ip: str, routes: Collection[str] | None = None
+    ) -> list[BucketSnapshot]:
+        return await self._limiter.client_buckets(client, ip, routes)
 
     # -- lifecycle --
 
@@ -294,6 +327,13 @@ def run_worker(config_path: str, fd: int, index: int, ready_fd: int | None = Non
                 os.close(ready_fd)
 
         server.clock.on_second(check_parent)
+        # The supervisor merges every worker's top denied clients from these
+        # files (gateway/top_clients_share.py).
+        shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared_dir:
+            writer = TopDeniedWriter(server.core.top_denied, top_denied_path(shared_dir, index))
+            writer.resume()
+            server.clock.on_second(writer.write)
         await server.serve(on_ready=tell_supervisor)
 
     run_loop(serve())

@@ -172,6 +172,15 @@ async def admin_buckets(
     return {b["route"]: b for b in body["buckets"]}
 
 
+async def admin_client(
+    http: aiohttp.ClientSession, admin_url: str, client: str
+) -> tuple[int, dict[str, Any]]:
+    """/admin/clients/{client}: its status and body (404 when not tracked)."""
+    async with http.get(f"{admin_url}/admin/clients/{client}") as response:
+        body: dict[str, Any] = await response.json()
+        return response.status, body
+
+
 # --------------------------------------------------------------------------- /metrics
 
 
@@ -475,6 +484,14 @@ class GatewayProcess:
         """The admin listener's status for ``path``; 0 when it does not answer."""
         async with aiohttp.ClientSession() as session:
             return await http_status(session, self.admin + path)
+
+    async def admin_json(self, path: str) -> tuple[int, Any]:
+        """The admin listener's status and JSON body for ``path``."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.admin + path) as response,
+        ):
+            return response.status, await response.json()
 
 
 # --------------------------------------------------------------------------- redis

@@ -13,7 +13,7 @@ caller does with a denial: shadow decides and counts exactly like enforce
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -164,20 +164,24 @@ class Limiter:
         if decision.limits is not None and decision.keys:
             self.store.give_back(decision.keys, decision.limits.limits, decision.cost)
 
-    async def client_buckets(self, client: str, ip: str) -> list[BucketSnapshot]:
+    async def client_buckets(
+        self, client: str, ip: str, routes: Collection[str] | None = None
+    ) -> list[BucketSnapshot]:
         """Every limited route's buckets of ``client`` whose network is ``ip``
         ("" when unknown: limits keyed on the ip or a header are left out),
-        full when never seen."""
+        as a request would find them (full when the store holds none: see
+        ``BucketSnapshot.held``). ``routes``: only the routes of these labels.
+        Raises StorageError when the store cannot be read."""
         identity = Client(client, ip, _NO_FIELDS)
         snapshots = []
         for route in (self.routes.default, *self.routes.routes):
+            if routes is not None and route.label not in routes:
+                continue
             limits = self.limits_for(route, client)
             if limits is None:
                 continue
             for key, limit in zip(limits.keys(identity), limits.limits, strict=True):
                 if not ip and any(part != "client" and part != "route" for part in limit.per):
                     continue
-                snapshot = await self.store.snapshot(key, limit)
-                if snapshot is not None:
-                    snapshots.append(snapshot)
+                snapshots.append(await self.store.snapshot(key, limit))
         return snapshots

@@ -197,7 +197,7 @@ class MemoryStore:
             del buckets[key]
             self._on_evict("idle")
 
-    async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot | None:
+    async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot:
         bucket = self._buckets.get(key)
         spec = limit.spec
         if bucket is None:
@@ -217,4 +217,5 @@ class MemoryStore:
             refill_tokens=spec.refill_tokens,
             refill_period_seconds=spec.refill_period_seconds,
             next_refill_seconds=round(self._clock.seconds_to_next(limit.ticker), 3),
+            held=bucket is not None,
         )

@@ -34,6 +34,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from gateway.config.model import StorageConfig
+from gateway.errors import StorageError
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.policy import Limit
 from gateway.limiting.store import BucketKey, BucketSnapshot, TakeResult
@@ -331,14 +332,21 @@ class RedisStore:
             )
         return TakeResult(True, [limit.spec.max_tokens for limit in limits], [0.0] * n, 0.0, 0)
 
-    async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot | None:
+    async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot:
         spec = limit.spec
+        name = redis_key(key)
+        held = False
+        tokens, to_next_ms = spec.max_tokens, 0
         try:
             async with asyncio.timeout(self.config.timeout_seconds):
+                # A missing key is a full bucket nobody holds: the admin view
+                # says so rather than showing it like a client's own.
+                held = bool(await self._client.exists(name))
                 # One look through the take script (max_wait -1: nothing
-                # taken or written), so the settling is written once.
+                # taken or written), so the settling is written once; it
+                # also gives the time to the next refill of a missing key.
                 reply = await self._take_script(
-                    keys=[redis_key(key)],
+                    keys=[name],
                     args=[
                         self._script_now(), 1, 0, -1,
                         round(spec.refill_period_seconds * 1000),
@@ -347,8 +355,8 @@ class RedisStore:
                     ],
                 )  # fmt: skip
                 tokens, to_next_ms = reply[3], reply[4]
-        except (RedisError, OSError, TimeoutError):
-            return None
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageError(f"redis: {str(exc) or type(exc).__name__}") from None
         return BucketSnapshot(
             route=key[0],
             policy=limit.name,
@@ -358,6 +366,7 @@ class RedisStore:
             refill_tokens=spec.refill_tokens,
             refill_period_seconds=spec.refill_period_seconds,
             next_refill_seconds=int(to_next_ms) / 1000,
+            held=held,
         )
 
 

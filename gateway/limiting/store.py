@@ -44,7 +44,9 @@ class TakeResult:
 
 @dataclass(frozen=True, slots=True)
 class BucketSnapshot:
-    """A bucket as ``/admin/clients/{id}`` shows it."""
+    """A bucket as ``/admin/clients/{id}`` shows it. ``held``: the store
+    holds this bucket; when False it shows what a first request would find
+    (a full bucket)."""
 
     route: str
     policy: str
@@ -54,6 +56,7 @@ class BucketSnapshot:
     refill_period_seconds: float
     next_refill_seconds: float
     key: str = ""
+    held: bool = True
 
 
 class BucketStore(Protocol):
@@ -91,7 +94,10 @@ class BucketStore(Protocol):
         not charge. Fire and forget: a failure loses the refund, nothing else."""
         ...
 
-    async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot | None: ...
+    async def snapshot(self, key: BucketKey, limit: Limit) -> BucketSnapshot:
+        """``key``'s bucket as a request would find it now, nothing taken.
+        Raises StorageError when the backend cannot be read."""
+        ...
 
     @property
     def tracked(self) -> int: ...

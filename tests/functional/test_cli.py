@@ -230,6 +230,14 @@ async def test_demo_serves_what_its_banner_suggests(http: aiohttp.ClientSession)
             assert response.status == 200
             buckets = (await response.json())["buckets"]
         assert [b["max_tokens"] for b in buckets if b["route"] == "default"] == [5]
+        # The banner's dashboard and top list, as a newcomer would open them.
+        assert f"dashboard     : {admin}/ " in banner
+        async with http.get(admin + "/") as response:
+            assert response.status == 200
+            assert "<title>ratelimit-gateway</title>" in await response.text()
+        async with http.get(admin + "/admin/clients") as response:
+            clients = (await response.json())["clients"]
+        assert [c["client"] for c in clients] == ["ip:127.0.0.1"]
     finally:
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(CLI_TIMEOUT_SECONDS):

@@ -532,9 +532,22 @@ async def test_admin_client_shows_tokens(
     assert by_route["/login"]["tokens"] == 4
     assert by_route["/login"]["max_tokens"] == 5
 
-    # An unseen client has full buckets.
-    unseen = await admin_buckets(http, gw.admin_url, "nobody")
-    assert {route: b["tokens"] for route, b in unseen.items()} == {"default": 10, "/login": 5}
+    assert all(b["held"] for b in by_route.values())
+
+    # An id the gateway holds no bucket for (a typo, a client not seen) says
+    # so with a 404, rather than looking like a client with full buckets.
+    async with http.get(gw.admin_url + "/admin/clients/nobody") as response:
+        assert response.status == 404
+        assert await response.json() == {
+            "client": "nobody", "id": "nobody", "tracked": False, "denied": None, "buckets": []
+        }  # fmt: skip
+    # A client held on one route only: the other route's bucket shows what a
+    # request would find there, full, and not held.
+    await sequential(http, gw.url + "/x", 1, headers={"X-API-Key": "acct-7"})
+    partly = await admin_buckets(http, gw.admin_url, "acct-7")
+    assert {r: (b["tokens"], b["held"]) for r, b in partly.items()} == {
+        "default": (9, True), "/login": (5, False)
+    }  # fmt: skip
 
 
 async def test_admin_health_and_readiness(

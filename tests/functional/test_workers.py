@@ -421,3 +421,102 @@ async def test_the_supervisor_logs_one_line_per_route(
     async with running_gateway(tmp_path, config) as gw:
         output = gw.output()
     assert output.count("route /login") == 1, output
+
+
+def worker_index(pid: int) -> int:
+    """The ``--index`` a worker was started with, from /proc."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return int(argv[argv.index(b"--index") + 1])
+
+
+def shared_dir(pid: int) -> Path:
+    """The directory a worker shares with its supervisor (metrics, top denied)."""
+    for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR="):
+            return Path(entry.split(b"=", 1)[1].decode())
+    raise AssertionError(f"worker {pid} has no PROMETHEUS_MULTIPROC_DIR")
+
+
+async def keyed_requests(url: str, key: str, count: int) -> list[int]:
+    """``count`` GETs with ``X-API-Key: key``, each on a new connection."""
+    statuses = []
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(count):
+            async with session.get(url, headers={"X-API-Key": key}) as response:
+                await response.read()
+                statuses.append(response.status)
+    return statuses
+
+
+async def test_admin_views_are_one_answer_for_every_worker(
+    tmp_path: Path, upstream: TestServer, redis_server: RedisServer, rds: redis.Redis
+) -> None:
+    config = workers_config(
+        upstream, redis_server, tmp_path,
+        clients={"identify_by": "header"},
+        limits={"default": bucket(2)},
+        routes=[{"path_prefix": "/api", "limit": bucket(1)}],
+    )  # fmt: skip
+    async with running_gateway(tmp_path, config) as gw:
+        workers = children(gw.process.pid)
+        first, second = sorted(workers)
+        await clear_of_hour_boundary(rds, needed_seconds=30.0)
+        # Each worker denies on its own; the supervisor answers for both.
+        with only_serving(gw.process.pid, first, workers):
+            assert await keyed_requests(gw.proxy + "/api", "key-a", 5) == [200] + [429] * 4
+        with only_serving(gw.process.pid, second, workers):
+            assert await keyed_requests(gw.proxy + "/api", "key-a", 3) == [429] * 3
+            assert await keyed_requests(gw.proxy + "/x", "key-b", 4) == [200] * 2 + [429] * 2
+
+        async def both_merged() -> bool:
+            status, body = await gw.admin_json("/admin/clients")
+            return status == 200 and [(c["client"], c["denied"]) for c in body["clients"]] == [
+                ("key-a", 7),
+                ("key-b", 2),
+            ]
+
+        await wait_until(both_merged, "both workers' denials in /admin/clients", gw.output)
+        _status, body = await gw.admin_json("/admin/clients")
+        assert (body["workers"], body["denied_total"]) == (2, 9)
+        key_a = body["clients"][0]
+        assert key_a["routes"] == {"/api": 7}
+        assert [(b["route"], b["tokens"], b["held"]) for b in key_a["buckets"]] == [
+            ("/api", 0, True)  # read from the shared redis by the supervisor
+        ]
+        assert {r["route"]: r["denied_total"] for r in body["routes"]} == {
+            "/api": 7,
+            "default": 2,
+        }
+        status, client = await gw.admin_json("/admin/clients/key-a")
+        assert (status, client["denied"]) == (200, {"count": 7, "error": 0})
+        status, stats = await gw.admin_json("/admin/stats")
+        assert status == 200
+        assert stats["workers"] == 2
+        decisions = {
+            r["route"]: {d: n for d, n in r["decisions"].items() if n} for r in stats["routes"]
+        }
+        assert decisions == {
+            "/api": {"allowed": 1, "denied": 7},
+            "default": {"allowed": 2, "denied": 2},
+        }
+
+        # A killed worker's denials outlive it: its replacement resumes its
+        # file, then rewrites it (an empty sketch would drop key-a to 3).
+        path = shared_dir(first) / f"top-denied-{worker_index(first)}.json"
+        before = path.stat()
+        os.kill(first, signal.SIGKILL)
+
+        async def rewritten() -> bool:
+            now = path.stat()
+            return (now.st_ino, now.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
+
+        await wait_until(rewritten, f"the replacement worker to rewrite {path}", gw.output)
+        assert first not in children(gw.process.pid)
+        _status, body = await gw.admin_json("/admin/clients")
+        assert [(c["client"], c["denied"]) for c in body["clients"]] == [
+            ("key-a", 7),
+            ("key-b", 2),
+        ]
+    assert gw.process.returncode == 0, gw.output()
+    assert "Traceback" not in gw.output()

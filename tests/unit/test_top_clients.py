@@ -315,3 +315,113 @@ def test_top_clients_of_two_workers_merge_through_json() -> None:
     assert merged.routes_overflow == 3
     with pytest.raises(ValueError, match="cannot merge"):
         merged.merge(TopClients(k=5, max_routes=2))
+
+
+def _sorted_items(data: object) -> object:
+    """``data`` with every sketch's items in one order (to_json leaves them unsorted)."""
+    if isinstance(data, dict):
+        return {k: sorted(v) if k == "items" else _sorted_items(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_sorted_items(v) for v in data]
+    return data
+
+
+_records = st.lists(
+    st.tuples(
+        _clients,
+        st.floats(min_value=0.0, max_value=900.0),
+        st.sampled_from(["/a", "/b", "default", 'q"uote']),
+    ),
+    max_size=120,
+)
+
+
+@settings(deadline=None, max_examples=60)
+@given(_records, _records)
+def test_to_json_is_to_dict_and_its_cache_follows_every_change(
+    first: list[tuple[str, float, str]], then: list[tuple[str, float, str]]
+) -> None:
+    top = TopClients(k=3, max_routes=3, sub_window_seconds=60.0, sub_windows=5)
+    for records in (first, then):
+        # A monotonic clock, as the gateway's.
+        for client, now, route in sorted(records, key=lambda r: r[1]):
+            top.record(client, now, route)
+        text = top.to_json()
+        assert _sorted_items(json.loads(text)) == _sorted_items(top.to_dict())
+        again = TopClients.from_dict(json.loads(text))
+        assert _sorted_items(again.to_dict()) == _sorted_items(top.to_dict())
+
+
+def test_version_counts_changes_and_route_window_reads_one_route() -> None:
+    top = TopClients(k=2, max_routes=4)
+    assert top.version == 0
+    top.record("a", 10.0, "/r")
+    top.record("a", 11.0, "/r")
+    top.record("b", 70.0, "/s")
+    assert top.version == 3
+    other = TopClients(k=2, max_routes=4)
+    top.merge(other)
+    assert top.version == 4
+    window = top.route_window("/r", 100.0)
+    assert window is not None
+    assert "a" in window
+    assert "b" not in window
+    assert (window.total, window.estimate("a")) == (2, (2, 0))
+    assert top.route_window("/nowhere", 100.0) is None
+    # Five minutes later /r's window is empty, but the route keeps its sketch.
+    late = top.route_window("/r", 400.0)
+    assert late is not None
+    assert late.total == 0
+
+
+def test_a_merge_drops_the_cached_json() -> None:
+    one, two = SpaceSaving(2), SpaceSaving(2)
+    one.add("a", 3)
+    before = one.to_json()
+    two.add("b")
+    one.merge(two)
+    assert one.to_json() != before
+    assert _sorted_items(json.loads(one.to_json())) == _sorted_items(one.to_dict())
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    st.lists(
+        st.tuples(st.floats(min_value=0, max_value=900), _clients, st.integers(1, 3)),
+        max_size=80,
+    ),
+    _ks,
+)
+def test_the_window_asked_again_and_again_keeps_the_promises(
+    events: list[tuple[float, str, int]], k: int
+) -> None:
+    """``window`` reuses its merge of the closed sub-windows between polls;
+    asked after every record, as a dashboard polls, every answer still holds."""
+    events.sort(key=lambda e: e[0])
+    window = WindowedSpaceSaving(k, sub_window_seconds=60.0, sub_windows=5)
+    for i, (now, client, count) in enumerate(events):
+        window.record(client, now, count)
+        epoch = int(now // 60.0)
+        live = [(c, n) for t, c, n in events[: i + 1] if epoch - 5 < int(t // 60.0) <= epoch]
+        answer = window.window(now)
+        _check(answer.entries(), _truth(live), k, window.total(now))
+        assert answer.total == window.total(now)
+        # The same answer as a copy that has cached nothing yet.
+        fresh = WindowedSpaceSaving.from_dict(window.to_dict())
+        assert answer.entries() == fresh.window(now).entries()
+
+
+def test_merged_parts_keep_routes_within_the_bound() -> None:
+    one, two = TopClients(k=4, max_routes=2), TopClients(k=4, max_routes=2)
+    one.record("a", 10.0, "r1", 4)
+    two.record("a", 20.0, "r1", 2)
+    two.record("b", 20.0, "r2", 3)
+    one.record("c", 20.0, "r3", 1)
+    merged = TopClients.merged([one, two])
+    assert merged.top(5, 30.0) == [("a", 6, 0), ("b", 3, 0), ("c", 1, 0)]
+    assert merged.routes == ["r1", "r2"]
+    assert merged.top(5, 30.0, route="r1") == [("a", 6, 0)]
+    assert merged.routes_overflow == 1  # r3, past max_routes
+    assert TopClients.merged([]).top(5, 30.0) == []
+    with pytest.raises(ValueError, match="cannot merge"):
+        TopClients.merged([one, TopClients(k=5)])
