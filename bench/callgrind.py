@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -130,7 +131,7 @@ def _wait_for(port: int, timeout: float) -> None:
 
 
 def measure(src: Path, method: str, limits: dict[str, object], upstream: int, tmp: Path,
-            requests: int, warmup: int) -> float:  # fmt: skip
+            requests: int, warmup: int, keep: Path | None = None) -> float:  # fmt: skip
     port = free_port()
     config = tmp / f"gw-{port}.yaml"
     config.write_text(
@@ -172,6 +173,9 @@ def measure(src: Path, method: str, limits: dict[str, object], upstream: int, tm
         # The dump taken around the measured requests, not the one at exit.
         if found and dump.name != out.name:
             total += int(found.group(1))
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(dump, keep / f"{src.name}.{method}.{dump.name}")
     return total / requests
 
 
@@ -181,6 +185,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--case", action="append", help="only these cases (repeat)")
+    parser.add_argument(
+        "--keep", type=Path, help="copy the measured dumps here (for callgrind_annotate)"
+    )
     args = parser.parse_args()
     sources = [
         path.resolve() for path in (args.src or [Path(__file__).resolve().parent.parent])
@@ -197,7 +204,7 @@ def main() -> int:
                 if args.case and label not in args.case:
                     continue
                 row = [
-                    measure(src, method, limits, up, tmp, args.requests, args.warmup)
+                    measure(src, method, limits, up, tmp, args.requests, args.warmup, args.keep)
                     for src in sources
                 ]
                 ratios = "".join(f"  x{value / row[0]:.3f}" for value in row[1:])

@@ -396,7 +396,7 @@ class RequestCore:
             if current >= max_concurrent:
                 call.decision = _CONCURRENCY_DENIED
                 self.metrics.route(call.route.label).decisions[DENIED].inc()
-                self.top_denied.record(client, time.monotonic(), call.route.label)
+                self.top_denied.note(client, call.route.label, time.monotonic())
                 self.metrics.count_rejected("concurrency")
                 answer = error_answer(
                     429,
@@ -446,7 +446,7 @@ class RequestCore:
         head = call.head
         outcome = decision.outcome
         if outcome is DENIED or outcome is SHADOW_DENIED:
-            self.top_denied.record(call.client, time.monotonic(), call.route.label)
+            self.top_denied.note(call.client, call.route.label, time.monotonic())
         if outcome is DENIED:
             data, body_length = rate_limited(
                 decision, call.request_id, keep_alive=head.keep_alive, http10=head.http10,

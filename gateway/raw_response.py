@@ -152,10 +152,12 @@ def field_lines(fields: Iterable[tuple[str, str]]) -> bytes:
 
 # Bytes allowed in a field name (a token, RFC 9110 section 5.6.2) and in a
 # value (visible bytes, SP and HTAB, and obs-text 0x80-0xFF, let through as
-# every proxy does: section 5.5). bytes.translate deletes them in C: what is
-# left is what is wrong, checked without a Python loop over bytes.
+# every proxy does: section 5.5), as translation tables that map every other
+# byte to NUL: one translate and one memchr in C per head, no table built per
+# call (``translate(None, delete)`` builds one) and no Python loop over bytes.
 _TOKEN_BYTES: Final = (string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~").encode()
-_VALUE_BYTES: Final = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
+_NAME_MAP: Final = bytes(c if c in _TOKEN_BYTES or c == 0x0A else 0 for c in range(256))
+_VALUE_MAP: Final = bytes(c if c == 9 or 0x20 <= c != 0x7F else 0 for c in range(256))
 
 
 def unrelayable_head(fields: Sequence[tuple[bytes, bytes]], max_size: int) -> str | None:
@@ -167,15 +169,15 @@ def unrelayable_head(fields: Sequence[tuple[bytes, bytes]], max_size: int) -> st
     value, or a transfer coding other than chunked (removing one is
     allowed only by decoding it, RFC 9112 section 6.1)."""
     names = [name for name, _ in fields]
-    values = b"".join([value for _, value in fields])
-    joined = b"".join(names)
-    if len(joined) + len(values) + 4 * len(fields) > max_size:
+    joined = b"\n".join(names)
+    values = b"\t".join([value for _, value in fields])
+    if len(joined) + len(values) + 3 * len(fields) > max_size:
         return f"upstream sent a response head over {max_size} bytes"
-    if joined.translate(None, _TOKEN_BYTES) or not all(names):
+    if b"\0" in joined.translate(_NAME_MAP) or not all(names):
         return "upstream sent a field name that is not a token"
-    if values.translate(None, _VALUE_BYTES):
+    if b"\0" in values.translate(_VALUE_MAP):
         return "upstream sent a control character in a field value"
-    if b"transfer-encoding" in b"\n".join(names).lower():
+    if b"transfer-encoding" in joined.lower():
         for name, value in fields:
             if name.lower() == b"transfer-encoding":
                 for coding in value.split(b","):

@@ -21,10 +21,15 @@ from __future__ import annotations
 
 import heapq
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["SpaceSaving", "TopClients", "WindowedSpaceSaving"]
+
+# TopClients.note: denials kept in a list before the sketches count them.
+NOTE_BATCH_SIZE: Final = 512
+NOTE_BATCH_SECONDS: Final = 1.0
 
 # (client, estimated count, maximum over-estimation)
 Entry = tuple[str, int, int]
@@ -475,10 +480,12 @@ class TopClients:
 
     __slots__ = (
         "_made_of",
+        "_overall",
+        "_pending",
+        "_pending_since",
         "_routes",
         "k",
         "max_routes",
-        "overall",
         "routes_overflow",
         "sub_window_seconds",
         "sub_windows",
@@ -498,8 +505,12 @@ class TopClients:
         self.max_routes = max_routes
         self.sub_window_seconds = sub_window_seconds
         self.sub_windows = sub_windows
-        self.overall = WindowedSpaceSaving(k, sub_window_seconds, sub_windows)
+        self._overall = WindowedSpaceSaving(k, sub_window_seconds, sub_windows)
         self._routes: dict[str, WindowedSpaceSaving] = {}
+        # Denials noted but not yet counted (note): counted together, at the
+        # first one's time, within NOTE_BATCH_SECONDS and NOTE_BATCH_SIZE.
+        self._pending: list[tuple[str, str]] = []
+        self._pending_since = 0.0
         # Counts left out of the per-route sketches for want of room, ever.
         self.routes_overflow = 0
         # Raised by every record and merge: a writer skips an unchanged state.
@@ -510,9 +521,42 @@ class TopClients:
         ] = {}
 
     @property
+    def overall(self) -> WindowedSpaceSaving:
+        """The windowed sketch of every route together."""
+        self.flush()
+        return self._overall
+
+    @property
     def routes(self) -> list[str]:
         """The route labels with a sketch, sorted."""
+        self.flush()
         return sorted(self._routes)
+
+    def note(self, client: str, route: str, now: float) -> None:
+        """``record(client, now, route)`` for the request path: a list append
+        now, the sketches' work once per batch (one Counter over the batch,
+        so a flood from one client is one update). A batch is counted at its
+        first denial's time: at most NOTE_BATCH_SECONDS early. Every reader
+        counts what is pending first."""
+        pending = self._pending
+        if not pending:
+            self._pending_since = now
+        elif len(pending) >= NOTE_BATCH_SIZE or now - self._pending_since >= NOTE_BATCH_SECONDS:
+            self.flush()
+            self._pending_since = now
+        pending.append((client, route))
+        self.version += 1
+
+    def flush(self) -> None:
+        """Count the denials ``note`` kept pending."""
+        pending = self._pending
+        if not pending:
+            return
+        batch = Counter(pending)
+        pending.clear()
+        at = self._pending_since
+        for (client, route), count in batch.items():
+            self.record(client, at, route, count)
 
     def _route(self, route: str, now: float) -> WindowedSpaceSaving | None:
         sketch = self._routes.get(route)
@@ -531,7 +575,7 @@ class TopClients:
     def record(self, client: str, now: float, route: str | None = None, count: int = 1) -> None:
         """Count ``count`` denials of ``client`` at ``now``, overall and under ``route``."""
         self.version += 1
-        self.overall.record(client, now, count)
+        self._overall.record(client, now, count)
         if route is None:
             return
         sketch = self._route(route, now)
@@ -542,8 +586,9 @@ class TopClients:
 
     def top(self, n: int, now: float, route: str | None = None) -> list[Entry]:
         """The top ``n`` (client, count, error) overall, or on ``route`` ([] if untracked)."""
+        self.flush()
         if route is None:
-            return self.overall.top(n, now)
+            return self._overall.top(n, now)
         sketch = self._routes.get(route)
         return [] if sketch is None else sketch.top(n, now)
 
@@ -551,12 +596,14 @@ class TopClients:
         """``route``'s sketch of the window ending at ``now`` (None: no sketch,
         an empty one when nothing was denied there in the window). Read only:
         it may be a live sub-window's own sketch."""
+        self.flush()
         sketch = self._routes.get(route)
         return None if sketch is None else sketch.window(now)
 
     def entries(self) -> int:
         """The number of counters held, over every sketch."""
-        return self.overall.entries() + sum(s.entries() for s in self._routes.values())
+        self.flush()
+        return self._overall.entries() + sum(s.entries() for s in self._routes.values())
 
     def merge(self, other: TopClients) -> None:
         """Fold another process's ``TopClients`` (same shape, same clock) into this one.
@@ -564,8 +611,10 @@ class TopClients:
         Routes new to this side are taken while there is room; the counts of
         the rest go to ``routes_overflow`` (their share of overall is kept).
         """
+        self.flush()
+        other.flush()
         self.version += 1
-        self.overall.merge(other.overall)
+        self._overall.merge(other.overall)
         self.routes_overflow += other.routes_overflow
         for route in sorted(other._routes):
             theirs = other._routes[route]
@@ -581,13 +630,14 @@ class TopClients:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, for a worker to hand its sketches to the supervisor."""
+        self.flush()
         return {
             "k": self.k,
             "max_routes": self.max_routes,
             "sub_window_seconds": self.sub_window_seconds,
             "sub_windows": self.sub_windows,
             "routes_overflow": self.routes_overflow,
-            "overall": self.overall.to_dict(),
+            "overall": self._overall.to_dict(),
             "routes": {r: s.to_dict() for r, s in self._routes.items()},
         }
 
@@ -595,12 +645,13 @@ class TopClients:
         """``to_dict`` as compact JSON; each sub-window's text is made again
         only after it changed, so a worker's once-a-second write costs the
         current sub-window's sketches, not all of them."""
+        self.flush()
         routes = ",".join(f"{json.dumps(r)}:{s.to_json()}" for r, s in self._routes.items())
         return (
             f'{{"k":{self.k},"max_routes":{self.max_routes},'
             f'"sub_window_seconds":{json.dumps(self.sub_window_seconds)},'
             f'"sub_windows":{self.sub_windows},"routes_overflow":{self.routes_overflow},'
-            f'"overall":{self.overall.to_json()},"routes":{{{routes}}}}}'
+            f'"overall":{self._overall.to_json()},"routes":{{{routes}}}}}'
         )
 
     @classmethod
@@ -627,7 +678,7 @@ class TopClients:
             overall.sub_window_seconds,
             overall.sub_windows,
         )
-        out.overall = overall
+        out._overall = overall
         out.routes_overflow = _int(data.get("routes_overflow"), "routes_overflow")
         if len(routes) > out.max_routes:
             raise ValueError(f"{len(routes)} routes exceed max_routes={out.max_routes}")

@@ -189,7 +189,13 @@ async def test_admin_stats_counts_each_route_s_decisions_in_matching_order(
         "default": {"allowed": 5, "blocked": 1},
     }
     assert stats["totals"]["decisions"]["allowed"] == 8
-    assert stats["totals"]["upstream_errors"] == {"connect": 0, "timeout": 0, "reset": 0}
+    assert stats["totals"]["upstream_errors"] == {
+        "connect": 0,
+        "timeout": 0,
+        "reset": 0,
+        "invalid": 0,
+        "busy": 0,
+    }
     assert stats["workers"] == 1
     assert stats["inflight"] == 0
     assert stats["clients_tracked"] == 3  # key-a on /api, /beta and default

@@ -14,7 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.top_clients import Entry, SpaceSaving, TopClients, WindowedSpaceSaving
+from gateway.top_clients import (
+    NOTE_BATCH_SIZE,
+    Entry,
+    SpaceSaving,
+    TopClients,
+    WindowedSpaceSaving,
+)
 
 # A skewed alphabet: a few clients come often, many rarely, so sketches of a
 # small k both hold heavy hitters and evict.
@@ -425,3 +431,40 @@ def test_merged_parts_keep_routes_within_the_bound() -> None:
     assert TopClients.merged([]).top(5, 30.0) == []
     with pytest.raises(ValueError, match="cannot merge"):
         TopClients.merged([one, TopClients(k=5)])
+
+
+# -- note(): the request path's batched record --
+
+
+def test_noted_denials_are_counted_by_every_reader() -> None:
+    top = TopClients(k=8)
+    for _ in range(3):
+        top.note("a", "/api", 10.0)
+    top.note("b", "/login", 10.2)
+    assert top.top(5, 10.5) == [("a", 3, 0), ("b", 1, 0)]
+    assert top.top(5, 10.5, route="/api") == [("a", 3, 0)]
+    assert top.routes == ["/api", "/login"]
+
+
+def test_a_batch_is_counted_at_its_first_denials_time_and_within_a_second() -> None:
+    top = TopClients(k=8, sub_window_seconds=60.0, sub_windows=5)
+    top.note("old", "/api", 59.5)
+    top.note("new", "/api", 60.6)  # past NOTE_BATCH_SECONDS: the first batch is counted at 59.5
+    # At 300.5 the window (sub-windows 1-5 of 60 s) no longer holds 59.5, but holds 60.6.
+    assert [client for client, _, _ in top.top(5, 300.5)] == ["new"]
+
+
+def test_a_flood_keeps_the_pending_list_bounded_and_counts_every_denial() -> None:
+    top = TopClients(k=8)
+    for i in range(5000):
+        top.note("flood", "/api", 100.0 + i * 1e-6)
+        assert len(top._pending) <= NOTE_BATCH_SIZE
+    assert top.top(1, 101.0) == [("flood", 5000, 0)]
+
+
+def test_note_changes_the_version_a_writer_watches() -> None:
+    top = TopClients(k=8)
+    before = top.version
+    top.note("a", "/api", 1.0)
+    assert top.version != before
+    assert '"a"' in top.to_json()
