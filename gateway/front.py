@@ -303,7 +303,7 @@ class FrontConnection(asyncio.Protocol):
             or self._unsuitable
             or method not in _PLAIN_METHODS
             or not self._url.startswith(b"/")
-            or b"#" in self._url  # a fragment: aiohttp's path drops it from routing
+            or self._url.find(b"#") >= 0  # a fragment: aiohttp's path drops it from routing
         ):
             self._hand_off()
             return None

@@ -173,11 +173,14 @@ def unrelayable_head(fields: Sequence[tuple[bytes, bytes]], max_size: int) -> st
     values = b"\t".join([value for _, value in fields])
     if len(joined) + len(values) + 3 * len(fields) > max_size:
         return f"upstream sent a response head over {max_size} bytes"
-    if b"\0" in joined.translate(_NAME_MAP) or not all(names):
+    # find() rather than ``in``: bytes.__contains__ first tries its argument
+    # as an int, and the TypeError it makes and drops costs ~1,600
+    # instructions a test on Python 3.11.
+    if joined.translate(_NAME_MAP).find(b"\0") >= 0 or not all(names):
         return "upstream sent a field name that is not a token"
-    if b"\0" in values.translate(_VALUE_MAP):
+    if values.translate(_VALUE_MAP).find(b"\0") >= 0:
         return "upstream sent a control character in a field value"
-    if b"transfer-encoding" in joined.lower():
+    if joined.lower().find(b"transfer-encoding") >= 0:
         for name, value in fields:
             if name.lower() == b"transfer-encoding":
                 for coding in value.split(b","):

@@ -218,7 +218,7 @@ async def test_the_page_shows_upstream_errors(
     await expect(page.locator("#card-upstream-sub")).to_have_text("none since start")
     assert await send(gw, "key-a", "/x", 3) == [502] * 3  # nothing listens there
     await expect(page.locator("#card-upstream-sub")).to_have_text(
-        "since start: 3 connect, 0 timeout, 0 reset"
+        "since start: 3 connect, 0 timeout, 0 reset, 0 invalid, 0 busy"
     )
     await expect(page.locator("#card-upstream")).not_to_have_text(NO_RATE)
     await page.screenshot(path=tmp_path / "dashboard-upstream-down.png", full_page=True)
