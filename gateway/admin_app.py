@@ -31,6 +31,8 @@ class AdminView(Protocol):
 
     def readiness(self) -> dict[str, bool]: ...
 
+    def servers_down(self) -> list[str]: ...
+
     async def client_buckets(self, client: str) -> list[BucketSnapshot]: ...
 
 
@@ -54,7 +56,13 @@ def build_admin_app(server: AdminView) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         checks = server.readiness()
         ready = all(checks.values())
-        return _json(200 if ready else 503, {"ready": ready, "checks": checks})
+        body: dict[str, object] = {"ready": ready, "checks": checks}
+        down = server.servers_down()
+        if down:
+            # The default upstream's servers marked down (all of them, when
+            # upstream_available is false).
+            body["servers_down"] = down
+        return _json(200 if ready else 503, body)
 
     async def client(request: web.Request) -> web.Response:
         client_id = request.match_info["client_id"]

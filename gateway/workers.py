@@ -36,6 +36,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from gateway.admin_app import build_admin_app
 from gateway.clients import ClientIdentifier
 from gateway.config import GatewayConfig, load_config
+from gateway.config.model import DEFAULT_UPSTREAM
 from gateway.limiting.limiter import Limiter
 from gateway.limiting.memory_store import MemoryStore
 from gateway.limiting.redis_store import RedisStore
@@ -111,7 +112,23 @@ class Supervisor:
             "storage_reachable": storage_ok,
             "workers_running": all(w.alive and w.ready for w in self._workers),
             "not_draining": not self._stopping,
+            "upstream_available": len(self.servers_down())
+            < len(self.config.upstream.server_urls),
         }
+
+    def servers_down(self) -> list[str]:
+        """The default upstream's servers that no live worker has in rotation
+        (gateway_upstream_server_up as the workers last set it, their
+        maximum): each worker keeps its own view of the servers' health."""
+        down = []
+        for family in self._registry.collect():
+            if family.name != "gateway_upstream_server_up":
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                if labels.get("upstream") == DEFAULT_UPSTREAM and sample.value == 0:
+                    down.append(labels["server"])
+        return sorted(down)
 
     async def client_buckets(self, client: str) -> list[BucketSnapshot]:
         client, ip = self._identifier.normalised_id(client)
@@ -144,7 +161,7 @@ class Supervisor:
         log.info(
             "supervisor: %d workers on %s:%d -> %s; admin on %s:%d",
             len(self._workers), config.listen_host, self._socket.getsockname()[1],
-            config.upstream.url, config.admin_host, bound_port(admin_site),
+            config.upstream.describe(), config.admin_host, bound_port(admin_site),
         )  # fmt: skip
         # The workers log their routes at debug level (N copies otherwise).
         for line in describe_routes(config):

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from gateway.errors import UpstreamResetError, UpstreamTimeoutError
+from gateway.errors import (
+    UpstreamClosedError,
+    UpstreamInvalidError,
+    UpstreamResetError,
+    UpstreamTimeoutError,
+)
 from gateway.upstream_pool import HIGH_WATER_BYTES, UpstreamConnection, UpstreamPool
 
 READ_TIMEOUT = 5.0
@@ -322,22 +327,22 @@ async def test_an_interim_answer_alone_is_not_the_response(rig: Rig) -> None:
 # -- failures --
 
 
-async def test_invalid_http_is_a_reset(rig: Rig) -> None:
+async def test_invalid_http_is_invalid(rig: Rig) -> None:
     head_done = rig.start()
     rig.feed(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
     assert head_done.done()
-    assert isinstance(rig.conn.error, UpstreamResetError)
+    assert isinstance(rig.conn.error, UpstreamInvalidError)
     assert "invalid HTTP" in str(rig.conn.error)
     assert rig.transport.aborted
     assert rig.conn.closed
     assert not rig.conn.reusable
 
 
-async def test_garbage_instead_of_a_status_line_is_a_reset(rig: Rig) -> None:
+async def test_garbage_instead_of_a_status_line_is_invalid(rig: Rig) -> None:
     rig.send()
     rig.feed(b"SSH-2.0-OpenSSH_9.6\r\n")
     assert rig.heads == [rig.conn]
-    assert isinstance(rig.conn.error, UpstreamResetError)
+    assert isinstance(rig.conn.error, UpstreamInvalidError)
     assert rig.transport.aborted
 
 
@@ -348,7 +353,7 @@ async def test_a_bad_chunk_mid_body_fails_the_reader(rig: Rig) -> None:
     reading = asyncio.ensure_future(rig.conn.next_chunk())
     await asyncio.sleep(0)
     rig.feed(b"zz\r\n")
-    with pytest.raises(UpstreamResetError):
+    with pytest.raises(UpstreamInvalidError):
         await asyncio.wait_for(reading, 5)
 
 
@@ -359,6 +364,16 @@ async def test_connection_lost_before_the_head_is_a_reset(rig: Rig) -> None:
     assert head_done.done()
     assert isinstance(rig.conn.error, UpstreamResetError)
     assert rig.conn.got_bytes
+    # Part of a head came: not "closed before any byte", not sent again.
+    assert not isinstance(rig.conn.error, UpstreamClosedError)
+
+
+async def test_connection_lost_before_any_byte_is_closed(rig: Rig) -> None:
+    head_done = rig.start()
+    rig.conn.connection_lost(ConnectionResetError("peer reset"))
+    assert head_done.done()
+    assert isinstance(rig.conn.error, UpstreamClosedError)
+    assert not rig.conn.got_bytes
 
 
 async def test_connection_lost_mid_body_is_a_reset(rig: Rig) -> None:
