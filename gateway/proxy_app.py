@@ -285,7 +285,7 @@ class PlainCall(Call):
         self.forwarding = forward
         upstream = self.shell.upstreams[self.route.upstream]
         self.upstream = upstream
-        server: UpstreamServer = upstream.choose()
+        server: UpstreamServer = upstream.lone_server or upstream.choose()
         self.server = server
         self.upstream_addr = server.address
         self.request_head = server.pool.request_head(

@@ -66,25 +66,20 @@ _SERVER_FAILURES: Final = (UpstreamConnectError, UpstreamResetError, UpstreamTim
 
 
 class UpstreamServer(ServerState):
-    """One server: its URL, its plain pool (made by ``Upstream.start``)."""
+    """One server: its URL and its plain pool (``pool``: set by
+    ``Upstream.start``; a plain attribute, read several times a request)."""
 
-    __slots__ = ("_pool", "base")
+    __slots__ = ("base", "pool")
+
+    pool: UpstreamPool
 
     def __init__(self, url: str) -> None:
         super().__init__(url, server_address(url))
         self.base = url  # what a target is appended to (a path prefix kept)
-        self._pool: UpstreamPool | None = None
-
-    @property
-    def pool(self) -> UpstreamPool:
-        pool = self._pool
-        assert pool is not None, "Upstream.start() was not awaited"
-        return pool
 
     @property
     def active(self) -> int:
-        pool = self._pool
-        return 0 if pool is None else pool.in_use
+        return self.pool.in_use
 
     def url_for(self, target: str) -> URL:
         """The server's URL for a request target, byte-for-byte (no yarl
@@ -125,8 +120,10 @@ class Upstream:
             now=now,
             on_change=self._log_change,
         )
-        # The request path calls this once per request: bound once.
+        # The request path calls this once per request: bound once, and
+        # skipped for a lone server (the choice is made).
         self.choose = self.balancer.choose
+        self.lone_server = self.servers[0] if len(self.servers) == 1 else None
         self.health_check: HealthCheck | None = None
         if config.health_check.enabled:
             self.health_check = HealthCheck(
@@ -136,7 +133,7 @@ class Upstream:
     async def start(self) -> None:
         config = self.config
         for server in self.servers:
-            server._pool = UpstreamPool(
+            server.pool = UpstreamPool(
                 server.url,
                 max_connections=config.max_connections,
                 connect_timeout=config.connect_timeout_seconds,
@@ -180,8 +177,9 @@ class Upstream:
         if self.health_check is not None:
             await self.health_check.stop()
         for server in self.servers:
-            if server._pool is not None:
-                server._pool.close()
+            pool = getattr(server, "pool", None)  # unset when start() failed first
+            if pool is not None:
+                pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
