@@ -212,7 +212,7 @@ def upstream_problems(
 ) -> list[Problem]:
     """Exactly one of ``url`` and ``servers``; no server twice (one address,
     one pool, one line in gateway_upstream_server_up)."""
-    if not _clean(unread, key):
+    if key in unread or not (_clean(unread, f"{key}.url") and _clean(unread, f"{key}.servers")):
         return []  # a value that did not read stands in: nothing to compare
     if upstream.url and upstream.servers:
         return [
