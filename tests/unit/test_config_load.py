@@ -712,7 +712,10 @@ def test_repo_example_config_parses() -> None:
         BucketSpec(1.0, 100, 200, "override"),
         BucketSpec(3600.0, 50_000, 50_000, "override-hourly"),
     )
-    login, healthz, beta, api = config.routes
+    static, login, healthz, beta, api = config.routes
+    assert (static.path_prefix, static.upstream) == ("/static", "static")
+    assert static.limit is UNLIMITED
+    assert config.upstreams["static"].url == "http://127.0.0.1:8001"
     assert login.path_prefix == "/login"
     assert login.methods == {"POST"}
     assert login.limit == (BucketSpec(60.0, 5, 5, "/login", per=("ip",)),)
