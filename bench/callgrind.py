@@ -32,12 +32,16 @@ from bench.run import ALLOWED, DENIED, GATEWAY_CONFIG, NGINX_UPSTREAM, free_port
 # The allowed path's limits three times over, keyed per client, per route and
 # per ip: one request then passes three limits (issue 11's "3 limits" figure).
 THREE_LIMITS: dict[str, object] = {**ALLOWED, "three": True}
+# Round robin over two servers: the same nginx named twice (127.0.0.1 and
+# localhost are two servers to the gateway), so only the choice is added.
+TWO_SERVERS: dict[str, object] = {**ALLOWED, "servers": 2}
 CASES = (
     ("plain allowed", "GET", ALLOWED),
     ("plain denied", "GET", DENIED),
     ("aiohttp allowed", "POST", ALLOWED),
     ("aiohttp denied", "POST", DENIED),
     ("plain allowed x3", "GET", THREE_LIMITS),
+    ("plain allowed rr2", "GET", TWO_SERVERS),
 )
 
 
@@ -46,6 +50,13 @@ def _config(limits: dict[str, object], **fields: object) -> str:
         period=limits["period"], refill=limits["refill"], max_tokens=limits["max_tokens"],
         **fields,
     )  # fmt: skip
+    if limits.get("servers"):
+        # Only an older tree that knows no servers key (--src) would refuse it.
+        port = fields["upstream"]
+        text = text.replace(
+            f'{{url: "http://127.0.0.1:{port}"',
+            f'{{servers: ["http://127.0.0.1:{port}", "http://localhost:{port}"]',
+        )
     if not limits.get("three"):
         return text
     one = "{{refill_period: {period}, refill_tokens: {refill}, max_tokens: {max_tokens}".format(

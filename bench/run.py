@@ -7,8 +7,10 @@ Loads, each with ``wrk`` in turn, several rounds, medians:
   nginx     nginx limit_req + proxy_pass (keep-alive upstream), one worker
   gateway   ratelimit-gateway, one worker, metrics and access log (to a file) on
 for the allowed path (limits never reached), the denied path (every request
-but the first denied: nginx with limit_req_status 429), and at workers = cores
-(nginx worker_processes N; gateway workers: N sharing buckets through Redis).
+but the first denied: nginx with limit_req_status 429), at workers = cores
+(nginx worker_processes N; gateway workers: N sharing buckets through Redis),
+and round robin over two upstream servers (nginx's ``upstream`` block with
+two servers; the gateway's ``upstream.servers``), allowed path.
 Then memory per tracked client and the cost of one limiter decision beside the
 in-memory limiters of ``limits`` and ``pyrate-limiter`` (when installed).
 
@@ -157,6 +159,26 @@ storage: {{backend: {backend}, redis_url: "redis://127.0.0.1:{redis}/0"}}
 access_log: {{path: "{tmp}/{name}-access.log"}}
 """
 
+
+def with_servers(gateway_config: str, ports: list[int]) -> str:
+    """GATEWAY_CONFIG's one upstream url replaced by ``servers`` on ``ports``."""
+    servers = ", ".join(f'"http://127.0.0.1:{port}"' for port in ports)
+    lines = [
+        f"upstream: {{servers: [{servers}], max_connections: 256}}"
+        if line.startswith("upstream:")
+        else line
+        for line in gateway_config.splitlines()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def nginx_second_upstream(tmp: Path, port: int) -> str:
+    """NGINX_UPSTREAM for a second instance: its own pid and error log."""
+    return NGINX_UPSTREAM.format(tmp=tmp, port=port).replace(
+        f"{tmp}/upstream", f"{tmp}/upstream2"
+    )
+
+
 ALLOWED = {"rate": "100000000r/s", "burst": " burst=1000000 nodelay",
            "period": "1s", "refill": 100000000, "max_tokens": 100000000}  # fmt: skip
 DENIED = {"rate": "1r/m", "burst": "", "period": "1h", "refill": 1, "max_tokens": 1}
@@ -184,10 +206,13 @@ def nginx(tmp: Path, name: str, conf: str, port: int) -> Iterator[subprocess.Pop
 
 
 def gateway(
-    tmp: Path, name: str, port: int, **fields: object
+    tmp: Path, name: str, port: int, *, servers: list[int] | None = None, **fields: object
 ) -> Iterator[subprocess.Popen[bytes]]:
     path = tmp / f"{name}.yaml"
-    path.write_text(GATEWAY_CONFIG.format(tmp=tmp, name=name, port=port, **fields))
+    text = GATEWAY_CONFIG.format(tmp=tmp, name=name, port=port, **fields)
+    if servers:
+        text = with_servers(text, servers)
+    path.write_text(text)
     return process([str(GATEWAY), "run", "--config", str(path)], port)  # type: ignore[return-value]
 
 
@@ -252,6 +277,7 @@ def http_load_section(args: argparse.Namespace, tmp: Path) -> None:
         ):  # fmt: skip
             g = measure(f"gateway x{cores} workers (redis)", f"http://127.0.0.1:{gp}/", r, d, c)
         results["cores"] = (n, g)
+        results["2 servers"] = round_robin_section(args, tmp, up, common)
     print("\nRatios, gateway / nginx limit_req (requests/s; p99 difference):")
     for key, (n, g) in results.items():
         print(f"  {key:<8} {g.rps / n.rps:>5.2f} x   p99 {g.p99_ms - n.p99_ms:+7.2f} ms")
@@ -266,6 +292,42 @@ def http_load_section(args: argparse.Namespace, tmp: Path) -> None:
             f"  gateway p50 {g.p50_ms:.2f} ms  p99 {g.p99_ms:.2f} ms   "
             f"p99 difference {g.p99_ms - n.p99_ms:+.2f} ms"
         )
+
+
+def round_robin_section(
+    args: argparse.Namespace, tmp: Path, up: int, common: dict[str, int]
+) -> tuple[Load, Load]:
+    """Allowed path, round robin over two upstream nginx servers: nginx's
+    ``upstream`` block with both beside the gateway's ``upstream.servers``.
+    Prints how the gateway's access log split the requests."""
+    r, d, c = args.rounds, args.duration, args.connections
+    up2 = free_port()
+    np, gp = free_port(), free_port()
+    conf = NGINX_LIMIT.format(
+        tmp=tmp, name="nginx-rr", workers=1, port=np, upstream=up,
+        rate=ALLOWED["rate"], burst=ALLOWED["burst"],
+    )  # fmt: skip
+    one, two = f"server 127.0.0.1:{up};", f"server 127.0.0.1:{up2};"
+    conf = conf.replace(one, f"{one} {two}")
+    with nginx(tmp, "upstream2", nginx_second_upstream(tmp, up2), up2), nginx(
+        tmp, "nginx-rr", conf, np
+    ), gateway(
+        tmp, "gateway-rr", gp, servers=[up, up2], admin=free_port(), workers=1,
+        backend="memory", period=ALLOWED["period"], refill=ALLOWED["refill"],
+        max_tokens=ALLOWED["max_tokens"], **common,
+    ):  # fmt: skip
+        n = measure("nginx upstream x2, allowed", f"http://127.0.0.1:{np}/", r, d, c)
+        g = measure("gateway servers x2, allowed", f"http://127.0.0.1:{gp}/", r, d, c)
+    split: dict[str, int] = {}
+    log = tmp / "gateway-rr-access.log"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        found = re.search(r'"upstream_addr":"([^"]*)"', line)
+        if found:
+            split[found.group(1)] = split.get(found.group(1), 0) + 1
+    total = sum(split.values()) or 1
+    shares = ", ".join(f"{addr} {count / total:.1%}" for addr, count in sorted(split.items()))
+    print(f"  gateway's split over the two servers: {shares}")
+    return n, g
 
 
 def rss_bytes() -> int:
