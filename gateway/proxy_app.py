@@ -287,7 +287,6 @@ class PlainCall(Call):
         self.upstream = upstream
         server: UpstreamServer = upstream.lone_server or upstream.choose()
         self.server = server
-        self.upstream_addr = server.address
         self.request_head = server.pool.request_head(
             head.method, forward.target, forward.headers
         )
@@ -303,7 +302,9 @@ class PlainCall(Call):
                 forward.delay_seconds, self._waited
             )
             return PENDING
-        self.upstream_conn = self.server.pool.try_send(self.request_head, self.on_head)
+        server = self.server
+        self.upstream_addr = server.address
+        self.upstream_conn = server.pool.try_send(self.request_head, self.on_head)
         if self.upstream_conn is not None:
             return PENDING
         return self.forward_in_task()
@@ -318,7 +319,9 @@ class PlainCall(Call):
         if call.client_gone:
             conn.finish(self.end(False))
             return
-        self.upstream_conn = self.server.pool.try_send(self.request_head, self.on_head)
+        server = self.server
+        self.upstream_addr = server.address
+        self.upstream_conn = server.pool.try_send(self.request_head, self.on_head)
         if self.upstream_conn is None:
             conn.continue_with(self.forward_in_task())
 

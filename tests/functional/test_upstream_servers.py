@@ -24,7 +24,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import AIOHTTP, RequestPath, RunningGateway, StartGateway
+from tests.conftest import AIOHTTP, RedisServer, RequestPath, RunningGateway, StartGateway
+from tests.functional.test_workers import (
+    children,
+    fresh_connection_requests,
+    only_serving,
+    running_gateway,
+    statuses_of,
+    wait_until,
+    workers_config,
+)
 from tests.helpers import (
     GUARD_SECONDS,
     PROBLEM_LINE,
@@ -719,3 +728,50 @@ def test_a_server_address_is_host_and_port() -> None:
     assert server_address("https://app-1") == "app-1:443"
     assert server_address("http://[::1]:81") == "[::1]:81"
     assert server_address("http://127.0.0.1") == "127.0.0.1:80"
+
+
+# --------------------------------------------------------------------------- workers
+
+
+async def test_under_workers_the_supervisors_readyz_follows_every_workers_view(
+    tmp_path: Path, upstream: TestServer, redis_server: RedisServer, backends: Any
+) -> None:
+    """Each worker keeps its own view of the servers' health; the supervisor's
+    gauge is their maximum and its /readyz is 503 only when no worker has a
+    server of the default upstream in rotation."""
+    a, b = await backends("a", "b")
+    config = workers_config(upstream, redis_server, tmp_path)
+    config["upstream"] = {"servers": [a.url, b.url], "max_fails": 1, "read_timeout": "5s"}
+    async with running_gateway(tmp_path, config) as gw:
+        workers = children(gw.process.pid)
+        assert len(workers) == 2
+        await a.stop()
+        await b.stop()
+        for worker in sorted(workers):
+            with only_serving(gw.process.pid, worker, workers):
+                assert statuses_of(await fresh_connection_requests(gw.proxy, 1)) == [502]
+
+        async def supervisor_readyz() -> tuple[int, Any]:
+            async with aiohttp.ClientSession() as http:
+                return await readyz(http, gw.admin)
+
+        async def unready() -> bool:
+            return (await supervisor_readyz())[0] == 503
+
+        await wait_until(unready, "the supervisor's /readyz 503", gw.output)
+        _, body = await supervisor_readyz()
+        assert body["checks"]["upstream_available"] is False
+        assert body["servers_down"] == sorted([a.address, b.address])
+        assert await gw.metric(UP, server=a.address) == 0
+
+        await b.start()
+        for worker in sorted(workers):
+            with only_serving(gw.process.pid, worker, workers):
+                assert statuses_of(await fresh_connection_requests(gw.proxy, 1)) == [200]
+
+        async def ready_again() -> bool:
+            status, body = await supervisor_readyz()
+            return status == 200 and body.get("servers_down") == [a.address]
+
+        await wait_until(ready_again, "the supervisor's /readyz 200 with a down", gw.output)
+    assert gw.process.returncode == 0, gw.output()
