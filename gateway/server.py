@@ -1,11 +1,11 @@
 """The composition root: build every part from a config, start them in order,
 serve, drain, stop them in reverse.
 
-Start order: refill clock -> access-log consumer -> upstreams (pools, session,
-health checks) -> proxy and admin listeners. Stop order is the reverse, with the proxy listener
-closed first (no new connections) and in-flight requests given
-``drain_timeout`` to finish, so every answered request reaches the access log
-before its consumer is given the sentinel.
+Start order: refill clock -> access-log consumer -> upstreams (pools,
+session, health checks) -> proxy and admin listeners. Stop order is the
+reverse, with the proxy listener closed first (no new connections) and
+in-flight requests given ``drain_timeout`` to finish, so every answered
+request reaches the access log before its consumer is given the sentinel.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Final
 
 from aiohttp import web
@@ -44,6 +44,7 @@ __all__ = [
     "describe_routes",
     "load_for_reload",
     "settle_heap",
+    "upstreams_running",
 ]
 
 log = logging.getLogger("gateway")
@@ -303,17 +304,7 @@ class Server:
         of its routes names an upstream this process does not run:
         upstreams are built once, at start."""
         old = self.config
-        missing = [
-            (i, route.upstream)
-            for i, route in enumerate(new.routes)
-            if route.upstream is not None and route.upstream not in self.upstreams
-        ]
-        if missing:
-            for i, name in missing:
-                log.error(
-                    "reload rejected: routes[%d].upstream: %r is not running; "
-                    "upstreams start only with a restart", i, name,
-                )  # fmt: skip
+        if not upstreams_running(new, self.upstreams):
             if failures is not None:
                 failures.inc()
             return False
@@ -337,6 +328,23 @@ class Server:
         log.info("config reloaded from %s", new.source)
         self._log_routes(new)
         return True
+
+
+def upstreams_running(new: GatewayConfig, running: Collection[str]) -> bool:
+    """Every upstream ``new``'s routes name is one of ``running`` (the
+    upstreams built at start); else each route that names another is logged
+    and the reload must be refused: a route must not lose its backend."""
+    missing = [
+        (i, route.upstream)
+        for i, route in enumerate(new.routes)
+        if route.upstream is not None and route.upstream not in running
+    ]
+    for i, name in missing:
+        log.error(
+            "reload rejected: routes[%d].upstream: %r is not running; "
+            "upstreams start only with a restart", i, name,
+        )  # fmt: skip
+    return not missing
 
 
 async def _bind(key: str, host: str, port: int, site: web.BaseSite) -> None:

@@ -43,7 +43,13 @@ from gateway.limiting.redis_store import RedisStore
 from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.store import BucketSnapshot
 from gateway.metrics import Metrics
-from gateway.server import Server, bound_port, describe_routes, load_for_reload
+from gateway.server import (
+    Server,
+    bound_port,
+    describe_routes,
+    load_for_reload,
+    upstreams_running,
+)
 
 __all__ = ["Supervisor", "run_worker"]
 
@@ -85,6 +91,9 @@ class Supervisor:
             self._registry, path=metrics_dir
         )
         self._workers = [_Worker(i) for i in range(config.workers)]
+        # What the workers started with: upstreams are read once, at start.
+        self._upstreams = tuple(config.all_upstreams())
+        self._default_servers = len(config.upstream.server_urls)
         self._stopping = False
         self._stop = asyncio.Event()
         self._socket: socket.socket | None = None
@@ -112,8 +121,7 @@ class Supervisor:
             "storage_reachable": storage_ok,
             "workers_running": all(w.alive and w.ready for w in self._workers),
             "not_draining": not self._stopping,
-            "upstream_available": len(self.servers_down())
-            < len(self.config.upstream.server_urls),
+            "upstream_available": len(self.servers_down()) < self._default_servers,
         }
 
     def servers_down(self) -> list[str]:
@@ -273,8 +281,12 @@ class Supervisor:
             await asyncio.gather(*self._watchers, return_exceptions=True)
 
     def _on_reload_signal(self) -> None:
-        new = load_for_reload(self.config_path, self.metrics.config_reloads.labels("failure"))
+        failures = self.metrics.config_reloads.labels("failure")
+        new = load_for_reload(self.config_path, failures)
         if new is None:
+            return
+        if not upstreams_running(new, self._upstreams):
+            failures.inc()
             return
         if new.workers != self.config.workers:
             log.warning("reload: workers changed; it takes effect only after a restart")

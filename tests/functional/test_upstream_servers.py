@@ -774,4 +774,20 @@ async def test_under_workers_the_supervisors_readyz_follows_every_workers_view(
             return status == 200 and body.get("servers_down") == [a.address]
 
         await wait_until(ready_again, "the supervisor's /readyz 200 with a down", gw.output)
+
+        # A reload routing to an upstream the workers do not run: refused once,
+        # by the supervisor, before any worker is signalled.
+        gw.write({
+            **config,
+            "upstreams": {"extra": {"url": b.url}},
+            "routes": [{"path_prefix": "/x", "upstream": "extra"}],
+        })  # fmt: skip
+        gw.process.send_signal(signal.SIGHUP)
+
+        async def refused() -> bool:
+            return await gw.metric("gateway_config_reloads_total", result="failure") == 1
+
+        await wait_until(refused, "the reload's refusal", gw.output)
+        assert "routes[0].upstream: 'extra' is not running" in gw.output()
+        assert await gw.metric("gateway_config_reloads_total", result="success") == 0
     assert gw.process.returncode == 0, gw.output()
