@@ -280,7 +280,7 @@ def http_load_section(args: argparse.Namespace, tmp: Path) -> None:
         results["2 servers"] = round_robin_section(args, tmp, up, common)
     print("\nRatios, gateway / nginx limit_req (requests/s; p99 difference):")
     for key, (n, g) in results.items():
-        print(f"  {key:<8} {g.rps / n.rps:>5.2f} x   p99 {g.p99_ms - n.p99_ms:+7.2f} ms")
+        print(f"  {key:<9} {g.rps / n.rps:>5.2f} x   p99 {g.p99_ms - n.p99_ms:+7.2f} ms")
     print(
         f"  gateway allowed / direct upstream: {results['allowed'][1].rps / direct.rps:.2f} x"
     )
