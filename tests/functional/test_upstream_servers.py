@@ -18,6 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -791,3 +792,20 @@ async def test_under_workers_the_supervisors_readyz_follows_every_workers_view(
         assert "routes[0].upstream: 'extra' is not running" in gw.output()
         assert await gw.metric("gateway_config_reloads_total", result="success") == 0
     assert gw.process.returncode == 0, gw.output()
+
+
+async def test_a_websocket_upgrade_goes_on_to_another_server_after_a_connect_failure(
+    start_gateway: StartGateway, upstream: TestServer, http: aiohttp.ClientSession
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    live = f"http://127.0.0.1:{upstream.port}"
+    gw = await start_gateway(upstream=servers_config(dead, live))
+    async with http.ws_connect(gw.url + "/ws", protocols=("chat",)) as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive()).data == "echo:hi"
+    await gw.server.stop()
+    (record,) = gw.access_records()
+    assert (record["status"], record["upstream_addr"]) == (
+        101,
+        f"127.0.0.1:{urlsplit(dead).port}, 127.0.0.1:{upstream.port}",
+    )
