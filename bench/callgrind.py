@@ -46,6 +46,9 @@ from bench.run import (
 # per ip: one request then passes three limits (issue 11's "3 limits" figure).
 THREE_LIMITS: dict[str, object] = {**ALLOWED, "three": True}
 OVER_TLS: dict[str, object] = {**ALLOWED, "tls": True}
+# Round robin over two servers: the same nginx named twice (127.0.0.1 and
+# localhost are two servers to the gateway), so only the choice is added.
+TWO_SERVERS: dict[str, object] = {**ALLOWED, "servers": 2}
 CASES = (
     ("plain allowed", "GET", ALLOWED),
     ("plain denied", "GET", DENIED),
@@ -54,6 +57,7 @@ CASES = (
     ("plain allowed x3", "GET", THREE_LIMITS),
     ("plain allowed TLS", "GET", OVER_TLS),
     ("aiohttp allowed TLS", "POST", OVER_TLS),
+    ("plain allowed rr2", "GET", TWO_SERVERS),
 )
 
 
@@ -64,6 +68,13 @@ def _config(limits: dict[str, object], **fields: object) -> str:
     )  # fmt: skip
     if limits.get("tls"):
         text += GATEWAY_TLS.format(tmp=fields["tmp"])
+    if limits.get("servers"):
+        # Only an older tree that knows no servers key (--src) would refuse it.
+        port = fields["upstream"]
+        text = text.replace(
+            f'{{url: "http://127.0.0.1:{port}"',
+            f'{{servers: ["http://127.0.0.1:{port}", "http://localhost:{port}"]',
+        )
     if not limits.get("three"):
         return text
     one = "{{refill_period: {period}, refill_tokens: {refill}, max_tokens: {max_tokens}".format(

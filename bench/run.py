@@ -10,8 +10,10 @@ for the allowed path (limits never reached), the denied path (every request
 but the first denied: nginx with limit_req_status 429), the allowed path over
 TLS (both terminating TLS 1.2/1.3 with the same P-256 certificate, made here
 with openssl; wrk keeps its connections alive, so this is the cost of TLS
-records, not of handshakes), and at workers = cores (nginx worker_processes
-N; gateway workers: N sharing buckets through Redis).
+records, not of handshakes), at workers = cores (nginx worker_processes N;
+gateway workers: N sharing buckets through Redis), and round robin over two
+upstream servers (nginx's ``upstream`` block with two servers; the gateway's
+``upstream.servers``), allowed path.
 Then memory per tracked client and the cost of one limiter decision beside the
 in-memory limiters of ``limits`` and ``pyrate-limiter`` (when installed).
 
@@ -168,6 +170,26 @@ NGINX_TLS = (
 )
 GATEWAY_TLS = 'tls: {{cert: "{tmp}/tls.crt", key: "{tmp}/tls.key"}}'
 
+
+def with_servers(gateway_config: str, ports: list[int]) -> str:
+    """GATEWAY_CONFIG's one upstream url replaced by ``servers`` on ``ports``."""
+    servers = ", ".join(f'"http://127.0.0.1:{port}"' for port in ports)
+    lines = [
+        f"upstream: {{servers: [{servers}], max_connections: 256}}"
+        if line.startswith("upstream:")
+        else line
+        for line in gateway_config.splitlines()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def nginx_second_upstream(tmp: Path, port: int) -> str:
+    """NGINX_UPSTREAM for a second instance: its own pid and error log."""
+    return NGINX_UPSTREAM.format(tmp=tmp, port=port).replace(
+        f"{tmp}/upstream", f"{tmp}/upstream2"
+    )
+
+
 ALLOWED = {"rate": "100000000r/s", "burst": " burst=1000000 nodelay",
            "period": "1s", "refill": 100000000, "max_tokens": 100000000}  # fmt: skip
 DENIED = {"rate": "1r/m", "burst": "", "period": "1h", "refill": 1, "max_tokens": 1}
@@ -195,10 +217,19 @@ def nginx(tmp: Path, name: str, conf: str, port: int) -> Iterator[subprocess.Pop
 
 
 def gateway(
-    tmp: Path, name: str, port: int, tls: str = "", **fields: object
+    tmp: Path,
+    name: str,
+    port: int,
+    tls: str = "",
+    *,
+    servers: list[int] | None = None,
+    **fields: object,
 ) -> Iterator[subprocess.Popen[bytes]]:
     path = tmp / f"{name}.yaml"
-    path.write_text(GATEWAY_CONFIG.format(tmp=tmp, name=name, port=port, **fields) + tls)
+    text = GATEWAY_CONFIG.format(tmp=tmp, name=name, port=port, **fields)
+    if servers:
+        text = with_servers(text, servers)
+    path.write_text(text + tls)
     return process([str(GATEWAY), "run", "--config", str(path)], port)  # type: ignore[return-value]
 
 
@@ -275,9 +306,10 @@ def http_load_section(args: argparse.Namespace, tmp: Path) -> None:
         ):  # fmt: skip
             g = measure(f"gateway x{cores} workers (redis)", f"http://127.0.0.1:{gp}/", r, d, c)
         results["cores"] = (n, g)
+        results["2 servers"] = round_robin_section(args, tmp, up, common)
     print("\nRatios, gateway / nginx limit_req (requests/s; p99 difference):")
     for key, (n, g) in results.items():
-        print(f"  {key:<8} {g.rps / n.rps:>5.2f} x   p99 {g.p99_ms - n.p99_ms:+7.2f} ms")
+        print(f"  {key:<9} {g.rps / n.rps:>5.2f} x   p99 {g.p99_ms - n.p99_ms:+7.2f} ms")
     print(
         f"  gateway allowed / direct upstream: {results['allowed'][1].rps / direct.rps:.2f} x"
     )
@@ -308,6 +340,42 @@ def tls_load(tmp: Path, args: argparse.Namespace, common: dict[str, int]) -> tup
         r, d, c = args.rounds, args.duration, args.connections
         n = measure("nginx limit_req, TLS allowed", f"https://127.0.0.1:{np}/", r, d, c)
         g = measure("gateway, TLS allowed", f"https://127.0.0.1:{gp}/", r, d, c)
+    return n, g
+
+
+def round_robin_section(
+    args: argparse.Namespace, tmp: Path, up: int, common: dict[str, int]
+) -> tuple[Load, Load]:
+    """Allowed path, round robin over two upstream nginx servers: nginx's
+    ``upstream`` block with both beside the gateway's ``upstream.servers``.
+    Prints how the gateway's access log split the requests."""
+    r, d, c = args.rounds, args.duration, args.connections
+    up2 = free_port()
+    np, gp = free_port(), free_port()
+    conf = NGINX_LIMIT.format(
+        tmp=tmp, name="nginx-rr", workers=1, port=np, upstream=up,
+        rate=ALLOWED["rate"], burst=ALLOWED["burst"],
+    )  # fmt: skip
+    one, two = f"server 127.0.0.1:{up};", f"server 127.0.0.1:{up2};"
+    conf = conf.replace(one, f"{one} {two}")
+    with nginx(tmp, "upstream2", nginx_second_upstream(tmp, up2), up2), nginx(
+        tmp, "nginx-rr", conf, np
+    ), gateway(
+        tmp, "gateway-rr", gp, servers=[up, up2], admin=free_port(), workers=1,
+        backend="memory", period=ALLOWED["period"], refill=ALLOWED["refill"],
+        max_tokens=ALLOWED["max_tokens"], **common,
+    ):  # fmt: skip
+        n = measure("nginx upstream x2, allowed", f"http://127.0.0.1:{np}/", r, d, c)
+        g = measure("gateway servers x2, allowed", f"http://127.0.0.1:{gp}/", r, d, c)
+    split: dict[str, int] = {}
+    log = tmp / "gateway-rr-access.log"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        found = re.search(r'"upstream_addr":"([^"]*)"', line)
+        if found:
+            split[found.group(1)] = split.get(found.group(1), 0) + 1
+    total = sum(split.values()) or 1
+    shares = ", ".join(f"{addr} {count / total:.1%}" for addr, count in sorted(split.items()))
+    print(f"  gateway's split over the two servers: {shares}")
     return n, g
 
 

@@ -44,14 +44,16 @@ log = logging.getLogger("gateway.access_log")
 
 FIELDS: Final = (
     "ts", "request_id", "client", "method", "path", "route", "decision", "status",
-    "tokens_left", "upstream_ms", "duration_ms", "bytes_in", "bytes_out",
+    "tokens_left", "upstream_ms", "duration_ms", "bytes_in", "bytes_out", "upstream_addr",
 )  # fmt: skip
 BATCH_INTERVAL_SECONDS: Final = 0.02
 
-# One answered request, in FIELDS order; ts is time.time(), *_ms floats or None.
+# One answered request, in FIELDS order; ts is time.time(), *_ms floats or None;
+# upstream_addr None when no upstream server was tried.
 AccessRecord = tuple[
-    float, str, str, str, str, str, str, int, "int | None", "float | None", float, int, int
-]
+    float, str, str, str, str, str, str, int, "int | None", "float | None", float, int, int,
+    "str | None",
+]  # fmt: skip
 
 # Characters a JSON string may hold unescaped, minus '"' and '\\'.
 _NEEDS_ESCAPE: Final = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
@@ -87,7 +89,7 @@ class _Clock:
 _PLAIN_LINE: Final = (
     '{"ts":"%s","request_id":"%s","client":"%s","method":"%s","path":"%s","route":"%s",'
     '"decision":"%s","status":%d,"tokens_left":%s,"upstream_ms":%s,"duration_ms":%.3f,'
-    '"bytes_in":%d,"bytes_out":%d}'
+    '"bytes_in":%d,"bytes_out":%d,"upstream_addr":%s}'
 )
 
 
@@ -96,21 +98,24 @@ def format_record(record: AccessRecord, clock: _Clock | None = None) -> str:
     consumer thread while it holds the GIL, which the request path then
     waits for: kept to one regex check and one format for the usual line."""
     ts, request_id, client, method, path, route, decision, status = record[:8]
-    tokens_left, upstream_ms, duration_ms, bytes_in, bytes_out = record[8:]
+    tokens_left, upstream_ms, duration_ms, bytes_in, bytes_out, upstream_addr = record[8:]
     stamp = (clock or _Clock()).stamp(ts)
     tokens = "null" if tokens_left is None else str(tokens_left)
     upstream = "null" if upstream_ms is None else f"{upstream_ms:.3f}"
-    if _NEEDS_ESCAPE.search(f"{request_id}{client}{method}{path}{route}") is None:
+    addr = upstream_addr or ""
+    if _NEEDS_ESCAPE.search(f"{request_id}{client}{method}{path}{route}{addr}") is None:
         return _PLAIN_LINE % (
             stamp, request_id, client, method, path, route, decision, status, tokens,
             upstream, duration_ms, bytes_in, bytes_out,
+            "null" if upstream_addr is None else f'"{upstream_addr}"',
         )  # fmt: skip
     return (
         f'{{"ts":"{stamp}","request_id":{_string(request_id)},"client":{_string(client)},'
         f'"method":{_string(method)},"path":{_string(path)},"route":{_string(route)},'
         f'"decision":"{decision}","status":{status},"tokens_left":{tokens},'
         f'"upstream_ms":{upstream},"duration_ms":{_number(duration_ms)},'
-        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}}}'
+        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+        f'"upstream_addr":{"null" if upstream_addr is None else _string(upstream_addr)}}}'
     )
 
 

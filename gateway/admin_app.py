@@ -100,6 +100,10 @@ class AdminView(Protocol):
         cannot be read."""
         ...
 
+    def servers_down(self) -> list[str]:
+        """The default upstream's servers marked down ("host:port")."""
+        ...
+
 
 def _json(status: int, body: object, *, compact: bool = False) -> web.Response:
     """``compact``: for the answers that grow with routes and clients; json's
@@ -275,7 +279,13 @@ def build_admin_app(server: AdminView) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         checks = server.readiness()
         ready = all(checks.values())
-        return _json(200 if ready else 503, {"ready": ready, "checks": checks})
+        body: dict[str, object] = {"ready": ready, "checks": checks}
+        down = server.servers_down()
+        if down:
+            # The default upstream's servers marked down (all of them, when
+            # upstream_available is false).
+            body["servers_down"] = down
+        return _json(200 if ready else 503, body)
 
     async def stats(request: web.Request) -> web.Response:
         return _json(200, request_stats(server), compact=True)

@@ -118,7 +118,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print(
         f"{path}: ok ({_count(len(config.routes), 'route')}, "
         f"{_count(len(config.limits.overrides), 'override')}, "
-        f"upstream {config.upstream.url})"
+        f"upstream {config.upstream.describe()})"
     )
     return 0
 

@@ -201,7 +201,7 @@ class Outcome:
     relay: the status sent, bytes each way, the upstream's time and failure."""
 
     __slots__ = ("bytes_in", "bytes_out", "client_gone", "error", "response_started",
-                 "status", "upstream_seconds")  # fmt: skip
+                 "status", "upstream_addr", "upstream_seconds")  # fmt: skip
 
     def __init__(self) -> None:
         self.status = 0
@@ -213,6 +213,9 @@ class Outcome:
         self.bytes_out = 0
         self.error: UpstreamError | None = None
         self.client_gone = False
+        # The servers tried, as nginx's $upstream_addr: "host:port", or
+        # "a:80, b:80" when a failure sent the request on to another.
+        self.upstream_addr: str | None = None
 
 
 class Call(Outcome):
@@ -239,6 +242,7 @@ class Call(Outcome):
         self.bytes_out = 0
         self.error: UpstreamError | None = None
         self.client_gone = False
+        self.upstream_addr: str | None = None
         self.started = time.perf_counter()
         self.head = head
         self.snapshot = snapshot
@@ -477,7 +481,7 @@ class RequestCore:
             scheme=head.scheme,
             request_id=call.request_id,
             peer_is_trusted=call.snapshot.identifier.is_trusted_peer(peer),
-            preserve_host=config.upstream.preserve_host,
+            preserve_host=call.route.preserve_host,
             drop_underscores=config.server.underscores_in_headers is Underscores.DROP,
         )
         fields = (
@@ -601,5 +605,5 @@ class RequestCore:
             route_metrics.label, decision.outcome, status,
             decision.tokens_left if decision.limits is not None else None,
             upstream_seconds * 1000 if upstream_seconds is not None else None,
-            duration * 1000, call.bytes_in, call.bytes_out,
+            duration * 1000, call.bytes_in, call.bytes_out, call.upstream_addr,
         ))  # fmt: skip

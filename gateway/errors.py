@@ -12,6 +12,8 @@ GatewayError
     ├── UpstreamConnectError   refused / unreachable            -> 502, kind="connect"
     ├── UpstreamTimeoutError   silent past read_timeout         -> 504, kind="timeout"
     ├── UpstreamResetError     closed mid-response              -> 502, kind="reset"
+    │   └── UpstreamClosedError    closed before any response byte: an idempotent
+    │                              request may be sent again (another server)
     ├── UpstreamInvalidError   a head we must not relay         -> 502, kind="invalid"
     └── UpstreamBusyError      no pooled connection in time     -> 503, kind="busy"
 """
@@ -32,6 +34,7 @@ __all__ = [
     "MalformedBodyError",
     "StorageError",
     "UpstreamBusyError",
+    "UpstreamClosedError",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamInvalidError",
@@ -136,6 +139,11 @@ class UpstreamResetError(UpstreamError):
 
     kind: ClassVar[str] = "reset"
     status: ClassVar[int] = 502
+
+
+class UpstreamClosedError(UpstreamResetError):
+    """Closed (or reset) before any byte of a response: the request may not
+    have been read at all, so an idempotent one can be sent again."""
 
 
 class UpstreamInvalidError(UpstreamError):

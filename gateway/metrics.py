@@ -183,6 +183,15 @@ class Metrics:
             "Times the proxy listener stopped accepting at server.max_connections.",
             registry=r,
         )
+        # Set at scrape time from each server's health (Metrics.track); under
+        # workers, 1 while any live worker has the server in rotation.
+        self.upstream_server_up = Gauge(
+            "gateway_upstream_server_up",
+            "1 while an upstream server is in rotation, 0 while marked down.",
+            ["upstream", "server"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.workers_restarted = Counter(
             "gateway_workers_restarted_total",
             "Worker processes restarted after dying.",

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Final
 
 from aiohttp import HttpVersion11, web
 
 from gateway.connection import AiohttpDownstream, sent_response
 from gateway.core import Call, Deny, Forward, Ours, Refuse, RequestCore, RequestHead
-from gateway.errors import ClientBodyError, UpstreamResetError
+from gateway.errors import ClientBodyError, UpstreamClosedError
 from gateway.front import PENDING, FrontConnection, PlainOutcome
 from gateway.relay import Downstream, relay_stream, relay_whole
 from gateway.responses import Answer
-from gateway.upstream import Upstream
+from gateway.upstream import Upstream, UpstreamServer
 from gateway.upstream_pool import UpstreamConnection
 from gateway.websocket import is_websocket_upgrade, proxy_websocket
 
@@ -98,11 +99,12 @@ def _gone(request: web.BaseRequest) -> bool:
 
 
 class ProxyHandlers:
-    """The proxy listener's handlers, one per path, over one core."""
+    """The proxy listener's handlers, one per path, over one core.
+    ``upstreams``: by name (``Route.upstream``)."""
 
-    def __init__(self, core: RequestCore, upstream: Upstream) -> None:
+    def __init__(self, core: RequestCore, upstreams: Mapping[str, Upstream]) -> None:
         self.core = core
-        self.upstream = upstream
+        self.upstreams = upstreams
 
     # -- the plain path --
 
@@ -205,7 +207,7 @@ class ProxyHandlers:
                 call.client_gone = True
                 return False
         try:
-            keep_alive = await self.upstream.forward(
+            keep_alive = await self.upstreams[call.route.upstream].forward(
                 request, forward, down, call, call.snapshot.config.max_body_size
             )
         except ClientBodyError as exc:
@@ -221,7 +223,8 @@ class ProxyHandlers:
     ) -> web.StreamResponse | None:
         """A WebSocket upgrade: the response aiohttp must finish, or None
         when we answered (the upstream refused or failed: 502/504)."""
-        response = await proxy_websocket(request, self.upstream, forward, call, down)
+        upstream = self.upstreams[call.route.upstream]
+        response = await proxy_websocket(request, upstream, forward, call, down)
         if response is None and not call.response_started:
             _write_answer(self.core, call, down, self.core.failed(call))
         return response
@@ -234,8 +237,8 @@ class PlainCall(Call):
     time cancels (``front.InFlight``). ``RequestCore.open`` builds it as
     any Call; ``begin`` then adds the plain path's part."""
 
-    __slots__ = ("conn", "core", "ours", "request_head", "sent", "shell", "timer",
-                 "upstream_conn")  # fmt: skip
+    __slots__ = ("conn", "core", "forwarding", "ours", "request_head", "sent", "server",
+                 "shell", "timer", "upstream", "upstream_conn")  # fmt: skip
 
     def begin(self, shell: ProxyHandlers, conn: FrontConnection) -> None:
         """The plain path's part, set right after ``RequestCore.open``."""
@@ -276,9 +279,15 @@ class PlainCall(Call):
         return self.answer_now(verdict)
 
     def _prepare(self, forward: Forward) -> None:
+        """Choose the server, and the request head for it."""
         head = self.head
         self.ours = forward.ours
-        self.request_head = self.shell.upstream.pool.request_head(
+        self.forwarding = forward
+        upstream = self.shell.upstreams[self.route.upstream]
+        self.upstream = upstream
+        server: UpstreamServer = upstream.lone_server or upstream.choose()
+        self.server = server
+        self.request_head = server.pool.request_head(
             head.method, forward.target, forward.headers
         )
         self.sent = time.perf_counter()
@@ -293,7 +302,9 @@ class PlainCall(Call):
                 forward.delay_seconds, self._waited
             )
             return PENDING
-        self.upstream_conn = self.shell.upstream.send_plain(self.request_head, self.on_head)
+        server = self.server
+        self.upstream_addr = server.address
+        self.upstream_conn = server.pool.try_send(self.request_head, self.on_head)
         if self.upstream_conn is not None:
             return PENDING
         return self.forward_in_task()
@@ -308,14 +319,16 @@ class PlainCall(Call):
         if call.client_gone:
             conn.finish(self.end(False))
             return
-        self.upstream_conn = self.shell.upstream.send_plain(self.request_head, self.on_head)
+        server = self.server
+        self.upstream_addr = server.address
+        self.upstream_conn = server.pool.try_send(self.request_head, self.on_head)
         if self.upstream_conn is None:
             conn.continue_with(self.forward_in_task())
 
     def _release(self) -> None:
         upstream_conn, self.upstream_conn = self.upstream_conn, None
         if upstream_conn is not None:
-            self.shell.upstream.release(upstream_conn)
+            self.server.pool.release(upstream_conn)
 
     def cancel(self) -> None:
         """Cut by a drain that ran out of time (front.InFlight): give the
@@ -336,19 +349,25 @@ class PlainCall(Call):
         conn = self.conn
         call = self
         error = upstream_conn.error
-        if isinstance(error, UpstreamResetError) and not upstream_conn.got_bytes:
-            # The upstream had closed this kept-alive connection before our
-            # request reached it: once more, on another (the pool retries
-            # once more on a fresh one). A timeout is not retried.
+        if isinstance(error, UpstreamClosedError):
+            # The server had closed this kept-alive connection before our
+            # request reached it (not its failure): once more, on another of
+            # its connections (the pool retries once more on a fresh one,
+            # then another server). A timeout is not sent again.
             self._release()
             conn.continue_with(self.forward_in_task())
             return
         call.upstream_seconds = time.perf_counter() - self.sent
+        server = self.server
         if error is not None:
+            self.upstream.failed(server, error)
             self._release()
             call.error = error
             conn.finish(self.answer(self.core.failed(call)))
-        elif upstream_conn.complete:
+            return
+        if server.down:
+            self.upstream.answered(server)
+        if upstream_conn.complete:
             assert self.ours is not None
             reusable = relay_whole(upstream_conn, conn, self.ours, call.head, call)
             self._release()
@@ -375,8 +394,8 @@ class PlainCall(Call):
         assert self.ours is not None
         call = self
         try:
-            reusable = await self.shell.upstream.forward_plain(
-                self.request_head, self.conn, self.ours, call.head, call
+            reusable = await self.upstream.forward_plain(
+                self.server, self.request_head, self.forwarding, self.conn, call.head, call
             )
         except BaseException:
             self.end(False)

@@ -11,7 +11,6 @@ relay the same bytes.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -20,7 +19,7 @@ from gateway.errors import UpstreamError
 from gateway.raw_response import NO_BODY_STATUSES, response_head
 from gateway.upstream_pool import UpstreamConnection, UpstreamPool
 
-__all__ = ["Downstream", "forward_plain", "relay_stream", "relay_whole", "serialise_whole"]
+__all__ = ["Downstream", "relay_pooled", "relay_stream", "relay_whole", "serialise_whole"]
 
 
 class Downstream(Protocol):
@@ -141,24 +140,17 @@ async def relay_stream(
     return keep_alive
 
 
-async def forward_plain(
+async def relay_pooled(
     pool: UpstreamPool,
-    request_head: bytes,
+    upstream: UpstreamConnection,
     down: Downstream,
     ours: Ours,
     head: RequestHead,
     outcome: Outcome,
 ) -> bool:
-    """A bodiless GET/OPTIONS through the plain pool, answered to ``down``.
-    ``outcome.error`` set with nothing sent: the caller answers 502/504.
-    True when the client connection may carry the next request."""
-    started = time.perf_counter()
-    try:
-        upstream = await pool.open(request_head)
-    except UpstreamError as exc:
-        outcome.error = exc
-        return True
-    outcome.upstream_seconds = time.perf_counter() - started
+    """Relay the answer on a plain-pool connection whose head arrived, then
+    give the connection back to ``pool``. True when the client connection
+    may carry the next request."""
     try:
         if upstream.complete:
             return relay_whole(upstream, down, ours, head, outcome)

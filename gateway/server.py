@@ -1,11 +1,11 @@
 """The composition root: build every part from a config, start them in order,
 serve, drain, stop them in reverse.
 
-Start order: refill clock -> access-log consumer -> upstream session -> proxy
-and admin listeners. Stop order is the reverse, with the proxy listener
-closed first (no new connections) and in-flight requests given
-``drain_timeout`` to finish, so every answered request reaches the access log
-before its consumer is given the sentinel.
+Start order: refill clock -> access-log consumer -> upstreams (pools,
+session, health checks) -> proxy and admin listeners. Stop order is the
+reverse, with the proxy listener closed first (no new connections) and
+in-flight requests given ``drain_timeout`` to finish, so every answered
+request reaches the access log before its consumer is given the sentinel.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import Metric
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
 from gateway.config import BucketSpec, GatewayConfig, Mode, RouteSpec, load_config, restart_keys
+from gateway.config.model import DEFAULT_UPSTREAM
 from gateway.config.tls import TlsPairError
 from gateway.connection import (
     CappedSite,
@@ -48,7 +49,14 @@ from gateway.tls import TlsListener
 from gateway.top_clients import TopClients
 from gateway.upstream import Upstream
 
-__all__ = ["Server", "bound_port", "describe_routes", "load_for_reload", "settle_heap"]
+__all__ = [
+    "Server",
+    "bound_port",
+    "describe_routes",
+    "load_for_reload",
+    "settle_heap",
+    "upstreams_running",
+]
 
 log = logging.getLogger("gateway")
 
@@ -98,11 +106,22 @@ class Server:
         # Read at scrape time: no gauge operation on the request path.
         self.metrics.track(self.metrics.inflight, lambda: self.core.inflight)
         self.clock.on_second(self.metrics.refresh)
-        self.upstream = Upstream(config.upstream, config.server)
+        # Every upstream by name, "default" first; read once at start (apply).
+        self.upstreams = {
+            name: Upstream(name, upstream, config.server, now=self.clock.now)
+            for name, upstream in config.all_upstreams().items()
+        }
+        self.upstream = self.upstreams[DEFAULT_UPSTREAM]
+        for upstream in self.upstreams.values():
+            for server in upstream.servers:
+                self.metrics.track(
+                    self.metrics.upstream_server_up.labels(upstream.name, server.address),
+                    lambda s=server: float(s.in_rotation(self.clock.now())),  # type: ignore[misc]
+                )
         self.core = RequestCore(
             Snapshot(config, self.clock, self.store), self.metrics, self.access_log
         )
-        self.handlers = ProxyHandlers(self.core, self.upstream)
+        self.handlers = ProxyHandlers(self.core, self.upstreams)
         self.draining = False
         self._stop = asyncio.Event()
         self._proxy_runner: web.ServerRunner | None = None
@@ -146,10 +165,15 @@ class Server:
         return await self.core.snapshot.limiter.client_buckets(client, ip, routes)
 
     def background_parts(self) -> dict[str, Callable[[], bool]]:
-        return {
+        parts: dict[str, Callable[[], bool]] = {
             "refill_clock": lambda: self.clock.alive,
             "access_log": lambda: self.access_log.alive,
         }
+        for name, upstream in self.upstreams.items():
+            check = upstream.health_check
+            if check is not None:
+                parts[f"health_check:{name}"] = lambda check=check: check.alive  # type: ignore[misc]
+        return parts
 
     def readiness(self) -> dict[str, bool]:
         # With on_error allow or local the gateway serves through an outage.
@@ -158,7 +182,14 @@ class Server:
             "config_loaded": True,
             "storage_reachable": storage_ok,
             "not_draining": not self.draining,
+            # Requests are still sent when every server is down (balancer.py),
+            # but a load balancer in front had better pick another gateway.
+            "upstream_available": not self.upstream.all_down(),
         }
+
+    def servers_down(self) -> list[str]:
+        """The default upstream's servers marked down now (/readyz names them)."""
+        return self.upstream.servers_down()
 
     # -- lifecycle --
 
@@ -166,7 +197,8 @@ class Server:
         config = self.config
         self.clock.start()
         self.access_log.start()
-        await self.upstream.start()
+        for upstream in self.upstreams.values():
+            await upstream.start()
         limits = config.server
         if config.tls is not None:
             self.tls = TlsListener(config.tls, self.metrics.count_rejected)
@@ -221,7 +253,7 @@ class Server:
         log.info(
             "proxy on %s:%d%s -> %s; admin on %s:%d",
             config.listen_host, self.proxy_port, "" if self.tls is None else " (TLS)",
-            config.upstream.url,
+            config.upstream.describe(),
             config.admin_host, self.admin_port,
         )  # fmt: skip
         self._log_routes(config)
@@ -243,7 +275,8 @@ class Server:
             # shutdown_timeout = drain_timeout) before cancelling them.
             await self._proxy_runner.cleanup()
             self._proxy_runner = None
-        await self.upstream.close()
+        for upstream in self.upstreams.values():
+            await upstream.close()
         await self.store.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
@@ -310,8 +343,7 @@ class Server:
         new = load_for_reload(self.config_path, failures)
         if new is None or not self._reload_tls(new, failures):
             return False
-        self.apply(new)
-        return True
+        return self.apply(new, failures)
 
     def _reload_tls(self, new: GatewayConfig, failures: Counter | None) -> bool:
         """Read the certificate and key again, for new connections (open ones
@@ -330,8 +362,15 @@ class Server:
         log.info("reload: new TLS connections get %s", new.tls.cert)
         return True
 
-    def apply(self, new: GatewayConfig) -> None:
+    def apply(self, new: GatewayConfig, failures: Counter | None = None) -> bool:
+        """Swap in ``new``; False (logged, counted in ``failures``) when one
+        of its routes names an upstream this process does not run:
+        upstreams are built once, at start."""
         old = self.config
+        if not upstreams_running(new, self.upstreams):
+            if failures is not None:
+                failures.inc()
+            return False
         for key in _RESTART_KEYS:
             if getattr(new, key) != getattr(old, key):
                 log.warning(
@@ -345,6 +384,8 @@ class Server:
                 "reload: tls %s; turning TLS on or off takes effect only after a restart",
                 "added" if self.tls is None else "removed",
             )
+        if new.upstreams != old.upstreams:
+            log.warning("reload: upstreams changed; they take effect after a restart")
         self.memory_store.max_tracked = new.clients.max_tracked
         self.memory_store.idle_timeout_seconds = new.clients.idle_timeout_seconds
         self.core.snapshot = Snapshot(new, self.clock, self.store)
@@ -354,6 +395,24 @@ class Server:
             self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded from %s", new.source)
         self._log_routes(new)
+        return True
+
+
+def upstreams_running(new: GatewayConfig, running: Collection[str]) -> bool:
+    """Every upstream ``new``'s routes name is one of ``running`` (the
+    upstreams built at start); else each route that names another is logged
+    and the reload must be refused: a route must not lose its backend."""
+    missing = [
+        (i, route.upstream)
+        for i, route in enumerate(new.routes)
+        if route.upstream is not None and route.upstream not in running
+    ]
+    for i, name in missing:
+        log.error(
+            "reload rejected: routes[%d].upstream: %r is not running; "
+            "upstreams start only with a restart", i, name,
+        )  # fmt: skip
+    return not missing
 
 
 async def _bind(key: str, host: str, port: int, site: web.BaseSite) -> None:
@@ -417,7 +476,11 @@ def _route_line(config: GatewayConfig, route: RouteSpec) -> str:
         )
     if route.count_statuses is not None:
         parts.append(f"counts {_statuses(route.count_statuses)} only")
-    parts.append(f"upstream {config.upstream.url}")
+    name = route.upstream
+    if name is None or name == DEFAULT_UPSTREAM or name not in config.upstreams:
+        parts.append(f"upstream {config.upstream.describe()}")
+    else:
+        parts.append(f"upstream {name}: {config.upstreams[name].describe()}")
     return "; ".join(parts)
 
 

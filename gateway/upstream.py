@@ -1,4 +1,16 @@
-"""④ Forward: one pooled ClientSession per process; bodies streamed both ways.
+"""④ Forward: the servers of one upstream, a plain pool each, one ClientSession.
+
+A request goes to the server the balancer chooses (balancer.py: round robin
+or least connections, passive and active health). A connect failure, or a
+connection closed before any response byte, is sent once more to another
+server (nginx's ``proxy_next_upstream error``): a connect failure for every
+method (nothing was sent; with a body, only while none of it was read), a
+close only for GET, HEAD and OPTIONS without a body. A read timeout is not
+sent again (the server may be working on it; the client already waited
+``read_timeout``), and neither is an answer, whatever its status. Connect
+failures, closes and read timeouts before a response head count toward the
+server's ``max_fails``; invalid heads, a full pool and failures after the
+head do not.
 
 Session settings each close a known proxy bug:
 ``auto_decompress=False`` and no auto ``Accept-Encoding`` (bytes pass through
@@ -24,29 +36,36 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from gateway.balancer import Balancer, ServerState
 from gateway.config.model import ServerConfig, UpstreamConfig
-from gateway.core import Call, Forward, Ours, RequestHead
+from gateway.config.validate import server_address
+from gateway.core import Call, Forward, Outcome, RequestHead
 from gateway.errors import (
     BodyTimeoutError,
     BodyTooLargeError,
     ClientBodyError,
     UpstreamBusyError,
+    UpstreamClosedError,
     UpstreamConnectError,
+    UpstreamError,
     UpstreamInvalidError,
     UpstreamResetError,
     UpstreamTimeoutError,
 )
+from gateway.health_check import HealthCheck
 from gateway.raw_response import unrelayable_head
-from gateway.relay import Downstream, forward_plain, relay_stream
-from gateway.upstream_pool import PLAIN_METHODS, UpstreamConnection, UpstreamPool
+from gateway.relay import Downstream, relay_pooled, relay_stream
+from gateway.upstream_pool import PLAIN_METHODS, UpstreamPool
 
-__all__ = ["RefusedUpgrade", "Upstream"]
+__all__ = ["REFUSED_UPGRADE", "RefusedUpgrade", "Upstream", "UpstreamServer"]
 
 log = logging.getLogger("gateway.upstream")
 
-# Methods safe to send twice when a pooled keep-alive connection turns out to
-# have been closed by the upstream before it read our request (aiohttp#9138).
+# Methods safe to send twice when a connection closed before any response
+# byte (RFC 9110 section 9.2.2).
 _RETRYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+# The failures that are the server's: they count toward max_fails.
+_SERVER_FAILURES: Final = (UpstreamConnectError, UpstreamResetError, UpstreamTimeoutError)
 
 
 # A refused upgrade's body is relayed up to this size (an error page);
@@ -97,47 +116,104 @@ async def _keep_refused_upgrade(
         pass  # incomplete: our 502
 
 
-class Upstream:
-    """The fronted backend: the plain pool (upstream_pool.py) for bodiless
-    GET/OPTIONS, aiohttp's ClientSession for bodies, HEAD and upgrades."""
+class UpstreamServer(ServerState):
+    """One server: its URL and its plain pool (``pool``: set by
+    ``Upstream.start``; a plain attribute, read several times a request)."""
 
-    def __init__(self, config: UpstreamConfig, server: ServerConfig) -> None:
+    __slots__ = ("base", "pool")
+
+    pool: UpstreamPool
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, server_address(url))
+        self.base = url  # what a target is appended to (a path prefix kept)
+
+    @property
+    def active(self) -> int:
+        return self.pool.in_use
+
+    def url_for(self, target: str) -> URL:
+        """The server's URL for a request target, byte-for-byte (no yarl
+        normalisation of ``..`` or percent-escapes)."""
+        return URL(self.base + target, encoded=True)
+
+
+def _tried(outcome: Outcome, server: UpstreamServer) -> None:
+    """Add ``server`` to the servers the request went to ($upstream_addr)."""
+    addr = outcome.upstream_addr
+    outcome.upstream_addr = server.address if addr is None else f"{addr}, {server.address}"
+
+
+class Upstream:
+    """One upstream (``upstream`` or one of ``upstreams``): its servers and
+    their plain pools (upstream_pool.py) for bodiless GET/OPTIONS, aiohttp's
+    ClientSession for bodies, HEAD and upgrades. ``now``: the clock passive
+    health reads (monotonic seconds)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        server: ServerConfig,
+        *,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
         self.config = config
-        self._base = config.url
         self._body_timeout = server.body_timeout_seconds
         self._session: aiohttp.ClientSession | None = None
         self._upgrades: aiohttp.ClientSession | None = None
-        self._pool: UpstreamPool | None = None
+        self.servers = [UpstreamServer(url) for url in config.server_urls]
+        self.balancer: Balancer[UpstreamServer] = Balancer(
+            self.servers,
+            config.balance,
+            max_fails=config.max_fails,
+            fail_timeout_seconds=config.fail_timeout_seconds,
+            now=now,
+            on_change=self._log_change,
+        )
+        # The request path calls this once per request: bound once, and
+        # skipped for a lone server (the choice is made).
+        self.choose = self.balancer.choose
+        self.lone_server = self.servers[0] if len(self.servers) == 1 else None
+        self.health_check: HealthCheck | None = None
+        if config.health_check.enabled:
+            self.health_check = HealthCheck(
+                name, config.health_check, self.servers, self._probed
+            )
 
     async def start(self) -> None:
+        config = self.config
+        for server in self.servers:
+            server.pool = UpstreamPool(
+                server.url,
+                max_connections=config.max_connections,
+                connect_timeout=config.connect_timeout_seconds,
+                read_timeout=config.read_timeout_seconds,
+                pool_timeout=config.pool_timeout_seconds,
+                max_header_size=config.max_header_size,
+            )
         connector = aiohttp.TCPConnector(
-            limit=self.config.max_connections,
+            # Each server's pool slots bound its connections on both paths.
+            limit=config.max_connections * len(self.servers),
             limit_per_host=0,
             # Below common backend idle timeouts (nginx 75 s, Node 5 s is the
             # outlier): the proxy side should be the one closing idle sockets.
             keepalive_timeout=4.0,
             ttl_dns_cache=10,
         )
-        self._pool = UpstreamPool(
-            self.config.url,
-            max_connections=self.config.max_connections,
-            connect_timeout=self.config.connect_timeout_seconds,
-            read_timeout=self.config.read_timeout_seconds,
-            pool_timeout=self.config.pool_timeout_seconds,
-            max_header_size=self.config.max_header_size,
-        )
         # aiohttp's own per-line and per-count limits set no tighter than the
         # whole head's, so unrelayable_head is the one bound on both paths.
-        max_head = self.config.max_header_size
+        max_head = config.max_header_size
         settings: dict[str, Any] = {
             "auto_decompress": False,
             "skip_auto_headers": ("User-Agent", "Accept", "Accept-Encoding"),
             "cookie_jar": aiohttp.DummyCookieJar(),
             "timeout": aiohttp.ClientTimeout(
                 total=None,
-                connect=self.config.connect_timeout_seconds,
-                sock_connect=self.config.connect_timeout_seconds,
-                sock_read=self.config.read_timeout_seconds,
+                connect=config.connect_timeout_seconds,
+                sock_connect=config.connect_timeout_seconds,
+                sock_read=config.read_timeout_seconds,
             ),
             # Our headers are already filtered; don't let aiohttp re-check them.
             "requote_redirect_url": False,
@@ -153,11 +229,16 @@ class Upstream:
         self._upgrades = aiohttp.ClientSession(
             connector=connector, connector_owner=False, trace_configs=[keep_refusal], **settings
         )
+        if self.health_check is not None:
+            self.health_check.start()
 
     async def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        if self.health_check is not None:
+            await self.health_check.stop()
+        for server in self.servers:
+            pool = getattr(server, "pool", None)  # unset when start() failed first
+            if pool is not None:
+                pool.close()
         if self._upgrades is not None:
             await self._upgrades.close()
             self._upgrades = None
@@ -176,36 +257,109 @@ class Upstream:
         assert self._upgrades is not None, "Upstream.start() was not awaited"
         return self._upgrades
 
-    def url_for(self, target: str) -> URL:
-        """The upstream URL for a request target, byte-for-byte (no yarl
-        normalisation of ``..`` or percent-escapes)."""
-        return URL(self._base + target, encoded=True)
+    # -- health --
 
-    @property
-    def pool(self) -> UpstreamPool:
-        assert self._pool is not None, "Upstream.start() was not awaited"
-        return self._pool
+    def failed(self, server: UpstreamServer, error: UpstreamError) -> None:
+        """``error`` ended an exchange with ``server`` before a response head:
+        counted toward its max_fails when it is the server's failure."""
+        if isinstance(error, _SERVER_FAILURES):
+            self.balancer.failed(server)
 
-    def send_plain(
-        self, head: bytes, on_head: Callable[[UpstreamConnection], None]
-    ) -> UpstreamConnection | None:
-        """Send at once on an idle pooled connection (``UpstreamPool.try_send``);
-        None when there is none: then ``relay.forward_plain``."""
-        return self.pool.try_send(head, on_head)
+    def answered(self, server: UpstreamServer) -> None:
+        """A response head came from ``server`` (the request path checks
+        ``server.down`` first, so this runs only for a server that was out)."""
+        self.balancer.answered(server)
+
+    def next_server(
+        self, server: UpstreamServer, error: UpstreamError, *, idempotent: bool
+    ) -> UpstreamServer | None:
+        """Where a request that failed on ``server`` before any response byte
+        goes once more: another server, for a connect failure, or a close of
+        an ``idempotent`` request; None when it is not sent again (a lone
+        server is not tried twice)."""
+        if len(self.servers) == 1:
+            return None
+        if isinstance(error, UpstreamConnectError) or (
+            idempotent and isinstance(error, UpstreamClosedError)
+        ):
+            return self.balancer.choose(exclude=server)
+        return None
+
+    def all_down(self) -> bool:
+        """Every server is marked down (requests are still sent: balancer.py)."""
+        return self.balancer.all_out()
+
+    def servers_down(self) -> list[str]:
+        """The addresses of the servers marked down now."""
+        return [server.address for server in self.balancer.out_of_rotation()]
+
+    def _probed(self, server: ServerState, ok: bool, detail: str) -> None:
+        assert isinstance(server, UpstreamServer)
+        self.balancer.probed(server, ok, detail)
+
+    def _log_change(self, server: UpstreamServer, up: bool, why: str) -> None:
+        if up:
+            log.warning("upstream %s: server %s is back in rotation: %s",
+                        self.name, server.address, why)  # fmt: skip
+        else:
+            log.warning("upstream %s: server %s marked down: %s",
+                        self.name, server.address, why)  # fmt: skip
+
+    # -- the plain pool --
 
     async def forward_plain(
-        self, request_head: bytes, down: Downstream, ours: Ours, head: RequestHead, call: Call
+        self,
+        server: UpstreamServer,
+        request_head: bytes,
+        forward: Forward,
+        down: Downstream,
+        head: RequestHead,
+        call: Call,
     ) -> bool:
-        """A plain request through the pool, when no idle connection took it
-        at once (``relay.forward_plain``)."""
-        return await forward_plain(self.pool, request_head, down, ours, head, call)
+        """A plain request (front.py's) through ``server``'s pool, when no
+        idle connection took it at once (or the one that did had been
+        closed by the server): see ``_forward_pooled``."""
+        return await self._forward_pooled(server, request_head, forward, down, head, call)
 
-    def release(self, conn: UpstreamConnection) -> None:
-        """Give a pooled connection back (closed when the pool is gone)."""
-        if self._pool is None:  # closed while the connection was out
-            conn.close()
-        else:
-            self._pool.release(conn)
+    async def _forward_pooled(
+        self,
+        server: UpstreamServer,
+        request_head: bytes,
+        forward: Forward,
+        down: Downstream,
+        head: RequestHead,
+        call: Call,
+    ) -> bool:
+        """A bodiless GET/OPTIONS through ``server``'s pool, sent once more
+        to another server after a connect failure or a close, answered to
+        ``down``. ``call.error`` set with nothing sent: the caller answers
+        502/503/504. True when the client connection may carry the next
+        request."""
+        started = time.perf_counter()
+        if call.upstream_addr is None:
+            call.upstream_addr = server.address
+        retried = False
+        while True:
+            try:
+                upstream_conn = await server.pool.open(request_head)
+                break
+            except UpstreamError as exc:
+                self.failed(server, exc)
+                retry = None if retried else self.next_server(server, exc, idempotent=True)
+                if retry is None:
+                    call.error = exc
+                    return True
+            server, retried = retry, True
+            _tried(call, server)
+            request_head = server.pool.request_head(
+                head.method, forward.target, forward.headers
+            )
+        if server.down:
+            self.answered(server)
+        call.upstream_seconds = time.perf_counter() - started
+        return await relay_pooled(server.pool, upstream_conn, down, forward.ours, head, call)
+
+    # -- aiohttp's client --
 
     async def forward(
         self,
@@ -220,93 +374,116 @@ class Upstream:
         next request.
 
         ``call.error`` set with ``call.response_started`` false: nothing was
-        sent and the caller answers 502/504; once started, a failure cuts the
-        client's connection. Raises ClientBodyError (413/408/400) when the
-        client's body was at fault before the upstream answered.
+        sent and the caller answers 502/503/504; once started, a failure
+        cuts the client's connection. Raises ClientBodyError (413/408/400)
+        when the client's body was at fault before the upstream answered.
         """
         head = call.head
         method = head.method
         has_body = request.body_exists
-        if not has_body and method in PLAIN_METHODS and self._pool is not None:
-            request_head = self._pool.request_head(method, forward.target, forward.headers)
-            return await forward_plain(self._pool, request_head, down, forward.ours, head, call)
+        server = self.choose()
+        if not has_body and method in PLAIN_METHODS:
+            request_head = server.pool.request_head(method, forward.target, forward.headers)
+            return await self._forward_pooled(server, request_head, forward, down, head, call)
         started = time.perf_counter()
-        # The plain pool's slots bound this path's connections too: one
-        # max_connections, one pool_timeout.
-        pool = self.pool
-        try:
-            await pool.acquire_slot()
-        except UpstreamBusyError as exc:
-            call.error = exc
-            return True
-        try:
-            return await self._forward_session(
-                request, forward, down, call, max_body_size, started
-            )
-        finally:
-            pool.release_slot()
+        idempotent = method in _RETRYABLE_METHODS and not has_body
+        body = _RequestBody(request, call, max_body_size, self._body_timeout)
+        retried = False
+        _tried(call, server)
+        while True:
+            # The plain pool's slots bound this path's connections too: one
+            # max_connections, one pool_timeout per server.
+            pool = server.pool
+            try:
+                await pool.acquire_slot()
+            except UpstreamBusyError as exc:
+                call.error = exc
+                return True
+            try:
+                response = await self._send(server, request, forward, call, body)
+                if response is None:
+                    error = call.error
+                    if error is None:  # the client left
+                        return False
+                    self.failed(server, error)
+                    retry = None
+                    if not retried and not body.started:
+                        retry = self.next_server(server, error, idempotent=idempotent)
+                    if retry is None:
+                        return True
+                    call.error = None
+                    server, retried = retry, True
+                    _tried(call, server)
+                    continue
+                if server.down:
+                    self.answered(server)
+                call.upstream_seconds = time.perf_counter() - started
+                return await self._relay(response, down, forward, call)
+            finally:
+                pool.release_slot()
 
-    async def _forward_session(
+    async def _send(
         self,
+        server: UpstreamServer,
         request: web.BaseRequest,
         forward: Forward,
-        down: Downstream,
         call: Call,
-        max_body_size: int,
-        started: float,
-    ) -> bool:
-        head = call.head
-        method = head.method
-        has_body = request.body_exists
-        attempts = 2 if method in _RETRYABLE_METHODS and not has_body else 1
-        body = _RequestBody(request, call, max_body_size, self._body_timeout)
-        for attempt in range(attempts):
-            try:
-                async with asyncio.timeout(None) as abort:
-                    body.abort = abort
-                    upstream_response = await self.session.request(
-                        method,
-                        self.url_for(forward.target),
-                        headers=forward.headers,
-                        data=body.stream() if has_body else None,
-                        allow_redirects=False,
-                        compress=None,
-                    )
-                break
-            except aiohttp.ServerDisconnectedError as exc:
-                if call.client_gone:
-                    return False
-                if attempt + 1 < attempts:
-                    continue
-                call.error = UpstreamResetError(f"upstream closed the connection: {exc}")
-                return True
-            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-                call.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
-                return True
-            except (aiohttp.SocketTimeoutError, TimeoutError):
-                if call.client_gone:
-                    return False
-                if body.error is not None:
-                    raise body.error from None
-                call.error = UpstreamTimeoutError(
-                    f"no response from upstream within {self.config.read_timeout_seconds:g}s"
+        body: _RequestBody,
+    ) -> aiohttp.ClientResponse | None:
+        """The response head, or None with ``call.error`` set (None with no
+        error: the client left). Raises the client's body error."""
+        method = call.head.method
+        try:
+            async with asyncio.timeout(None) as abort:
+                body.abort = abort
+                return await self.session.request(
+                    method,
+                    server.url_for(forward.target),
+                    headers=forward.headers,
+                    data=body.stream() if request.body_exists else None,
+                    allow_redirects=False,
+                    compress=None,
                 )
-                return True
-            except aiohttp.ClientResponseError as exc:  # llhttp refused the head
-                if call.client_gone:
-                    return False
-                if body.error is not None:
-                    raise body.error from None
-                call.error = UpstreamInvalidError(f"invalid HTTP from upstream: {exc.message}")
-                return True
-            except aiohttp.ClientError as exc:  # OSError
-                if call.client_gone:
-                    return False
-                if body.error is not None:
-                    raise body.error from None
-                call.error = UpstreamResetError(f"upstream connection failed: {exc}")
-                return True
-        call.upstream_seconds = time.perf_counter() - started
+        except aiohttp.ServerDisconnectedError as exc:
+            # aiohttp sent an idempotent request once more already
+            # (RFC 9112 section 9.3.1.1): a stale kept-alive connection
+            # is not the server's failure.
+            if call.client_gone:
+                return None
+            if body.error is not None:
+                raise body.error from None
+            call.error = UpstreamClosedError(f"upstream closed the connection: {exc}")
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            call.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
+        except (aiohttp.SocketTimeoutError, TimeoutError):
+            if call.client_gone:
+                return None
+            if body.error is not None:
+                raise body.error from None
+            call.error = UpstreamTimeoutError(
+                f"no response from upstream within {self.config.read_timeout_seconds:g}s"
+            )
+        except aiohttp.ClientResponseError as exc:  # llhttp refused the head
+            if call.client_gone:
+                return None
+            if body.error is not None:
+                raise body.error from None
+            call.error = UpstreamInvalidError(f"invalid HTTP from upstream: {exc.message}")
+        except aiohttp.ClientError as exc:  # OSError
+            if call.client_gone:
+                return None
+            if body.error is not None:
+                raise body.error from None
+            call.error = UpstreamResetError(f"upstream connection failed: {exc}")
+        return None
+
+    async def _relay(
+        self,
+        upstream_response: aiohttp.ClientResponse,
+        down: Downstream,
+        forward: Forward,
+        call: Call,
+    ) -> bool:
         async with upstream_response:
             raw_headers = upstream_response.raw_headers
             problem = unrelayable_head(raw_headers, self.config.max_header_size)
@@ -321,7 +498,7 @@ class Upstream:
                 _body_reader(upstream_response),
                 down,
                 forward.ours,
-                head,
+                call.head,
                 call,
             )
 
@@ -332,7 +509,8 @@ class _RequestBody:
     aiohttp would otherwise keep waiting for the upstream's answer to a body
     that will never be complete."""
 
-    __slots__ = ("abort", "body_timeout", "call", "error", "max_body_size", "request")
+    __slots__ = ("abort", "body_timeout", "call", "error", "max_body_size", "request",
+                 "started")  # fmt: skip
 
     def __init__(
         self, request: web.BaseRequest, call: Call, max_body_size: int, body_timeout: float
@@ -343,6 +521,8 @@ class _RequestBody:
         self.body_timeout = body_timeout
         self.error: ClientBodyError | None = None
         self.abort: asyncio.Timeout | None = None
+        # A byte of the body was asked for: it cannot go to another server.
+        self.started = False
 
     def _stop_waiting(self) -> None:
         if not self.call.response_started and self.abort is not None:
@@ -354,6 +534,7 @@ class _RequestBody:
         return error
 
     async def stream(self) -> AsyncIterator[bytes]:
+        self.started = True
         content = self.request.content
         call = self.call
         while True:

@@ -13,7 +13,8 @@ Connections are kept alive in a LIFO pool bounded by ``max_connections``;
 one idle past ``IDLE_SECONDS`` is closed rather than reused (the upstream may
 be about to close it: the keep-alive race of aiohttp#9138). A request that
 fails on a *reused* connection before any response byte is retried once on a
-new one; the methods served here are idempotent.
+new one; the methods served here are idempotent. One pool per server: the
+choice among servers, and sending a request on to another, is upstream.py's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from multidict import CIMultiDict
 
 from gateway.errors import (
     UpstreamBusyError,
+    UpstreamClosedError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamInvalidError,
@@ -131,7 +133,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not self.complete:
             reason = f": {exc}" if exc else ""
-            self._fail(UpstreamResetError(f"upstream closed the connection{reason}"))
+            error = UpstreamResetError if self.got_bytes else UpstreamClosedError
+            self._fail(error(f"upstream closed the connection{reason}"))
 
     # -- httptools callbacks --
 
@@ -343,6 +346,7 @@ class UpstreamPool:
         self._free_slots = max_connections
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self.loop = asyncio.get_running_loop()
+        self.closed = False
 
     @property
     def in_use(self) -> int:
@@ -446,7 +450,7 @@ class UpstreamPool:
                 await conn.start(head)
                 if conn.error is None:
                     return conn
-                if conn.got_bytes or not isinstance(conn.error, UpstreamResetError):
+                if not isinstance(conn.error, UpstreamClosedError):
                     raise conn.error
                 # Closed by the upstream while idle: retry once, fresh.
             conn = await self._connect()
@@ -464,7 +468,7 @@ class UpstreamPool:
         """Give the connection back (kept alive when the response was read to
         its end) and free the slot."""
         conn._stop_read_timer()
-        if conn.reusable:
+        if conn.reusable and not self.closed:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
@@ -472,6 +476,8 @@ class UpstreamPool:
         self.release_slot()
 
     def close(self) -> None:
+        """Close the idle connections; one given back later is closed then."""
+        self.closed = True
         for conn in self._idle:
             conn.close()
         self._idle.clear()

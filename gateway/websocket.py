@@ -87,34 +87,51 @@ async def proxy_websocket(
         for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
         if p.strip()
     )
+    server = upstream.choose()
+    call.upstream_addr = server.address
+    retried = False
     refused = RefusedUpgrade()
     REFUSED_UPGRADE.set(refused)  # (this task's context: the handler's own)
-    try:
-        upstream_ws = await upstream.upgrades.ws_connect(
-            upstream.url_for(forward.target),
-            headers=headers,
-            protocols=protocols,
-            autoclose=False,
-            autoping=False,
-            max_msg_size=0,
-        )
-    except aiohttp.WSServerHandshakeError as exc:
-        if refused.status and refused.complete:
-            await _relay_refusal(refused, down, forward, call, upstream.config.max_header_size)
-        else:
-            call.error = UpstreamError(f"upstream refused the upgrade: {exc.status}")
-        return None
-    except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-        call.error = UpstreamConnectError(f"cannot connect to upstream: {exc}")
-        return None
-    except (aiohttp.SocketTimeoutError, TimeoutError):
-        call.error = UpstreamTimeoutError("no upgrade response from upstream")
-        return None
-    except aiohttp.ClientError as exc:
-        call.error = UpstreamError(f"upstream upgrade failed: {exc}")
-        return None
-    finally:
-        REFUSED_UPGRADE.set(None)
+    while True:
+        try:
+            upstream_ws = await upstream.upgrades.ws_connect(
+                server.url_for(forward.target),
+                headers=headers,
+                protocols=protocols,
+                autoclose=False,
+                autoping=False,
+                max_msg_size=0,
+            )
+            break
+        except aiohttp.WSServerHandshakeError as exc:
+            REFUSED_UPGRADE.set(None)
+            if server.down:
+                upstream.answered(server)  # it answered, if not with 101
+            if refused.status and refused.complete:
+                await _relay_refusal(
+                    refused, down, forward, call, upstream.config.max_header_size
+                )
+            else:
+                call.error = UpstreamError(f"upstream refused the upgrade: {exc.status}")
+            return None
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            error: UpstreamError = UpstreamConnectError(f"cannot connect to upstream: {exc}")
+        except (aiohttp.SocketTimeoutError, TimeoutError):
+            error = UpstreamTimeoutError("no upgrade response from upstream")
+        except aiohttp.ClientError as exc:
+            error = UpstreamError(f"upstream upgrade failed: {exc}")
+        upstream.failed(server, error)
+        # Nothing was sent after a connect failure: another server may take it.
+        retry = None if retried else upstream.next_server(server, error, idempotent=False)
+        if retry is None:
+            REFUSED_UPGRADE.set(None)
+            call.error = error
+            return None
+        server, retried = retry, True
+        call.upstream_addr = f"{call.upstream_addr}, {server.address}"
+    REFUSED_UPGRADE.set(None)
+    if server.down:
+        upstream.answered(server)
     async with upstream_ws:
         response = web.WebSocketResponse(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),

@@ -41,6 +41,7 @@ from prometheus_client.metrics_core import Metric
 from gateway.admin_app import build_admin_app
 from gateway.clients import ClientIdentifier
 from gateway.config import GatewayConfig, load_config
+from gateway.config.model import DEFAULT_UPSTREAM
 from gateway.connection import listen_socket
 from gateway.limiting.limiter import Limiter
 from gateway.limiting.memory_store import MemoryStore
@@ -49,7 +50,13 @@ from gateway.limiting.refill_clock import RefillClock
 from gateway.limiting.routes import DEFAULT_ROUTE_LABEL
 from gateway.limiting.store import BucketSnapshot
 from gateway.metrics import Metrics
-from gateway.server import Server, bound_port, describe_routes, load_for_reload
+from gateway.server import (
+    Server,
+    bound_port,
+    describe_routes,
+    load_for_reload,
+    upstreams_running,
+)
 from gateway.top_clients import TopClients
 from gateway.top_clients_share import SharedTopDenied, TopDeniedWriter, top_denied_path
 
@@ -93,6 +100,9 @@ class Supervisor:
             self._registry, path=metrics_dir
         )
         self._workers = [_Worker(i) for i in range(config.workers)]
+        # What the workers started with: upstreams are read once, at start.
+        self._upstreams = tuple(config.all_upstreams())
+        self._default_servers = len(config.upstream.server_urls)
         self._stopping = False
         self._stop = asyncio.Event()
         self._socket: socket.socket | None = None
@@ -121,6 +131,7 @@ class Supervisor:
             "storage_reachable": storage_ok,
             "workers_running": all(w.alive and w.ready for w in self._workers),
             "not_draining": not self._stopping,
+            "upstream_available": len(self.servers_down()) < self._default_servers,
         }
 
     @property
@@ -151,6 +162,20 @@ class Supervisor:
     ) -> list[BucketSnapshot]:
         return await self._limiter.client_buckets(client, ip, routes)
 
+    def servers_down(self) -> list[str]:
+        """The default upstream's servers that no live worker has in rotation
+        (gateway_upstream_server_up as the workers last set it, their
+        maximum): each worker keeps its own view of the servers' health."""
+        down = []
+        for family in self._registry.collect():
+            if family.name != "gateway_upstream_server_up":
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                if labels.get("upstream") == DEFAULT_UPSTREAM and sample.value == 0:
+                    down.append(labels["server"])
+        return sorted(down)
+
     # -- lifecycle --
 
     async def serve(self) -> None:
@@ -175,7 +200,7 @@ class Supervisor:
         log.info(
             "supervisor: %d workers on %s:%d -> %s; admin on %s:%d",
             len(self._workers), config.listen_host, self._socket.getsockname()[1],
-            config.upstream.url, config.admin_host, bound_port(admin_site),
+            config.upstream.describe(), config.admin_host, bound_port(admin_site),
         )  # fmt: skip
         # The workers log their routes at debug level (N copies otherwise).
         for line in describe_routes(config):
@@ -287,8 +312,12 @@ class Supervisor:
             await asyncio.gather(*self._watchers, return_exceptions=True)
 
     def _on_reload_signal(self) -> None:
-        new = load_for_reload(self.config_path, self.metrics.config_reloads.labels("failure"))
+        failures = self.metrics.config_reloads.labels("failure")
+        new = load_for_reload(self.config_path, failures)
         if new is None:
+            return
+        if not upstreams_running(new, self._upstreams):
+            failures.inc()
             return
         if new.workers != self.config.workers:
             log.warning("reload: workers changed; it takes effect only after a restart")

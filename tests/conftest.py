@@ -72,7 +72,9 @@ async def upstream() -> AsyncIterator[TestServer]:
 
 
 def gateway_yaml(upstream_url: str, access_log_path: Path, **overrides: Any) -> str:
-    """A config with listeners on free ports; ``overrides`` replace top-level keys."""
+    """A config with listeners on free ports; ``overrides`` replace top-level
+    keys (a mapping is merged into the section; a None in it removes a key:
+    ``upstream={"url": None, "servers": [...]}``)."""
     config: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "admin": "127.0.0.1:0",
@@ -83,7 +85,8 @@ def gateway_yaml(upstream_url: str, access_log_path: Path, **overrides: Any) -> 
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
+            merged = {**config[key], **value}
+            config[key] = {k: v for k, v in merged.items() if v is not None}
         else:
             config[key] = value
     return yaml.safe_dump(config)

@@ -23,6 +23,7 @@ __all__ = [
     "client_entry",
     "enum_choice",
     "header_name",
+    "health_check_path",
     "limit_name",
     "method_set",
     "method_token",
@@ -35,9 +36,11 @@ __all__ = [
     "positive_int",
     "prefix_length",
     "redis_address",
+    "server_list",
     "status_range",
     "status_set",
     "string",
+    "upstream_name",
     "upstream_url",
     "worker_count",
 ]
@@ -142,6 +145,40 @@ def upstream_url(value: Any) -> str:
     if parts.query or parts.fragment:
         raise ValueError(f"must not have a query or fragment, got {url!r}")
     return url.rstrip("/")
+
+
+def server_list(urls: list[str]) -> tuple[str, ...]:
+    """``upstream.servers``: at least one URL."""
+    if not urls:
+        raise ValueError(
+            "an empty list of servers; give at least one (or url for a single server)"
+        )
+    return tuple(urls)
+
+
+_UPSTREAM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def upstream_name(value: Any) -> str:
+    """The name of an upstream in ``upstreams`` (a metric label value):
+    letters, digits, ``_``, ``.`` and ``-``."""
+    if not isinstance(value, str) or not _UPSTREAM_NAME.fullmatch(value):
+        raise ValueError(
+            "expected a name of letters, digits, '_', '.' and '-' such as 'static', "
+            f"got {value!r}"
+        )
+    return value
+
+
+def health_check_path(value: Any) -> str:
+    """``health_check.path``: an origin-form target, or "" (no probes)."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"expected a path starting with '/' (or '' for none), got {value!r}")
+    if any(c <= " " or c == "\x7f" for c in value):
+        raise ValueError(f"spaces and control characters cannot be sent, got {value!r}")
+    return value
 
 
 def redis_address(value: Any) -> str:

@@ -23,10 +23,11 @@ from typing import Any, Final, TypeVar
 import yaml
 
 from gateway.config import validate
-from gateway.config.convert import as_text, parse_hostport
+from gateway.config.convert import as_text, parse_hostport, upstream_name
 from gateway.config.model import (
     DEFAULT_BUCKET,
     DEFAULT_PER,
+    DEFAULT_UPSTREAM,
     UNLIMITED,
     BucketSpec,
     GatewayConfig,
@@ -36,6 +37,7 @@ from gateway.config.model import (
     Setting,
     TlsConfig,
     Unlimited,
+    UpstreamConfig,
     settings,
     yaml_keys,
 )
@@ -481,6 +483,42 @@ def _route_limit(
     return None if isinstance(limit, _Missing) else limit
 
 
+_UPSTREAMS_EXAMPLE: Final = '{static: {url: "http://127.0.0.1:8001"}}'
+
+
+def _upstreams(r: _Reader, node: yaml.Node | None) -> dict[str, UpstreamConfig]:
+    """``upstreams``: names, each an upstream read like ``upstream``. A name
+    with a problem is left out (a route naming it is not then reported too)."""
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        r.problem(
+            node,
+            "upstreams",
+            f"expected a mapping of names to upstreams, such as {_UPSTREAMS_EXAMPLE}; "
+            f"got {r.shape(node)}",
+        )
+        return {}
+    found: dict[str, UpstreamConfig] = {}
+    for key_node, value_node in node.value:
+        raw = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        try:
+            name = upstream_name(raw)
+        except ValueError as exc:
+            r.problem(key_node, f"upstreams.{raw}", str(exc))
+            continue
+        key = f"upstreams.{name}"
+        if name == DEFAULT_UPSTREAM:
+            r.problem(
+                key_node, key, f"{name!r} is the name of `upstream` itself; pick another name"
+            )
+        elif name in found:
+            r.problem(key_node, key, "upstream given twice")
+        else:
+            found[name] = _section(r, value_node, key, UpstreamConfig, value_node)
+    return found
+
+
 def parse_config(text: str, path: str = "<memory>") -> GatewayConfig:
     """Parse YAML text into a ``GatewayConfig``; raise ``ConfigError`` listing
     every problem, each located at ``path:line:column``. With ``tls``, its
@@ -523,6 +561,7 @@ def _build(r: _Reader, root: yaml.Node, values: dict[str, yaml.Node]) -> Gateway
         **_settings(r, values, root, "", GatewayConfig),
         limits=limits,
         routes=_routes(r, values.get("routes"), base),
+        upstreams=_upstreams(r, values.get("upstreams")),
     )
     # The rules between keys skip what failed to read: its stand-in is a value
     # the user never wrote.

@@ -28,6 +28,7 @@ from gateway.config.convert import (
     client_entry,
     enum_choice,
     header_name,
+    health_check_path,
     limit_name,
     method_set,
     method_token,
@@ -40,9 +41,11 @@ from gateway.config.convert import (
     positive_int,
     prefix_length,
     redis_address,
+    server_list,
     status_range,
     status_set,
     string,
+    upstream_name,
     upstream_url,
     worker_count,
 )
@@ -50,13 +53,16 @@ from gateway.config.convert import (
 __all__ = [
     "DEFAULT_BUCKET",
     "DEFAULT_PER",
+    "DEFAULT_UPSTREAM",
     "MIN_REFILL_PERIOD_SECONDS",
     "UNLIMITED",
     "AccessLogConfig",
+    "Balance",
     "BucketSpec",
     "ClientEntry",
     "ClientsConfig",
     "GatewayConfig",
+    "HealthCheckConfig",
     "LimitsConfig",
     "Mode",
     "Override",
@@ -218,19 +224,51 @@ DEFAULT_BUCKET: Final = BucketSpec(
 )
 
 
+class Balance(enum.Enum):
+    """``balance``: how an upstream's servers share its requests."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONN = "least_conn"
+
+
+# The name of ``upstream`` (the one routes use unless they name another), in
+# metrics, logs and ``routes[].upstream``.
+DEFAULT_UPSTREAM: Final = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active probes of every server of an upstream: ``GET path`` each
+    ``interval``; a server that does not answer 2xx/3xx within ``timeout``
+    leaves the rotation until a probe passes. Off while ``path`` is empty."""
+
+    path: str = setting("", parse=health_check_path)
+    interval_seconds: float = setting(5.0, key="interval", parse=positive_duration)
+    timeout_seconds: float = setting(2.0, key="timeout", parse=positive_duration)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path)
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    url: str = field(
-        metadata=Setting(
-            parse=upstream_url,
-            required="is required (the backend being fronted)",
-            stand_in="http://127.0.0.1:8000",
-        ).metadata()
-    )
+    """One upstream: ``url`` for one server or ``servers`` for several (the
+    file gives exactly one of them: validate.upstream_problems)."""
+
+    url: str = setting("", parse=upstream_url)
+    servers: tuple[str, ...] = setting((), parse=upstream_url, each=True, gather=server_list)
+    balance: Balance = setting(Balance.ROUND_ROBIN, parse=enum_choice(Balance))
+    # Passive health (nginx's max_fails/fail_timeout): max_fails failures
+    # within fail_timeout take a server out for fail_timeout (0: never).
+    max_fails: int = setting(3, parse=non_negative_int)
+    fail_timeout_seconds: float = setting(10.0, key="fail_timeout", parse=positive_duration)
+    health_check: HealthCheckConfig = section(HealthCheckConfig)
     connect_timeout_seconds: float = setting(
         2.0, key="connect_timeout", parse=positive_duration
     )
     read_timeout_seconds: float = setting(30.0, key="read_timeout", parse=positive_duration)
+    # Per server: each has a pool of its own.
     max_connections: int = setting(256, parse=positive_int)
     # All max_connections busy: how long a request waits for one before 503
     # (HAProxy's ``timeout queue``).
@@ -241,6 +279,19 @@ class UpstreamConfig:
     # nginx's default is Host: $proxy_host; we forward the client's Host as
     # Envoy and Traefik do, which is what most backends behind a gateway expect.
     preserve_host: bool = setting(True, parse=boolean)
+
+    @property
+    def server_urls(self) -> tuple[str, ...]:
+        """Every server's URL: ``servers``, or ``url`` alone."""
+        return self.servers or ((self.url,) if self.url else ())
+
+    def describe(self) -> str:
+        """``http://127.0.0.1:8000``, or ``http://a:8000, http://b:8000
+        (round_robin)`` for several servers."""
+        urls = self.server_urls
+        if len(urls) == 1:
+            return urls[0]
+        return f"{', '.join(urls)} ({self.balance.value})"
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -311,6 +362,8 @@ class RouteSpec:
     count_statuses: frozenset[int] | None = setting(
         None, parse=status_range, each=True, gather=status_set
     )
+    # A name from ``upstreams`` (None: ``upstream``, also named "default").
+    upstream: str | None = setting(None, parse=upstream_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +464,9 @@ class GatewayConfig:
     upstream: UpstreamConfig = field(
         kw_only=True, metadata=Setting(section=UpstreamConfig).metadata()
     )
+    # Named further upstreams (routes pick one by name), each read like
+    # ``upstream``; read once at start like it. By name, in file order.
+    upstreams: Mapping[str, UpstreamConfig] = by_hand(factory=dict)
     clients: ClientsConfig = section(ClientsConfig)
     limits: LimitsConfig = by_hand(factory=LimitsConfig)
     routes: tuple[RouteSpec, ...] = by_hand(())
@@ -418,3 +474,14 @@ class GatewayConfig:
     access_log: AccessLogConfig = section(AccessLogConfig, restart=True)
     server: ServerConfig = section(ServerConfig, restart=True)
     source: str = "<memory>"  # the file's path, set by the loader
+
+    def upstream_named(self, name: str | None) -> UpstreamConfig:
+        """``upstream`` for None or "default", else ``upstreams[name]``
+        (KeyError for a name the file does not define)."""
+        if name is None or name == DEFAULT_UPSTREAM:
+            return self.upstream
+        return self.upstreams[name]
+
+    def all_upstreams(self) -> dict[str, UpstreamConfig]:
+        """Every upstream by name, ``default`` first."""
+        return {DEFAULT_UPSTREAM: self.upstream, **self.upstreams}

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from gateway.config.model import (
+    DEFAULT_UPSTREAM,
     MIN_REFILL_PERIOD_SECONDS,
     BucketSpec,
     GatewayConfig,
     RouteSpec,
     Unlimited,
+    UpstreamConfig,
 )
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "config_problems",
     "limit_list_problems",
     "route_problems",
+    "server_address",
+    "upstream_problems",
 ]
 
 Problem = tuple[str, str]  # (key path, message)
@@ -154,6 +159,9 @@ def config_problems(
     would report problems that do not exist. ``written``: what the file holds,
     so a rule can say when it compared against a default."""
     problems = route_problems(config, unread=unread, written=written)
+    problems += upstream_problems(config.upstream, "upstream", unread=unread)
+    for name, upstream in config.upstreams.items():
+        problems += upstream_problems(upstream, f"upstreams.{name}", unread=unread)
     listen, admin = config.listen_port, config.admin_port
     if listen != 0 and listen == admin and _same_host(config.listen_host, config.admin_host):
         if not written.holds("admin"):
@@ -184,6 +192,57 @@ def config_problems(
                 "set storage.backend: redis to share buckets, or workers: 1",
             )
         )
+    return problems
+
+
+# -- upstreams --
+
+
+def server_address(url: str) -> str:
+    """``host:port`` of a server URL, as nginx's ``$upstream_addr`` writes
+    it (``[::1]:8000`` for IPv6): its name in metrics and the access log."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def upstream_problems(
+    upstream: UpstreamConfig, key: str, *, unread: Collection[str] = ()
+) -> list[Problem]:
+    """Exactly one of ``url`` and ``servers``; no server twice (one address,
+    one pool, one line in gateway_upstream_server_up)."""
+    if key in unread or not (_clean(unread, f"{key}.url") and _clean(unread, f"{key}.servers")):
+        return []  # a value that did not read stands in: nothing to compare
+    if upstream.url and upstream.servers:
+        return [
+            (
+                f"{key}.servers",
+                "url and servers are both given; write url for one server, "
+                "or list every server under servers",
+            )
+        ]
+    if not upstream.url and not upstream.servers:
+        return [
+            (
+                f"{key}.url",
+                "is required (the backend being fronted), or servers: [URL, ...] for several",
+            )
+        ]
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, url in enumerate(upstream.servers):
+        address = server_address(url)
+        if address in seen:
+            problems.append(
+                (
+                    f"{key}.servers",
+                    f"servers[{i}] ({url}) is the server servers[{seen[address]}] "
+                    f"already names ({address}); list each server once",
+                )
+            )
+        else:
+            seen[address] = i
     return problems
 
 
@@ -232,6 +291,35 @@ def route_problems(
                 )
             )
     problems.extend(_unreachable(config.routes, clean))
+    problems.extend(_unknown_upstreams(config, clean, unread))
+    return problems
+
+
+def _unknown_upstreams(
+    config: GatewayConfig, clean: Sequence[bool], unread: Collection[str]
+) -> list[Problem]:
+    """A route's ``upstream`` names ``upstream`` ("default") or one of
+    ``upstreams``; a name whose upstream had a problem was left out of
+    ``upstreams`` and is not reported twice."""
+    problems: list[Problem] = []
+    names = [DEFAULT_UPSTREAM, *config.upstreams]
+    for i, route in enumerate(config.routes):
+        name = route.upstream
+        if not clean[i] or name is None or name in names:
+            continue
+        if not _clean(unread, f"upstreams.{name}"):
+            continue
+        defined = (
+            f"upstreams defines {', '.join(repr(n) for n in config.upstreams)}"
+            if config.upstreams
+            else "no upstreams are defined"
+        )
+        problems.append(
+            (
+                f"routes[{i}].upstream",
+                f"no upstream named {name!r}: {defined} ('default' is `upstream`)",
+            )
+        )
     return problems
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import posixpath
 from typing import Final
 
-from gateway.config.model import GatewayConfig, Mode, RouteSpec, Unlimited
+from gateway.config.model import DEFAULT_UPSTREAM, GatewayConfig, Mode, RouteSpec, Unlimited
 from gateway.limiting.policy import RouteLimits
 from gateway.limiting.refill_clock import RefillClock
 
@@ -24,10 +24,13 @@ class Route:
     """One ``routes[]`` entry as requests meet it. ``limits``: the route's own
     (None: the client's override, else limits.default); ``unlimited`` routes
     have none at all. ``methods``: the methods it matches (None: every one).
-    ``count_statuses``: the statuses that cost tokens (None: every one)."""
+    ``count_statuses``: the statuses that cost tokens (None: every one).
+    ``upstream``: the name of the upstream it forwards to, and
+    ``preserve_host`` that upstream's."""
 
     __slots__ = ("cost", "count_statuses", "key", "label", "limits", "max_queued",
-                 "max_wait_seconds", "methods", "prefix", "shadow", "unlimited")  # fmt: skip
+                 "max_wait_seconds", "methods", "prefix", "preserve_host", "shadow",
+                 "unlimited", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -42,6 +45,8 @@ class Route:
         max_wait_seconds: float = 0.0,
         max_queued: int = 0,
         count_statuses: frozenset[int] | None = None,
+        upstream: str = DEFAULT_UPSTREAM,
+        preserve_host: bool = True,
     ) -> None:
         self.label = label
         self.prefix = prefix
@@ -53,6 +58,8 @@ class Route:
         self.max_wait_seconds = max_wait_seconds
         self.max_queued = max_queued
         self.count_statuses = count_statuses
+        self.upstream = upstream
+        self.preserve_host = preserve_host
         # What its buckets are keyed by: the label, and the methods when it
         # has some (routes sharing a prefix keep buckets of their own).
         self.key = route_key(label, methods)
@@ -76,9 +83,12 @@ class RouteTable:
     def __init__(self, config: GatewayConfig, clock: RefillClock) -> None:
         global_shadow = config.mode is Mode.SHADOW
         self.routes: tuple[Route, ...] = tuple(
-            _route(spec, clock, global_shadow) for spec in config.routes
+            _route(spec, clock, global_shadow, config) for spec in config.routes
         )
-        self.default = Route(DEFAULT_ROUTE_LABEL, "/", None, False, global_shadow)
+        self.default = Route(
+            DEFAULT_ROUTE_LABEL, "/", None, False, global_shadow,
+            preserve_host=config.upstream.preserve_host,
+        )  # fmt: skip
         self.labels: tuple[str, ...] = (
             DEFAULT_ROUTE_LABEL,
             *(r.label for r in self.routes),
@@ -97,9 +107,12 @@ class RouteTable:
         return self.default
 
 
-def _route(spec: RouteSpec, clock: RefillClock, global_shadow: bool) -> Route:
+def _route(
+    spec: RouteSpec, clock: RefillClock, global_shadow: bool, config: GatewayConfig
+) -> Route:
     limit = spec.limit
     queue = spec.queue
+    upstream = spec.upstream or DEFAULT_UPSTREAM
     return Route(
         label=spec.path_prefix,
         prefix=spec.path_prefix,
@@ -113,6 +126,8 @@ def _route(spec: RouteSpec, clock: RefillClock, global_shadow: bool) -> Route:
         max_wait_seconds=queue.max_wait_seconds if queue is not None else 0.0,
         max_queued=queue.max_queued if queue is not None else 0,
         count_statuses=spec.count_statuses,
+        upstream=upstream,
+        preserve_host=config.upstream_named(upstream).preserve_host,
     )
 
 

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.config import GatewayConfig
@@ -55,6 +56,9 @@ DOCKERFILE = DEPLOY / "container" / "Dockerfile"
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 COMPOSE_GATEWAY_CONFIG = COMPOSE_DIR / "gateway.yaml"
+# Two replicas of a backend behind one gateway (upstream.servers).
+REPLICAS_FILE = COMPOSE_DIR / "replicas.yml"
+REPLICAS_GATEWAY_CONFIG = COMPOSE_DIR / "replicas-gateway.yaml"
 KUBERNETES_DIR = DEPLOY / "kubernetes"
 COMPOSE_TLS_FILE = COMPOSE_DIR / "docker-compose.tls.yml"
 COMPOSE_TLS_CONFIG = COMPOSE_DIR / "gateway-tls.yaml"
@@ -287,6 +291,8 @@ def test_the_yaml_files_are_the_expected_ones() -> None:
     assert names >= {
         "compose/docker-compose.yml",
         "compose/gateway.yaml",
+        "compose/replicas.yml",
+        "compose/replicas-gateway.yaml",
         "kubernetes/gateway.yaml",
         "kubernetes/redis.yaml",
         "compose/docker-compose.tls.yml",
@@ -314,12 +320,15 @@ def test_systemd_timespan(text: str, seconds: float) -> None:
 # -- the gateway configs --------------------------------------------------------------
 
 
-@pytest.fixture(params=["compose", "kubernetes"])
+@pytest.fixture(params=["compose", "replicas", "kubernetes"])
 def container_config_file(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
-    """The gateway config as the container sees it: compose's mounted file, or the
-    Kubernetes ConfigMap's data written out."""
+    """The gateway config as the container sees it: compose's mounted file (the
+    shared-redis example's or the replicas example's), or the Kubernetes
+    ConfigMap's data written out."""
     if request.param == "compose":
         return COMPOSE_GATEWAY_CONFIG
+    if request.param == "replicas":
+        return REPLICAS_GATEWAY_CONFIG
     path = tmp_path / "gateway.yaml"
     path.write_text(kubernetes_config_text())
     return path
@@ -676,6 +685,112 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
         if SYSTEMD_UNIT.name in line or str(unit) in line
     ]
     assert complaints == []
+
+
+# -- compose: two replicas behind one gateway -----------------------------------------
+
+
+def replicas_compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(REPLICAS_FILE.read_text())
+    return document
+
+
+def replicas_config() -> GatewayConfig:
+    return parse_config(REPLICAS_GATEWAY_CONFIG.read_text(), str(REPLICAS_GATEWAY_CONFIG))
+
+
+def test_replicas_compose_puts_one_gateway_before_every_replica_it_names() -> None:
+    """The gateway's servers are the compose services of the replicas (names and
+    the port their nginx image listens on), and nothing else."""
+    services = replicas_compose()["services"]
+    config = replicas_config()
+    servers = [urlsplit(url) for url in config.upstream.servers]
+    assert len(servers) == 2
+    replicas = {server.hostname for server in servers}
+    assert replicas == {name for name in services if name != "gateway"}
+    for server in servers:
+        assert services[server.hostname]["image"] == "nginx:alpine"
+        assert (server.port or 80) == 80
+    assert config.upstream.health_check.path == "/"  # nginx serves its index there
+    gateway = services["gateway"]
+    assert set(gateway["depends_on"]) == replicas
+    build = gateway["build"]
+    assert (COMPOSE_DIR / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    mounts = dict(volume_mount(v)[::-1] for v in gateway["volumes"])
+    assert (COMPOSE_DIR / mounts[docker_config_path()]).resolve() == REPLICAS_GATEWAY_CONFIG
+    assert config.listen_host == "0.0.0.0"
+    assert config.admin_host == "0.0.0.0"
+    grace = go_duration(gateway["stop_grace_period"])
+    assert grace >= config.drain_timeout_seconds + EXIT_MARGIN_SECONDS
+    for spec in gateway["ports"]:
+        *host, container_port = str(spec).split(":")
+        assert host[:1] == ["127.0.0.1"], f"{spec} is published beyond loopback"
+        assert int(container_port) in {config.listen_port, config.admin_port}
+
+
+def _named_app(name: str) -> web.Application:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=f"{name}\n")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    return app
+
+
+async def test_replicas_config_runs_round_robin_and_rides_out_a_stopped_replica(
+    tmp_path: Path,
+) -> None:
+    """deploy/compose/replicas-gateway.yaml with only the addresses changed, run
+    as `gateway run`: requests alternate over the two replicas; with one
+    stopped every request is still answered (a refused connection goes on to
+    the other replica) and the stopped one leaves the rotation
+    (gateway_upstream_server_up 0, named by /readyz, which stays 200)."""
+    replicas = [TestServer(_named_app(f"app-{i}"), host="127.0.0.1") for i in (1, 2)]
+    for replica in replicas:
+        await replica.start_server()
+    config = yaml.safe_load(REPLICAS_GATEWAY_CONFIG.read_text())
+    config["listen"] = f"127.0.0.1:{free_port()}"
+    config["admin"] = f"127.0.0.1:{free_port()}"
+    config["upstream"]["servers"] = [base_url(replica) for replica in replicas]
+    config["access_log"]["path"] = str(tmp_path / "access.log")
+    proxy, admin = f"http://{config['listen']}", f"http://{config['admin']}"
+    stopped = f"127.0.0.1:{replicas[0].port}"
+    try:
+        async with (
+            gateway_processes({"gateway": config}, tmp_path) as processes,
+            aiohttp.ClientSession() as http,
+        ):
+            deadline = time.monotonic() + GUARD_SECONDS
+            while await http_status(http, f"{admin}/readyz") != 200:
+                assert processes["gateway"].returncode is None, "\n".join(output_of(tmp_path))
+                assert time.monotonic() < deadline, "\n".join(output_of(tmp_path))
+                await asyncio.sleep(POLL_INTERVAL)
+
+            async def page() -> str:
+                async with http.get(f"{proxy}/") as response:
+                    assert response.status == 200
+                    return (await response.text()).strip()
+
+            assert [await page() for _ in range(4)] == ["app-1", "app-2"] * 2
+            await replicas[0].close()
+            assert [await page() for _ in range(6)] == ["app-2"] * 6
+            async with http.get(f"{admin}/metrics") as response:
+                text = await response.text()
+            assert (
+                f'gateway_upstream_server_up{{server="{stopped}",upstream="default"}} 0.0'
+                in text
+            )
+            async with http.get(f"{admin}/readyz") as response:
+                assert response.status == 200
+                assert (await response.json())["servers_down"] == [stopped]
+            processes["gateway"].send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(processes["gateway"].wait(), GUARD_SECONDS) == 0
+    finally:
+        for replica in replicas:
+            await replica.close()
+    records = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    assert all(r["status"] == 200 for r in records)
+    assert any(r["upstream_addr"].startswith(f"{stopped}, ") for r in records)
 
 
 # -- the compose config, run: two instances, one redis --------------------------------

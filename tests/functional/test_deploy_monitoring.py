@@ -48,6 +48,7 @@ CONTRACT_METRICS: dict[str, str] = {
     "gateway_config_reloads_total": "counter",
     "gateway_inflight_requests": "gauge",
     "gateway_workers_restarted_total": "counter",
+    "gateway_upstream_server_up": "gauge",
 }
 CONTRACT_DENIAL_RATIO = (
     'sum(rate(gateway_requests_total{decision="denied"}[5m]))'

@@ -392,9 +392,8 @@ def upstream_connections_held(gw: RunningGateway) -> int:
     connector = upstream.session.connector
     assert connector is not None
     held = len(connector._acquired)
-    pool = getattr(upstream, "_pool", None)
-    if pool is not None:
-        held += pool.in_use
+    for server in upstream.servers:
+        held += server.pool.in_use
     return held
 
 

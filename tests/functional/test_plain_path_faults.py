@@ -216,7 +216,7 @@ async def test_drain_waits_for_a_plain_get_whose_client_already_left(
             await asyncio.sleep(0)  # its connection_lost, scheduled by the close
             assert_upstream_saw(backend, warm)
             gateway = gw.server.core
-            pool = gw.server.upstream._pool
+            pool = gw.server.upstream.servers[0].pool
             assert pool is not None
             assert (gateway.inflight, pool.in_use) == (1, 1)
 
@@ -256,7 +256,7 @@ async def test_drain_timeout_cuts_a_held_plain_get_and_cleans_up_after_it(
                 await backend.arrived.wait()
                 assert_upstream_saw(backend, warm)
                 assert gateway._inflight_by_client == {"127.0.0.1": 1}
-                pool = gw.server.upstream._pool
+                pool = gw.server.upstream.servers[0].pool
                 assert pool is not None
                 assert pool.in_use == 1
 
@@ -391,7 +391,7 @@ async def test_read_timeout_on_a_pooled_connection_is_not_retried(
                 )
             )
             assert [p.status for p in pairs] == [200] * idle
-            pool = gw.server.upstream._pool
+            pool = gw.server.upstream.servers[0].pool
             assert pool is not None
             assert len(pool._idle) == idle
 
@@ -511,7 +511,7 @@ async def test_slow_reading_client_of_a_large_plain_get_receives_every_byte(
 def access_record(path: str) -> AccessRecord:
     return (
         time.time(), "req-1", "127.0.0.1", "GET", path, "default", "allowed", 200,
-        None, 1.0, 2.0, 0, 10,
+        None, 1.0, 2.0, 0, 10, "127.0.0.1:8000",
     )  # fmt: skip
 
 

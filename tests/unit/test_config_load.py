@@ -81,8 +81,8 @@ def _text_problems(text: str) -> list[str]:
             [
                 "3:1: limts: unknown key; did you mean 'limits'? expected one of: listen, "
                 "admin, workers, "
-                "drain_timeout, max_body_size, mode, tls, upstream, clients, limits, routes, "
-                "storage, access_log, server"
+                "drain_timeout, max_body_size, mode, tls, upstream, upstreams, clients, "
+                "limits, routes, storage, access_log, server"
             ],
             id="unknown-top-level-key",
         ),
@@ -176,12 +176,18 @@ def _text_problems(text: str) -> list[str]:
         ),
         pytest.param(
             "missing_upstream_url.yaml",
-            ["3:3: upstream.url: is required (the backend being fronted)"],
+            [
+                "3:3: upstream.url: is required (the backend being fronted), or servers: "
+                "[URL, ...] for several"
+            ],
             id="missing-upstream-url",
         ),
         pytest.param(
             "missing_upstream.yaml",
-            ["1:1: upstream.url: is required (the backend being fronted)"],
+            [
+                "1:1: upstream.url: is required (the backend being fronted), or servers: "
+                "[URL, ...] for several"
+            ],
             id="missing-upstream-section",
         ),
         pytest.param(
@@ -428,7 +434,7 @@ def test_unknown_key_in_override_and_route() -> None:
         "'max_tokens'? expected one of: client, refill_period, refill_tokens, max_tokens, "
         "name, per, limit",
         "f.yaml:8:5: routes[0].limits: unknown key; did you mean 'limit'? expected one "
-        "of: path_prefix, limit, mode, methods, cost, queue, count_statuses",
+        "of: path_prefix, limit, mode, methods, cost, queue, count_statuses, upstream",
     ]
 
 
@@ -436,8 +442,9 @@ def test_unknown_key_in_upstream_section() -> None:
     text = "upstream:\n  url: http://x\n  read_timout: 5s\n"
     assert _text_problems(text) == [
         "f.yaml:3:3: upstream.read_timout: unknown key; did you mean 'read_timeout'? "
-        "expected one of: url, connect_timeout, read_timeout, max_connections, "
-        "pool_timeout, max_header_size, preserve_host"
+        "expected one of: url, servers, balance, max_fails, fail_timeout, health_check, "
+        "connect_timeout, read_timeout, max_connections, pool_timeout, max_header_size, "
+        "preserve_host"
     ]
 
 
@@ -569,8 +576,9 @@ def test_the_limit_example_is_itself_a_valid_limit() -> None:
 
 def test_a_section_given_as_a_scalar_names_its_keys() -> None:
     assert _text_problems("upstream: http://x\n") == [
-        "f.yaml:1:11: upstream: expected a mapping of url, connect_timeout, read_timeout, "
-        "max_connections, pool_timeout, max_header_size, preserve_host; got 'http://x'"
+        "f.yaml:1:11: upstream: expected a mapping of url, servers, balance, max_fails, "
+        "fail_timeout, health_check, connect_timeout, read_timeout, max_connections, "
+        "pool_timeout, max_header_size, preserve_host; got 'http://x'"
     ]
 
 
@@ -704,7 +712,10 @@ def test_repo_example_config_parses() -> None:
         BucketSpec(1.0, 100, 200, "override"),
         BucketSpec(3600.0, 50_000, 50_000, "override-hourly"),
     )
-    login, healthz, beta, api = config.routes
+    static, login, healthz, beta, api = config.routes
+    assert (static.path_prefix, static.upstream) == ("/static", "static")
+    assert static.limit is UNLIMITED
+    assert config.upstreams["static"].url == "http://127.0.0.1:8001"
     assert login.path_prefix == "/login"
     assert login.methods == {"POST"}
     assert login.limit == (BucketSpec(60.0, 5, 5, "/login", per=("ip",)),)
@@ -935,8 +946,7 @@ def test_a_key_added_to_the_model_is_read_without_touching_the_loader() -> None:
         "f.yaml:4:3: server.max_uri: unknown key; did you mean 'max_uri_size'? "
         "expected one of: max_line_size, "
         "max_field_size, max_headers, header_timeout, body_timeout, keepalive_timeout, "
-        "send_timeout, max_connections, "
-        "underscores_in_headers, "
+        "send_timeout, max_connections, underscores_in_headers, "
         "max_uri_size",
     ]
 
@@ -964,7 +974,8 @@ def test_unknown_key_lists_are_the_model_fields_keys(name: str, cls: type) -> No
 def test_top_level_keys_follow_the_model_field_order() -> None:
     assert yaml_keys(GatewayConfig) == (
         "listen", "admin", "workers", "drain_timeout", "max_body_size", "mode", "tls",
-        "upstream", "clients", "limits", "routes", "storage", "access_log", "server",
+        "upstream", "upstreams", "clients", "limits", "routes", "storage", "access_log",
+        "server",
     )  # fmt: skip
     assert yaml_keys(BucketSpec) == (
         "refill_period",

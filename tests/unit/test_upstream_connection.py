@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from gateway.errors import UpstreamInvalidError, UpstreamResetError, UpstreamTimeoutError
+from gateway.errors import (
+    UpstreamClosedError,
+    UpstreamInvalidError,
+    UpstreamResetError,
+    UpstreamTimeoutError,
+)
 from gateway.upstream_pool import HIGH_WATER_BYTES, UpstreamConnection, UpstreamPool
 
 READ_TIMEOUT = 5.0
@@ -359,6 +364,16 @@ async def test_connection_lost_before_the_head_is_a_reset(rig: Rig) -> None:
     assert head_done.done()
     assert isinstance(rig.conn.error, UpstreamResetError)
     assert rig.conn.got_bytes
+    # Part of a head came: not "closed before any byte", not sent again.
+    assert not isinstance(rig.conn.error, UpstreamClosedError)
+
+
+async def test_connection_lost_before_any_byte_is_closed(rig: Rig) -> None:
+    head_done = rig.start()
+    rig.conn.connection_lost(ConnectionResetError("peer reset"))
+    assert head_done.done()
+    assert isinstance(rig.conn.error, UpstreamClosedError)
+    assert not rig.conn.got_bytes
 
 
 async def test_connection_lost_mid_body_is_a_reset(rig: Rig) -> None:
