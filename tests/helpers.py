@@ -260,6 +260,19 @@ def build_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+async def read_request_head(reader: asyncio.StreamReader) -> bytes:
+    """For byte-level upstreams: one request's head, its Content-Length body
+    read and dropped. Raises IncompleteReadError when the client is gone."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return head
+
+
 async def read_head(reader: asyncio.StreamReader) -> tuple[str, int, str, CIMultiDict[str]]:
     status_line = await reader.readline()
     if not status_line:

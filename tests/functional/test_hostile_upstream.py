@@ -16,7 +16,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import HAND_OVER, RequestPath, RunningGateway, StartGateway
-from tests.helpers import build_request, raw_connection, raw_exchange, read_response
+from tests.helpers import (
+    build_request,
+    raw_connection,
+    raw_exchange,
+    read_request_head,
+    read_response,
+)
 from tests.upstream_app import HITS
 
 # How the upstream is reached: the plain pool (a bodiless GET) or aiohttp's
@@ -38,13 +44,7 @@ class ScriptedUpstream:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
+                head = await read_request_head(reader)
                 self.requests.append(head)
                 writer.write(self.respond(head))
                 await writer.drain()

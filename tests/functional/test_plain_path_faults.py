@@ -37,6 +37,7 @@ from tests.helpers import (
     raw_connection,
     raw_exchange,
     read_head,
+    read_request_head,
     read_response,
 )
 from tests.upstream_app import HITS
@@ -417,13 +418,7 @@ async def answer_with_several_connection_lines(
 ) -> None:
     try:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
+            await read_request_head(reader)
             writer.write(SEVERAL_CONNECTION_LINES)
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
