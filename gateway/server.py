@@ -203,6 +203,8 @@ class Server:
             await self._admin_runner.cleanup()
             self._admin_runner = None
         await self.clock.stop()
+        # Multiprocess mode: what was counted since the clock's last copy.
+        self.metrics.refresh()
         await asyncio.to_thread(self.access_log.stop, self.config.drain_timeout_seconds)
 
     def _log_routes(self, config: GatewayConfig) -> None:
