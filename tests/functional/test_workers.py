@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,11 @@ from tests.helpers import (
     bucket,
     clear_of_hour_boundary,
     free_port,
+    metrics_text,
     poll,
     run_cli,
     spawn_gateway,
+    tool,
     write_config,
 )
 
@@ -236,6 +239,14 @@ async def test_workers_share_one_limit_and_metrics_add_up(
         await counted(gw, 100, "gateway_request_duration_seconds_count")
         await counted(gw, 30, "gateway_responses_total", code="200")
         await counted(gw, 70, "gateway_responses_total", code="429")
+        async with aiohttp.ClientSession() as session:
+            exposition = await metrics_text(session, gw.admin, plain=False)
+        checked = await asyncio.to_thread(
+            subprocess.run,
+            [tool("promtool"), "check", "metrics"],
+            input=exposition, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert (checked.returncode, checked.stdout + checked.stderr) == (0, "")
     assert gw.process.returncode == 0, gw.output()
 
 
