@@ -1,9 +1,9 @@
 """⑥ The access log: a bounded producer/consumer queue, written off the request path.
 
-The request path formats its record as one JSON line (about 1.5 us) and
-puts it on a ``queue.SimpleQueue`` bounded by a size check (about 0.1 us).
-One consumer thread takes lines off the queue and writes a whole batch with
-one ``write``. A full queue drops the record and counts it
+The request path puts its record, a tuple of the values it has at hand, on a
+``queue.SimpleQueue`` bounded by a size check (``put``: no formatting, no
+lock). One consumer thread takes records off the queue, formats them as JSON
+lines and writes them. A full queue drops the record and counts it
 (``gateway_access_log_dropped_total``): a slow or stuck sink can lose log
 lines but can never slow a request. ``stop`` puts a sentinel behind every
 record already queued, so a clean stop writes them all.
@@ -14,31 +14,40 @@ blocks in ``get()`` for every record, so every request wakes the consumer
 thread and the two trade the GIL once per request. This consumer blocks only
 for the first record of a batch, takes the rest with ``get_nowait``, and
 then rests ``BATCH_INTERVAL_SECONDS`` so records gather: one wake-up per
-batch. Each batch is a single ``write`` of whole lines, so workers appending
-to one file (O_APPEND) never interleave inside a line.
+batch. Each write is of whole lines, so workers appending to one file
+(O_APPEND) never interleave inside a line.
 
-Formatting on the producer side (as ``QueueHandler.prepare`` does) costs the
-process the same CPU as formatting on the consumer, since the GIL serialises
-them, but the consumer used to hold the GIL for a whole batch (about 1.5 ms
-for 20 ms of records at 60k req/s), stalling the event loop: the denied
-path's p99 was 3.6 ms with the log on against 1.5 ms with it off. Now the
-consumer holds it only to join and encode a batch.
+Formatting costs the process the same CPU on either thread (the GIL
+serialises them), but a consumer that formats a whole batch holds the GIL
+for all of it (about 1.5 ms for 20 ms of records at 60k req/s) and stalls
+the event loop: the denied path's p99 was 3.6 ms with the log on against
+1.5 ms with it off, which is why records were once formatted on the request
+path. Here the consumer formats ``CHUNK_RECORDS`` at a time, writes each
+chunk, and sleeps ``CHUNK_PAUSE_SECONDS`` between chunks: a write releases
+the GIL, but this thread would take it back before a waiting event loop
+woke. Measured with a busy main thread while 20,000 queued records were
+formatted: its longest wait 0.6-0.8 ms (one chunk on a slow day), against
+7-9 ms with the whole batch formatted at once. ``LineFormatter`` makes a
+line for about 60 % of the instructions the request path's ``%``-format,
+float formatting and escape regex took (14.6k against 25.1k in callgrind):
+a clean chunk's strings are checked once, in C, and not escaped field by
+field; the timestamp's text is made once per millisecond; small integers'
+text is looked up.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
-import re
 import sys
 import threading
 import time
+from json.encoder import encode_basestring_ascii
 from typing import IO, Any, Final
 
 from prometheus_client import Counter
 
-__all__ = ["FIELDS", "AccessLog", "AccessRecord", "format_record"]
+__all__ = ["FIELDS", "AccessLog", "AccessRecord", "LineFormatter", "format_record"]
 
 log = logging.getLogger("gateway.access_log")
 
@@ -55,72 +64,109 @@ AccessRecord = tuple[
     "str | None",
 ]  # fmt: skip
 
-# Characters a JSON string may hold unescaped, minus '"' and '\\'.
-_NEEDS_ESCAPE: Final = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+# What json.dumps escapes in ASCII text: control characters, '"', '\\',
+# and DEL.
+_UNSAFE: Final = bytes(range(0x20)) + b'"\\\x7f'
+_MILLIS: Final = tuple(f".{milli:03d}Z" for milli in range(1000))
+# Statuses, byte counts, tokens: most are small, and str() of an int costs
+# several times a dict lookup.
+_SMALL_INTS: Final = {number: str(number) for number in range(1024)}
+# Records formatted per hold of the GIL (64 are about a million
+# instructions, 0.1 ms on the machine of docs/performance.md), and the pause
+# after each that lets a waiting event loop take it.
+CHUNK_RECORDS: Final = 64
+CHUNK_PAUSE_SECONDS: Final = 0.0001
 _SENTINEL: Final = object()
 
 
-def _string(value: str) -> str:
-    if _NEEDS_ESCAPE.search(value) is None:
-        return f'"{value}"'
-    return json.dumps(value)
+def _inner(value: str) -> str:
+    """``value`` escaped for a JSON string, without the quotes: what
+    json.dumps gives (``\\uXXXX`` beyond ASCII, so the line stays ASCII)."""
+    return encode_basestring_ascii(value)[1:-1]
 
 
-def _number(value: float | None) -> str:
-    return "null" if value is None else f"{value:.3f}"
-
-
-class _Clock:
-    """``ts`` text; the strftime part is computed once per second."""
+class LineFormatter:
+    """Access records as JSON lines, fields in FIELDS order, for one thread
+    (the consumer). ``ts`` is UTC with milliseconds; its text is made once
+    per millisecond, its date and time once per second."""
 
     def __init__(self) -> None:
-        self._second = -1
+        self._millis = -1
+        self._second_millis = -1000  # the current second, in milliseconds
         self._prefix = ""
+        self._stamp = ""
 
-    def stamp(self, ts: float) -> str:
-        second = int(ts)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int(ts * 1000) % 1000:03d}Z"
+    def lines(self, records: list[AccessRecord]) -> bytes:
+        """Every record as one line, each ending in a newline, ASCII.
+
+        The string fields go in as they are when all of the chunk's are
+        printable ASCII without '"' or '\\' (one pass in C over them
+        joined, no regex); otherwise the chunk is made again with every string escaped
+        as json.dumps escapes it."""
+        text, strings = self._format(records, escape=False)
+        if strings.isascii():
+            data = strings.encode("ascii")
+            if len(data.translate(None, _UNSAFE)) == len(data):
+                return text.encode("ascii")
+        return self._format(records, escape=True)[0].encode("ascii")
+
+    def _format(self, records: list[AccessRecord], *, escape: bool) -> tuple[str, str]:
+        """The lines, and the string fields of every record joined."""
+        millis_seen, second_millis = self._millis, self._second_millis
+        prefix, stamp = self._prefix, self._stamp
+        small = _SMALL_INTS.get
+        out: list[str] = []
+        append = out.append
+        strings: list[str] = []
+        string = strings.append
+        for record in records:
+            (ts, request_id, client, method, path, route, decision, status,
+             tokens_left, upstream_ms, duration_ms, bytes_in, bytes_out,
+             upstream_addr) = record  # fmt: skip
+            millis = int(ts * 1000)
+            if millis != millis_seen:
+                millis_seen = millis
+                milli = millis - second_millis
+                if not 0 <= milli < 1000:
+                    second = millis // 1000
+                    second_millis = second * 1000
+                    milli = millis - second_millis
+                    prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                stamp = prefix + _MILLIS[milli]
+            if upstream_addr is None:
+                addr = "null"
+            elif escape:
+                addr = f'"{_inner(upstream_addr)}"'
+            else:
+                addr = f'"{upstream_addr}"'
+                string(upstream_addr)
+            if escape:
+                request_id, client, method = _inner(request_id), _inner(client), _inner(method)
+                path, route = _inner(path), _inner(route)
+            else:
+                string(f"{request_id}{client}{method}{path}{route}")
+            tokens = "null" if tokens_left is None else small(tokens_left, tokens_left)
+            upstream = "null" if upstream_ms is None else f"{upstream_ms:.3f}"
+            append(
+                f'{{"ts":"{stamp}","request_id":"{request_id}","client":"{client}",'
+                f'"method":"{method}","path":"{path}","route":"{route}",'
+                f'"decision":"{decision}","status":{small(status, status)},'
+                f'"tokens_left":{tokens},"upstream_ms":{upstream},'
+                f'"duration_ms":{duration_ms:.3f},"bytes_in":{small(bytes_in, bytes_in)},'
+                f'"bytes_out":{small(bytes_out, bytes_out)},"upstream_addr":{addr}}}\n'
+            )
+        self._millis, self._second_millis = millis_seen, second_millis
+        self._prefix, self._stamp = prefix, stamp
+        return "".join(out), "".join(strings)
 
 
-# The common line, when no string field needs JSON escaping: one %-format.
-_PLAIN_LINE: Final = (
-    '{"ts":"%s","request_id":"%s","client":"%s","method":"%s","path":"%s","route":"%s",'
-    '"decision":"%s","status":%d,"tokens_left":%s,"upstream_ms":%s,"duration_ms":%.3f,'
-    '"bytes_in":%d,"bytes_out":%d,"upstream_addr":%s}'
-)
-
-
-def format_record(record: AccessRecord, clock: _Clock | None = None) -> str:
-    """One JSON object (no newline), fields in FIELDS order. Runs on the
-    consumer thread while it holds the GIL, which the request path then
-    waits for: kept to one regex check and one format for the usual line."""
-    ts, request_id, client, method, path, route, decision, status = record[:8]
-    tokens_left, upstream_ms, duration_ms, bytes_in, bytes_out, upstream_addr = record[8:]
-    stamp = (clock or _Clock()).stamp(ts)
-    tokens = "null" if tokens_left is None else str(tokens_left)
-    upstream = "null" if upstream_ms is None else f"{upstream_ms:.3f}"
-    addr = upstream_addr or ""
-    if _NEEDS_ESCAPE.search(f"{request_id}{client}{method}{path}{route}{addr}") is None:
-        return _PLAIN_LINE % (
-            stamp, request_id, client, method, path, route, decision, status, tokens,
-            upstream, duration_ms, bytes_in, bytes_out,
-            "null" if upstream_addr is None else f'"{upstream_addr}"',
-        )  # fmt: skip
-    return (
-        f'{{"ts":"{stamp}","request_id":{_string(request_id)},"client":{_string(client)},'
-        f'"method":{_string(method)},"path":{_string(path)},"route":{_string(route)},'
-        f'"decision":"{decision}","status":{status},"tokens_left":{tokens},'
-        f'"upstream_ms":{upstream},"duration_ms":{_number(duration_ms)},'
-        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
-        f'"upstream_addr":{"null" if upstream_addr is None else _string(upstream_addr)}}}'
-    )
+def format_record(record: AccessRecord) -> str:
+    """One record as one JSON object (no newline)."""
+    return LineFormatter().lines([record])[:-1].decode("ascii")
 
 
 class _Consumer:
-    """The consumer thread: batches records into single writes."""
+    """The consumer thread: formats records and writes them in batches."""
 
     def __init__(
         self, records: queue.SimpleQueue[Any], sink: IO[bytes], dropped: Counter
@@ -128,7 +174,9 @@ class _Consumer:
         self._records = records
         self._sink = sink
         self._dropped = dropped
+        self._formatter = LineFormatter()
         self._broken = False
+        self._unformattable = False
         self.thread = threading.Thread(target=self._run, name="access-log", daemon=True)
 
     def _run(self) -> None:
@@ -142,28 +190,52 @@ class _Consumer:
                     break
             stopping = _SENTINEL in batch
             if stopping:
-                # A line put while stop() queued the sentinel: not written,
-                # so counted (``stop`` counts any that come later still).
+                # A record put while stop() queued the sentinel: not
+                # written, so counted (``stop`` counts any that come later).
                 late = batch.index(_SENTINEL)
                 if len(batch) - late > 1:
                     self._dropped.inc(len(batch) - late - 1)
                 del batch[late:]
-            self._write(batch)
+            for start in range(0, len(batch), CHUNK_RECORDS):
+                if start:
+                    # Let go of the GIL long enough for a waiting event loop
+                    # to take it: a write alone releases it, but this thread
+                    # takes it straight back before the loop has woken.
+                    time.sleep(CHUNK_PAUSE_SECONDS)
+                self._write(batch[start : start + CHUNK_RECORDS])
             if stopping:
                 return
             time.sleep(BATCH_INTERVAL_SECONDS)
 
-    def _write(self, batch: list[str]) -> None:
-        if not batch:
-            return
-        text = "\n".join(batch) + "\n"
+    def _write(self, records: list[AccessRecord]) -> None:
         try:
-            self._sink.write(text.encode("utf-8", "backslashreplace"))
+            data = self._formatter.lines(records)
+        except Exception:
+            data = self._one_by_one(records)
+        try:
+            # Unbuffered: one write() of whole lines, which also lets the
+            # event loop take the GIL between chunks.
+            self._sink.write(data)
             self._sink.flush()
         except (OSError, ValueError) as exc:
             if not self._broken:  # one line about a broken sink, not one per batch
                 log.error("access log: cannot write: %s", exc)
                 self._broken = True
+
+    def _one_by_one(self, records: list[AccessRecord]) -> bytes:
+        """A record the formatter cannot take is a bug: it is logged (once)
+        and counted as dropped, and neither the thread nor the chunk's
+        other records end with it."""
+        lines = []
+        for record in records:
+            try:
+                lines.append(self._formatter.lines([record]))
+            except Exception:
+                if not self._unformattable:
+                    log.exception("access log: cannot format %r", record)
+                    self._unformattable = True
+                self._dropped.inc()
+        return b"".join(lines)
 
 
 class AccessLog:
@@ -183,25 +255,20 @@ class AccessLog:
         self._sink: IO[bytes] | None = None
         self._consumer: _Consumer | None = None
         self._stopping = False
-        self._clock = _Clock()  # the event loop's thread is the only producer
 
     def depth(self) -> int:
         return self._queue.qsize()
 
     def put(self, record: AccessRecord) -> None:
-        """Called on the request path: never blocks."""
+        """Called on the request path: never blocks, never formats."""
         if not self.enabled:
             return
-        if self._queue.qsize() >= self._queue_size:
+        records = self._queue
+        # Behind the sentinel nothing would be written: counted instead.
+        if records.qsize() >= self._queue_size or self._stopping:
             self._dropped.inc()
             return
-        line = format_record(record, self._clock)
-        # Checked after formatting, right before the put: behind the
-        # sentinel nothing would be written.
-        if self._stopping:
-            self._dropped.inc()
-            return
-        self._queue.put(line)
+        records.put(record)
 
     @property
     def alive(self) -> bool:

@@ -147,8 +147,8 @@ class Server:
     def request_metrics(self) -> Iterable[Metric]:
         m = self.metrics
         return [
-            *m.requests.collect(),
-            *m.upstream_errors.collect(),
+            m.requests.family(),
+            m.upstream_errors.family(),
             *m.inflight.collect(),
             *m.clients_tracked.collect(),
         ]
@@ -282,6 +282,8 @@ class Server:
             await self._admin_runner.cleanup()
             self._admin_runner = None
         await self.clock.stop()
+        # Multiprocess mode: what was counted since the clock's last copy.
+        self.metrics.refresh()
         await asyncio.to_thread(self.access_log.stop, self.config.drain_timeout_seconds)
 
     def _log_routes(self, config: GatewayConfig) -> None:

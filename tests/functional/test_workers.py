@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,11 @@ from tests.helpers import (
     bucket,
     clear_of_hour_boundary,
     free_port,
+    metrics_text,
     poll,
     run_cli,
     spawn_gateway,
+    tool,
     write_config,
 )
 
@@ -78,6 +81,21 @@ async def wait_until(
         condition,
         lambda: f"timed out after {GUARD_SECONDS:.0f}s waiting for {what}\n{detail()}",
         seconds=GUARD_SECONDS,
+    )
+
+
+async def counted(gw: GatewayProcess, expected: float, sample: str, **labels: str) -> None:
+    """The supervisor's /metrics shows ``expected`` for ``sample``: each
+    worker copies its counts into the summed files once a second
+    (gateway/metrics.py), so a count may take that long to appear."""
+    seen: list[float] = []
+
+    async def reached() -> bool:
+        seen.append(await gw.metric(sample, **labels))
+        return seen[-1] == expected
+
+    await wait_until(
+        reached, f"{sample}{labels or ''} == {expected}", detail=lambda: f"last: {seen[-1:]}"
     )
 
 
@@ -215,11 +233,20 @@ async def test_workers_share_one_limit_and_metrics_add_up(
         remaining = sorted(int(h["X-RateLimit-Remaining"]) for s, h in results if s == 200)
         assert remaining == list(range(30))  # no token handed out twice
 
-        assert await gw.metric("gateway_requests_total", decision="allowed") == 30
-        assert await gw.metric("gateway_requests_total", decision="denied") == 70
-        assert await gw.metric("gateway_requests_total") == 100
-        assert await gw.metric("gateway_responses_total", code="200") == 30
-        assert await gw.metric("gateway_responses_total", code="429") == 70
+        await counted(gw, 100, "gateway_requests_total")
+        await counted(gw, 30, "gateway_requests_total", decision="allowed")
+        await counted(gw, 70, "gateway_requests_total", decision="denied")
+        await counted(gw, 100, "gateway_request_duration_seconds_count")
+        await counted(gw, 30, "gateway_responses_total", code="200")
+        await counted(gw, 70, "gateway_responses_total", code="429")
+        async with aiohttp.ClientSession() as session:
+            exposition = await metrics_text(session, gw.admin, plain=False)
+        checked = await asyncio.to_thread(
+            subprocess.run,
+            [tool("promtool"), "check", "metrics"],
+            input=exposition, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert (checked.returncode, checked.stdout + checked.stderr) == (0, "")
     assert gw.process.returncode == 0, gw.output()
 
 
@@ -333,7 +360,7 @@ async def test_sighup_reaches_the_workers_and_sigterm_drains(
         results = await spread_requests(gw.proxy, connections=3, per_connection=10)
         answered += statuses_of(results)
         assert statuses_of(results).count(200) == 24
-        assert await gw.metric("gateway_requests_total") == len(answered)
+        await counted(gw, len(answered), "gateway_requests_total")
         assert children(gw.process.pid) == workers  # reloaded, not restarted
         assert await gw.metric("gateway_workers_restarted_total") == 0
 
