@@ -1,6 +1,6 @@
-"""User-space instructions per request under valgrind's callgrind, by build.
+"""User-space instructions per request under valgrind's callgrind, by build and beside nginx.
 
-    .venv/bin/python -m bench.callgrind --src TREE-A --src TREE-B [--requests 2000]
+    .venv/bin/python -m bench.callgrind --src TREE-A --src TREE-B [--requests 2000] [--no-nginx]
 
 CPU time per request moves with the machine's speed and load; instructions
 do not. Each source tree's gateway (``python -m gateway run`` with
@@ -14,6 +14,14 @@ access-log consumer included) divided by the requests. Cases: the plain path
 and both allowed over TLS (the connection's handshake is in the warm-up:
 OpenSSL's record work per request is counted, not the handshake); metrics
 on, access log to a file, nginx as the upstream.
+
+Beside the builds, nginx (``bench.run``'s ``NGINX_LIMIT``: ``limit_req`` and
+``proxy_pass`` to the same upstream over kept-alive connections, its access
+log to a file) is measured the same way for each case, with ``master_process
+off`` so that the one process valgrind runs is the one that serves, and the
+ratio of each build to it is printed. nginx has one ``limit_req`` and one
+upstream server, so the x3 and rr2 rows compare against its plain allowed
+configuration.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from bench.run import (
     DENIED,
     GATEWAY_CONFIG,
     GATEWAY_TLS,
+    NGINX_LIMIT,
+    NGINX_TLS,
     NGINX_UPSTREAM,
     free_port,
     make_certificate,
@@ -141,6 +151,52 @@ def _wait_for(port: int, timeout: float) -> None:
     raise RuntimeError(f"nothing listening on {port} after {timeout:.0f}s")
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _callgrind(argv: list[str], port: int, method: str, *, tls: bool, tmp: Path,
+               requests: int, warmup: int, keep: Path | None, label: str,
+               **popen: object) -> float:  # fmt: skip
+    """Ir per request of ``argv`` run under callgrind, serving on ``port``."""
+    out = tmp / f"callgrind.{port}"
+    proc = subprocess.Popen(  # type: ignore[call-overload]
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+         *argv],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen,
+    )  # fmt: skip
+    try:
+        _wait_for(port, 180)
+        request = _request(method)
+        with _connect(port, tls=tls) as sock:
+            _exchange(sock, request, warmup)
+            control = ["callgrind_control"]
+            subprocess.run(
+                [*control, "-i", "on", str(proc.pid)], check=True, capture_output=True
+            )
+            subprocess.run([*control, "-z", str(proc.pid)], check=True, capture_output=True)
+            _exchange(sock, request, requests)
+            subprocess.run([*control, "-d", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        _stop(proc)
+    total = 0
+    for dump in tmp.glob(f"callgrind.{port}*"):
+        text = dump.read_text(errors="replace")
+        found = re.search(r"^(?:summary|totals): *(\d+)", text, re.M)
+        # The dump taken around the measured requests, not the one at exit.
+        if found and dump.name != out.name:
+            total += int(found.group(1))
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(dump, keep / f"{label}.{method}.{dump.name}")
+    return total / requests
+
+
 def measure(src: Path, method: str, limits: dict[str, object], upstream: int, tmp: Path,
             requests: int, warmup: int, keep: Path | None = None) -> float:  # fmt: skip
     port = free_port()
@@ -151,43 +207,46 @@ def measure(src: Path, method: str, limits: dict[str, object], upstream: int, tm
             backend="memory", upstream=upstream, redis=free_port(),
         )
     )  # fmt: skip
-    out = tmp / f"callgrind.{port}"
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-         sys.executable, "-m", "gateway", "run", "--config", str(config)],
-        cwd=src, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return _callgrind(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)], port, method,
+        tls=bool(limits.get("tls")), tmp=tmp, requests=requests, warmup=warmup, keep=keep,
+        label=src.name, cwd=src, env={**os.environ, "PYTHONPATH": str(src)},
     )  # fmt: skip
-    try:
-        _wait_for(port, 180)
-        request = _request(method)
-        with _connect(port, tls=bool(limits.get("tls"))) as sock:
-            _exchange(sock, request, warmup)
-            control = ["callgrind_control"]
-            subprocess.run(
-                [*control, "-i", "on", str(proc.pid)], check=True, capture_output=True
-            )
-            subprocess.run([*control, "-z", str(proc.pid)], check=True, capture_output=True)
-            _exchange(sock, request, requests)
-            subprocess.run([*control, "-d", str(proc.pid)], check=True, capture_output=True)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    total = 0
-    for dump in tmp.glob(f"callgrind.{port}*"):
-        text = dump.read_text(errors="replace")
-        found = re.search(r"^(?:summary|totals): *(\d+)", text, re.M)
-        # The dump taken around the measured requests, not the one at exit.
-        if found and dump.name != out.name:
-            total += int(found.group(1))
-            if keep is not None:
-                keep.mkdir(parents=True, exist_ok=True)
-                shutil.copy(dump, keep / f"{src.name}.{method}.{dump.name}")
-    return total / requests
+
+
+def _nginx_config(limits: dict[str, object], tmp: Path, name: str, port: int,
+                  upstream: int) -> str:  # fmt: skip
+    tls = bool(limits.get("tls"))
+    text = NGINX_LIMIT.format(
+        tmp=tmp, name=name, workers=1, port=port, upstream=upstream,
+        rate=limits["rate"], burst=limits["burst"],
+        ssl=" ssl" if tls else "", tls=NGINX_TLS.format(tmp=tmp) if tls else "",
+    )  # fmt: skip
+    # One process that serves, so valgrind and callgrind_control see it. nginx
+    # closes a client connection after 1000 requests and an upstream one
+    # after 1000 by default; the gateway closes neither, and the measurement
+    # runs on one connection.
+    text = "master_process off;\n" + text
+    text = text.replace("http {\n", "http {\n  keepalive_requests 1000000;\n", 1)
+    return text.replace("keepalive 64;", "keepalive 64; keepalive_requests 1000000;", 1)
+
+
+def measure_nginx(method: str, limits: dict[str, object], upstream: int, tmp: Path,
+                  requests: int, warmup: int, keep: Path | None = None) -> float:  # fmt: skip
+    port = free_port()
+    name = f"nginx-{port}"
+    conf = tmp / f"{name}.conf"
+    conf.write_text(_nginx_config(limits, tmp, name, port, upstream))
+    return _callgrind(
+        ["nginx", "-c", str(conf), "-p", str(tmp)], port, method,
+        tls=bool(limits.get("tls")), tmp=tmp, requests=requests, warmup=warmup, keep=keep,
+        label="nginx",
+    )  # fmt: skip
+
+
+def _nginx_case(limits: dict[str, object]) -> tuple[str, bool]:
+    """What nginx is configured for: allowed or denied, plain or TLS."""
+    return str(limits["rate"]), bool(limits.get("tls"))
 
 
 def main() -> int:
@@ -196,6 +255,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--case", action="append", help="only these cases (repeat)")
+    parser.add_argument("--no-nginx", action="store_true", help="the builds only")
     parser.add_argument(
         "--keep", type=Path, help="copy the measured dumps here (for callgrind_annotate)"
     )
@@ -210,7 +270,13 @@ def main() -> int:
         with nginx(tmp, "upstream", NGINX_UPSTREAM.format(tmp=tmp, port=up), up):
             print(f"instructions per request (callgrind Ir), {args.requests} requests on one "
                   f"keep-alive connection after {args.warmup}")  # fmt: skip
-            print(f"  {'case':<17}" + "".join(f"{f'[{i}]':>12}" for i in range(len(sources))))
+            head = "".join(f"{f'[{i}]':>12}" for i in range(len(sources)))
+            head += f"{'nginx':>12}" if not args.no_nginx else ""
+            head += "".join(f"{f'[{i}]/[0]':>9}" for i in range(1, len(sources)))
+            if not args.no_nginx:
+                head += "".join(f"{f'[{i}]/nginx':>12}" for i in range(len(sources)))
+            print(f"  {'case':<19}" + head)
+            by_nginx_case: dict[tuple[str, str, bool], float] = {}
             for label, method, limits in CASES:
                 if args.case and label not in args.case:
                     continue
@@ -218,9 +284,18 @@ def main() -> int:
                     measure(src, method, limits, up, tmp, args.requests, args.warmup, args.keep)
                     for src in sources
                 ]
-                ratios = "".join(f"  x{value / row[0]:.3f}" for value in row[1:])
-                print(f"  {label:<17}" + "".join(f"{v:>12,.0f}" for v in row) + ratios,
-                      flush=True)  # fmt: skip
+                line = "".join(f"{v:>12,.0f}" for v in row)
+                ratios = "".join(f"   x{value / row[0]:.3f}" for value in row[1:])
+                if not args.no_nginx:
+                    key = (method, *_nginx_case(limits))
+                    if key not in by_nginx_case:
+                        by_nginx_case[key] = measure_nginx(
+                            method, limits, up, tmp, args.requests, args.warmup, args.keep
+                        )
+                    reference = by_nginx_case[key]
+                    line += f"{reference:>12,.0f}"
+                    ratios += "".join(f"{f'x{value / reference:.2f}':>12}" for value in row)
+                print(f"  {label:<19}" + line + ratios, flush=True)
             for i, src in enumerate(sources):
                 print(f"  [{i}] {src}")
     return 0
