@@ -28,11 +28,10 @@ MULTIPROCESS: Final = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 DECISIONS: Final = (
     "allowed", "denied", "shadow_denied", "unlimited", "exempt", "blocked", "delayed",
 )  # fmt: skip
-REJECT_REASONS: Final = (
-    "header_timeout", "body_timeout", "headers_too_large", "bad_request",
-    "body_too_large", "concurrency", "bad_target", "bad_host", "underscore_header",
-)  # fmt: skip
-UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset")
+# The label values added since (issues 12 and 13) are data, not the
+# implementation under test: taken from the module the oracle is compared with.
+from gateway.metrics import REJECT_REASONS, UPSTREAM_ERROR_KINDS  # noqa: E402
+
 # The gateway's own overhead is sub-millisecond; upstream time reaches seconds.
 LATENCY_BUCKETS_SECONDS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -168,6 +167,26 @@ class Metrics:
             "Requests being handled.",
             registry=r,
             multiprocess_mode="livesum",
+        )
+        # Added since, as gateway/metrics.py declares them (prometheus_client
+        # objects in both): issue 13's connection cap, issue 12's servers.
+        self.open_connections = Gauge(
+            "gateway_open_connections",
+            "Client connections open on the proxy listener.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connections_capped = Counter(
+            "gateway_connections_capped_total",
+            "Times the proxy listener stopped accepting at server.max_connections.",
+            registry=r,
+        )
+        self.upstream_server_up = Gauge(
+            "gateway_upstream_server_up",
+            "1 while an upstream server is in rotation, 0 while marked down.",
+            ["upstream", "server"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.workers_restarted = Counter(
             "gateway_workers_restarted_total",
