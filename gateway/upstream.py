@@ -539,8 +539,13 @@ class _RequestBody:
         call = self.call
         while True:
             try:
-                async with asyncio.timeout(self.body_timeout):
-                    chunk = await content.readany()
+                # Bytes already buffered need no timer: on Python 3.11 each
+                # asyncio.timeout costs three getpid() system calls (the
+                # running-loop check) besides its timer handle.
+                chunk = content.read_nowait()
+                if not chunk and not content.at_eof():
+                    async with asyncio.timeout(self.body_timeout):
+                        chunk = await content.readany()
             except TimeoutError:
                 raise self._fail(BodyTimeoutError(self.body_timeout)) from None
             except ClientBodyError as exc:  # set on the stream by connection.py
