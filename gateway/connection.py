@@ -356,6 +356,12 @@ _ACCEPT_RETRY_SECONDS: Final = 0.1
 _CAP_LOG_EVERY_SECONDS: Final = 60.0
 
 
+def _accept_loop_ended(task: asyncio.Task[None]) -> None:
+    # Cancelled at stop; any other end means the listener stopped accepting.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the proxy listener stopped accepting", exc_info=task.exception())
+
+
 class CappedSite(web.BaseSite):
     """The proxy listener: an accept loop that stops accepting while
     ``max_connections`` client connections are open (new clients wait in
@@ -402,6 +408,7 @@ class CappedSite(web.BaseSite):
         assert isinstance(server, GuardedServer)
         self.sock.setblocking(False)
         self._accepting = asyncio.get_running_loop().create_task(self._accept(server))
+        self._accepting.add_done_callback(_accept_loop_ended)
 
     async def _accept(self, server: GuardedServer) -> None:
         loop = asyncio.get_running_loop()
