@@ -281,13 +281,14 @@ class AiohttpDownstream:
         protocol = request.protocol
         if not protocol.writing_paused:
             return
-        timeout = protocol.send_timeout if isinstance(protocol, GuardedRequestHandler) else 60.0
+        # Every handler of the proxy listener is one GuardedServer made.
+        assert isinstance(protocol, GuardedRequestHandler)
+        timeout = protocol.send_timeout
         try:
             async with asyncio.timeout(timeout):
                 await request.writer.drain()
         except TimeoutError:
-            if isinstance(protocol, GuardedRequestHandler):
-                protocol.on_rejected("send_timeout")
+            protocol.on_rejected("send_timeout")
             self.abort()
             raise ConnectionResetError(f"the client took no bytes for {timeout:g}s") from None
 

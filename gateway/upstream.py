@@ -104,14 +104,16 @@ async def _keep_refused_upgrade(
     refused.status = response.status
     refused.reason = (response.reason or "").encode("latin-1")
     refused.raw_headers = response.raw_headers
+    content = response.content
+    body = b""
     try:
-        body = await response.content.read(MAX_REFUSAL_BYTES + 1)
-        if len(body) <= MAX_REFUSAL_BYTES and (not body or response.content.at_eof()):
-            refused.body, refused.complete = body, True
-        elif len(body) <= MAX_REFUSAL_BYTES:  # more may come: read to the bound
-            rest = await response.content.read(MAX_REFUSAL_BYTES + 1 - len(body))
-            if response.content.at_eof() and len(body) + len(rest) <= MAX_REFUSAL_BYTES:
-                refused.body, refused.complete = body + rest, True
+        # To its end or one byte past the bound, in as many pieces as it comes.
+        while len(body) <= MAX_REFUSAL_BYTES:
+            piece = await content.read(MAX_REFUSAL_BYTES + 1 - len(body))
+            if not piece:  # the end
+                refused.body, refused.complete = body, True
+                return
+            body += piece
     except (aiohttp.ClientError, TimeoutError):
         pass  # incomplete: our 502
 

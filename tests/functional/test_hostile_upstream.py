@@ -360,6 +360,9 @@ async def test_a_refused_websocket_upgrade_is_relayed_not_502(
         assert "RateLimit-Policy" in response.headers
         too_big = await raw_exchange(gw, build_request("GET", "/ws?size=100000", handshake))
         assert too_big.status == 502
+        # Under the bound but read in several pieces: relayed whole.
+        big = await raw_exchange(gw, build_request("GET", "/ws?size=60000", handshake))
+        assert (big.status, big.body) == (403, b"x" * 60000)
         labels = {"route": "default", "code": "401"}
         assert gw.metric("gateway_responses_total", labels) == 1
     finally:
