@@ -222,10 +222,11 @@ class _Consumer:
                 log.error("access log: cannot write: %s", exc)
                 self._broken = True
 
-    def _one_by_one(self, records: list[AccessRecord]) -> bytes:
+    def _one_by_one(self, records: list[Any]) -> bytes:
         """A record the formatter cannot take is a bug: it is logged (once)
         and counted as dropped, and neither the thread nor the chunk's
-        other records end with it."""
+        other records end with it. (``Any``: compiled, a loop over typed
+        records checks each one's type before the ``try``.)"""
         lines = []
         for record in records:
             try:

@@ -36,11 +36,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 from gateway.config.model import Balance
 
 __all__ = ["Balancer", "ServerState"]
 
 
+# Subclassed by the upstream's servers, and by tests' servers when this
+# module is compiled.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ServerState:
     """One server of an upstream as the balancer sees it: its health, and
     (``active``) the connections in use to it now, for least_conn."""

@@ -102,15 +102,14 @@ class RequestHead:
     ``target`` is the request target as received; ``headers`` decoded as
     aiohttp decodes them (UTF-8 with surrogateescape), on both paths, so a
     client is identified and logged alike whichever path served it.
-    ``scheme`` and ``content_length`` (None without a body or with a chunked
-    one) are class attributes here, what a plain request always has; a
-    shell whose requests differ overrides them (proxy_app.AiohttpHead reads
-    them from aiohttp's request, and only when a request is forwarded)."""
+    ``content_length`` is None without a body or with a chunked one (the
+    plain path serves only requests without one). ``scheme`` is what the
+    listener serves, a property so that a TLS listener's heads say "https"
+    at no cost per request, and aiohttp's heads read it only when a
+    request is forwarded."""
 
-    __slots__ = ("headers", "http10", "keep_alive", "method", "peer", "target")
-
-    scheme: str = "http"
-    content_length: int | None = None
+    __slots__ = ("content_length", "headers", "http10", "keep_alive", "method", "peer",
+                 "target")  # fmt: skip
 
     def __init__(
         self,
@@ -129,15 +128,21 @@ class RequestHead:
         self.peer = peer
         self.http10 = http10
         self.keep_alive = keep_alive
+        self.content_length: int | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "http"
 
 
 class TlsRequestHead(RequestHead):
-    """A plain request that came over TLS: ``X-Forwarded-Proto: https``,
-    at no cost per request (the TLS listener's connections make these)."""
+    """A plain request that came over TLS: ``X-Forwarded-Proto: https``."""
 
     __slots__ = ()
 
-    scheme = "https"
+    @property
+    def scheme(self) -> str:
+        return "https"
 
 
 def origin_form(method: str, target: str) -> str | None:

@@ -68,7 +68,7 @@ def _write_denial(call: Call, down: Downstream, deny: Deny) -> None:
 
 class AiohttpHead(RequestHead):
     """A request aiohttp's server parsed, as the core reads it; its scheme
-    and body length are read only when the request is forwarded."""
+    is read only when the request is forwarded."""
 
     __slots__ = ("_request",)
 
@@ -81,16 +81,12 @@ class AiohttpHead(RequestHead):
         self.peer = request.remote or "-"
         self.http10 = request.version < HttpVersion11
         self.keep_alive = request.keep_alive
+        self.content_length = request.content_length
         self._request = request
 
-    # Read-only here: the core only reads them.
     @property
-    def scheme(self) -> str:  # type: ignore[override]
+    def scheme(self) -> str:
         return self._request.scheme
-
-    @property
-    def content_length(self) -> int | None:  # type: ignore[override]
-        return self._request.content_length
 
 
 def _gone(request: web.BaseRequest) -> bool:

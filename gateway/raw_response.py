@@ -15,7 +15,7 @@ import string
 import time
 from collections.abc import Iterable, Sequence
 from email.utils import formatdate
-from typing import Final
+from typing import ClassVar, Final
 
 from gateway.headers import HOP_BY_HOP
 
@@ -35,8 +35,8 @@ NO_BODY_STATUSES: Final = frozenset({204, 304})
 class _Date:
     """The Date value, formatted once per second."""
 
-    second = -1
-    value = b""
+    second: ClassVar[int] = -1
+    value: ClassVar[bytes] = b""
 
 
 def date_header() -> bytes:

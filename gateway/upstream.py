@@ -27,7 +27,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Final
@@ -403,26 +403,25 @@ class Upstream:
                 return True
             try:
                 response = await self._send(server, request, forward, call, body)
-                if response is None:
-                    error = call.error
-                    if error is None:  # the client left
-                        return False
-                    self.failed(server, error)
-                    retry = None
-                    if not retried and not body.started:
-                        retry = self.next_server(server, error, idempotent=idempotent)
-                    if retry is None:
-                        return True
-                    call.error = None
-                    server, retried = retry, True
-                    _tried(call, server)
-                    continue
-                if server.down:
-                    self.answered(server)
-                call.upstream_seconds = time.perf_counter() - started
-                return await self._relay(response, down, forward, call)
+                if response is not None:
+                    if server.down:
+                        self.answered(server)
+                    call.upstream_seconds = time.perf_counter() - started
+                    return await self._relay(response, down, forward, call)
             finally:
                 pool.release_slot()
+            error = call.error
+            if error is None:  # the client left
+                return False
+            self.failed(server, error)
+            retry = None
+            if not retried and not body.started:
+                retry = self.next_server(server, error, idempotent=idempotent)
+            if retry is None:
+                return True
+            call.error = None
+            server, retried = retry, True
+            _tried(call, server)
 
     async def _send(
         self,
@@ -442,7 +441,7 @@ class Upstream:
                     method,
                     server.url_for(forward.target),
                     headers=forward.headers,
-                    data=body.stream() if request.body_exists else None,
+                    data=body if request.body_exists else None,
                     allow_redirects=False,
                     compress=None,
                 )
@@ -535,35 +534,39 @@ class _RequestBody:
         self._stop_waiting()
         return error
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> _RequestBody:
+        # An iterator class rather than an async generator: mypyc compiles
+        # no async generators (docs/compiled.md).
+        return self
+
+    async def __anext__(self) -> bytes:
         self.started = True
         content = self.request.content
         call = self.call
-        while True:
-            try:
-                # Bytes already buffered need no timer: on Python 3.11 each
-                # asyncio.timeout costs three getpid() system calls (the
-                # running-loop check) besides its timer handle.
-                chunk = content.read_nowait()
-                if not chunk and not content.at_eof():
-                    async with asyncio.timeout(self.body_timeout):
-                        chunk = await content.readany()
-            except TimeoutError:
-                raise self._fail(BodyTimeoutError(self.body_timeout)) from None
-            except ClientBodyError as exc:  # set on the stream by connection.py
-                raise self._fail(exc) from None
-            except Exception:
-                # The client's connection broke mid-body: nobody to answer,
-                # and not the upstream's failure to count.
-                call.client_gone = True
-                self._stop_waiting()
-                raise
-            if not chunk:
-                return
-            call.bytes_in += len(chunk)
-            if self.max_body_size and call.bytes_in > self.max_body_size:
-                raise self._fail(BodyTooLargeError(self.max_body_size))
-            yield chunk
+        try:
+            # Bytes already buffered need no timer: on Python 3.11 each
+            # asyncio.timeout costs three getpid() system calls (the
+            # running-loop check) besides its timer handle.
+            chunk = content.read_nowait()
+            if not chunk and not content.at_eof():
+                async with asyncio.timeout(self.body_timeout):
+                    chunk = await content.readany()
+        except TimeoutError:
+            raise self._fail(BodyTimeoutError(self.body_timeout)) from None
+        except ClientBodyError as exc:  # set on the stream by connection.py
+            raise self._fail(exc) from None
+        except Exception:
+            # The client's connection broke mid-body: nobody to answer,
+            # and not the upstream's failure to count.
+            call.client_gone = True
+            self._stop_waiting()
+            raise
+        if not chunk:
+            raise StopAsyncIteration
+        call.bytes_in += len(chunk)
+        if self.max_body_size and call.bytes_in > self.max_body_size:
+            raise self._fail(BodyTooLargeError(self.max_body_size))
+        return chunk
 
 
 def _body_reader(upstream: aiohttp.ClientResponse) -> Callable[[], Awaitable[bytes]]:

@@ -29,8 +29,9 @@ import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.upstream_app import ARRIVALS, Arrivals
+
 if TYPE_CHECKING:
-    import pytest
     import redis
     from aiohttp.test_utils import TestServer
 
@@ -357,37 +358,13 @@ async def raw_exchange_to_close(gw: RunningGateway, data: bytes) -> tuple[RawRes
 # --------------------------------------------------------------------------- in-process gateway
 
 
-class ForwardCounter:
-    """Counts requests entering ``Upstream.forward`` (they are in flight at the
-    gateway) and lets a test await a count instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._changed = asyncio.Condition()
-
-    async def entered(self) -> None:
-        async with self._changed:
-            self.count += 1
-            self._changed.notify_all()
-
-    async def wait_for(self, count: int) -> None:
-        async with asyncio.timeout(GUARD_SECONDS), self._changed:
-            await self._changed.wait_for(lambda: self.count >= count)
-
-
-def count_forwards(gw: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> ForwardCounter:
-    """Counts requests reaching the upstream step, on either path: plain
-    requests (``forward_plain``) and the ones aiohttp parsed (``forward``)."""
-    counter = ForwardCounter()
-    upstream = gw.server.upstream
-    for name in ("forward", "forward_plain"):
-        original: Callable[..., Awaitable[Any]] = getattr(upstream, name)
-
-        async def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            await counter.entered()
-            return await _original(*args, **kwargs)
-
-        monkeypatch.setattr(upstream, name, counted)
+def arrivals(upstream: TestServer) -> Arrivals:
+    """Counts the requests reaching ``upstream`` from now on (they are in
+    flight at the gateway), on either path; ``await arrivals.wait_for(n)``.
+    Counted at the upstream, not by wrapping the gateway's methods: compiled
+    classes cannot be patched (docs/compiled.md)."""
+    counter = Arrivals()
+    upstream.app[ARRIVALS].append(counter)
     return counter
 
 

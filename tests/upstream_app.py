@@ -7,8 +7,37 @@ import gzip
 import hashlib
 
 from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
 
 HITS = web.AppKey("hits", list)
+
+
+class Arrivals:
+    """Counts requests whose head reached the upstream, from when it was made,
+    and lets a test await a count instead of sleeping (``tests.helpers.arrivals``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Condition()
+
+    async def arrived(self) -> None:
+        async with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(10), self._changed:  # a bound on a hang, not a timing
+            await self._changed.wait_for(lambda: self.count >= count)
+
+
+ARRIVALS = web.AppKey("arrivals", list[Arrivals])
+
+
+@web.middleware
+async def _count_arrival(request: web.Request, handler: Handler) -> web.StreamResponse:
+    for arrivals in request.app[ARRIVALS]:
+        await arrivals.arrived()
+    return await handler(request)
 
 
 def build_upstream_app() -> web.Application:
@@ -125,8 +154,9 @@ def build_upstream_app() -> web.Application:
                 await ws.send_bytes(message.data[::-1])
         return ws
 
-    app = web.Application()
+    app = web.Application(middlewares=[_count_arrival])
     app[HITS] = []
+    app[ARRIVALS] = []
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/cookies", cookies)
     app.router.add_get("/stream", stream)

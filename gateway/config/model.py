@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from mypy_extensions import mypyc_attr
+
 from gateway.config.convert import (
     as_text,
     boolean,
@@ -387,6 +389,9 @@ class AccessLogConfig:
         return self.path != "off"
 
 
+# A section may be extended by subclassing (tests/unit/test_config_load.py
+# declares one more key that way), also when this module is compiled.
+@mypyc_attr(allow_interpreted_subclasses=True)
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Bounds on what a client may send (not in the contract's example, so

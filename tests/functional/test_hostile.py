@@ -23,9 +23,9 @@ from tests.conftest import RunningGateway, StartGateway
 from tests.helpers import (
     GUARD_SECONDS,
     RawResponse,
+    arrivals,
     bucket,
     build_request,
-    count_forwards,
     poll,
     raw_connection,
     raw_exchange,
@@ -440,13 +440,13 @@ async def test_client_disconnect_mid_response_leaks_nothing(
 async def test_client_leaving_mid_body_is_499_not_an_upstream_error(
     start_gateway: StartGateway,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    upstream: TestServer,
 ) -> None:
     """A client that leaves while its body is being streamed upstream is the
     client's doing: logged 499, not counted as the upstream resetting."""
     caplog.set_level(logging.WARNING)
     gw = await start_gateway()
-    forwards = count_forwards(gw, monkeypatch)
+    forwards = arrivals(upstream)
     async with asyncio.timeout(GUARD_SECONDS):
         _, writer = await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
         writer.write(
@@ -469,14 +469,14 @@ async def test_client_leaving_mid_body_is_499_not_an_upstream_error(
 async def test_bad_chunk_after_forwarding_started_is_400_at_once(
     start_gateway: StartGateway,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    upstream: TestServer,
 ) -> None:
     """llhttp rejecting a chunk once the body is already streaming upstream:
     one 400 at once and the connection closed, not a wait for body_timeout
     (aiohttp alone does not tell the body stream)."""
     caplog.set_level(logging.WARNING)
     gw = await start_gateway(server={"body_timeout": "30s"})
-    forwards = count_forwards(gw, monkeypatch)
+    forwards = arrivals(upstream)
     async with asyncio.timeout(GUARD_SECONDS):
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.proxy_port)
         writer.write(
@@ -524,10 +524,9 @@ async def test_third_concurrent_request_of_one_client_is_429_at_once(
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     upstream: TestServer,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gw = await start_gateway(limits={"default": bucket(100)}, clients={"max_concurrent": 2})
-    forwards = count_forwards(gw, monkeypatch)
+    forwards = arrivals(upstream)
 
     async def get(session: aiohttp.ClientSession, path: str) -> tuple[int, bytes, float]:
         started = time.monotonic()

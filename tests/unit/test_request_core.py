@@ -99,17 +99,9 @@ def _head(
     content_length: int | None = None,
 ) -> RequestHead:
     fields = CIMultiDictProxy(CIMultiDict([("Host", "gw.example"), *headers]))
-    if content_length is None:
-        return RequestHead(method, target, fields, peer, http10, keep_alive)
-    head = _BodyHead(method, target, fields, peer, http10, keep_alive)
-    head.content_length = content_length
+    head = RequestHead(method, target, fields, peer, http10, keep_alive)
+    head.content_length = content_length  # a body, as aiohttp's heads may have
     return head
-
-
-class _BodyHead(RequestHead):
-    """A head with a body, as the aiohttp shell's heads have (AiohttpHead)."""
-
-    __slots__ = ("content_length",)
 
 
 def _admitted(rig: Rig, head: RequestHead) -> tuple[Call, Forward]:
