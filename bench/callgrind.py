@@ -1,10 +1,12 @@
 """User-space instructions per request under valgrind's callgrind, by build and beside nginx.
 
     .venv/bin/python -m bench.callgrind --src TREE-A --src TREE-B [--requests 2000] [--no-nginx]
+    .venv/bin/python -m bench.callgrind --src .:pure --src .    # pure Python beside compiled
 
 CPU time per request moves with the machine's speed and load; instructions
 do not. Each source tree's gateway (``python -m gateway run`` with
-``PYTHONPATH`` set to the tree) runs under callgrind with instrumentation
+``PYTHONPATH`` set to the tree; compiled when the tree has a current
+in-place build, ``TREE:pure`` for its pure Python) runs under callgrind with instrumentation
 off, serves a warm-up over one keep-alive connection, then
 ``callgrind_control`` turns instrumentation on, zeroes the counters, a fixed
 number of requests is sent one after another on that connection, and the
@@ -197,7 +199,26 @@ def _callgrind(argv: list[str], port: int, method: str, *, tls: bool, tmp: Path,
     return total / requests
 
 
-def measure(src: Path, method: str, limits: dict[str, object], upstream: int, tmp: Path,
+class Build:
+    """A source tree, and whether its pure Python is forced (``TREE:pure``)."""
+
+    def __init__(self, spec: str) -> None:
+        path, _, pure = spec.partition(":")
+        if pure not in ("", "pure"):
+            raise argparse.ArgumentTypeError(f"{spec}: expected TREE or TREE:pure")
+        self.src = Path(path).resolve()
+        self.pure = pure == "pure"
+        self.name = self.src.name + (":pure" if self.pure else "")
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PYTHONPATH": str(self.src),
+            "GATEWAY_NO_EXTENSIONS": "1" if self.pure else "",
+        }
+
+
+def measure(build: Build, method: str, limits: dict[str, object], upstream: int, tmp: Path,
             requests: int, warmup: int, keep: Path | None = None) -> float:  # fmt: skip
     port = free_port()
     config = tmp / f"gw-{port}.yaml"
@@ -210,7 +231,7 @@ def measure(src: Path, method: str, limits: dict[str, object], upstream: int, tm
     return _callgrind(
         [sys.executable, "-m", "gateway", "run", "--config", str(config)], port, method,
         tls=bool(limits.get("tls")), tmp=tmp, requests=requests, warmup=warmup, keep=keep,
-        label=src.name, cwd=src, env={**os.environ, "PYTHONPATH": str(src)},
+        label=build.name, cwd=build.src, env=build.env(),
     )  # fmt: skip
 
 
@@ -251,7 +272,12 @@ def _nginx_case(limits: dict[str, object]) -> tuple[str, bool]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", action="append", type=Path, help="a source tree (repeat)")
+    parser.add_argument(
+        "--src",
+        action="append",
+        type=Build,
+        help="a source tree, TREE:pure for its pure Python (repeat)",
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--case", action="append", help="only these cases (repeat)")
@@ -260,9 +286,7 @@ def main() -> int:
         "--keep", type=Path, help="copy the measured dumps here (for callgrind_annotate)"
     )
     args = parser.parse_args()
-    sources = [
-        path.resolve() for path in (args.src or [Path(__file__).resolve().parent.parent])
-    ]
+    sources: list[Build] = args.src or [Build(str(Path(__file__).resolve().parent.parent))]
     with tempfile.TemporaryDirectory(prefix="gateway-callgrind-") as name:
         tmp = Path(name)
         up = free_port()
@@ -296,8 +320,8 @@ def main() -> int:
                     line += f"{reference:>12,.0f}"
                     ratios += "".join(f"{f'x{value / reference:.2f}':>12}" for value in row)
                 print(f"  {label:<19}" + line + ratios, flush=True)
-            for i, src in enumerate(sources):
-                print(f"  [{i}] {src}")
+            for i, build in enumerate(sources):
+                print(f"  [{i}] {build.src}{' (pure Python)' if build.pure else ''}")
     return 0
 
 

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Final, NoReturn
 
-from gateway import __version__
+from gateway import __version__, request_path_build
 from gateway.config import GatewayConfig, load_config
 from gateway.config.tls import TlsPairError
 from gateway.errors import ConfigError
@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--version", action="version", version=f"ratelimit-gateway {__version__}"
+        "--version",
+        action="version",
+        version=f"ratelimit-gateway {__version__}, request path {request_path_build()}",
     )
     _add_log_level(parser, "INFO", "; also accepted after the command")
     # --log-level after the command too; SUPPRESS keeps the value given

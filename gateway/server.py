@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import Metric
 
+from gateway import request_path_build
 from gateway.access_log import AccessLog
 from gateway.admin_app import build_admin_app
 from gateway.config import BucketSpec, GatewayConfig, Mode, RouteSpec, load_config, restart_keys
@@ -251,10 +252,10 @@ class Server:
         await _bind("admin", config.admin_host, config.admin_port, admin_site)
         self.admin_port = bound_port(admin_site)
         log.info(
-            "proxy on %s:%d%s -> %s; admin on %s:%d",
+            "proxy on %s:%d%s -> %s; admin on %s:%d; request path %s",
             config.listen_host, self.proxy_port, "" if self.tls is None else " (TLS)",
             config.upstream.describe(),
-            config.admin_host, self.admin_port,
+            config.admin_host, self.admin_port, request_path_build(),
         )  # fmt: skip
         self._log_routes(config)
         self._started = True

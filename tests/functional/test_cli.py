@@ -361,7 +361,9 @@ def test_help_lists_the_commands_but_not_the_internal_worker() -> None:
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
-    assert result.stdout == f"ratelimit-gateway {gateway.__version__}\n"
+    build = gateway.request_path_build()
+    assert build in ("compiled (mypyc)", "pure Python")
+    assert result.stdout == f"ratelimit-gateway {gateway.__version__}, request path {build}\n"
     pyproject = tomllib.loads(
         (Path(gateway.__file__).parents[1] / "pyproject.toml").read_text()
     )
