@@ -145,15 +145,23 @@ class LineFormatter:
                 path, route = _inner(path), _inner(route)
             else:
                 string(f"{request_id}{client}{method}{path}{route}")
-            tokens = "null" if tokens_left is None else small(tokens_left, tokens_left)
-            upstream = "null" if upstream_ms is None else f"{upstream_ms:.3f}"
+            # Every piece a str before the f-string, and format() for the
+            # floats: compiled (mypyc), an f-string of str alone is one
+            # concatenation, while an int or a format spec in it makes the
+            # whole a str.format() call.
+            tokens = "null" if tokens_left is None else small(tokens_left) or str(tokens_left)
+            upstream = "null" if upstream_ms is None else format(upstream_ms, ".3f")
+            duration = format(duration_ms, ".3f")
+            code = small(status) or str(status)
+            size_in = small(bytes_in) or str(bytes_in)
+            size_out = small(bytes_out) or str(bytes_out)
             append(
                 f'{{"ts":"{stamp}","request_id":"{request_id}","client":"{client}",'
                 f'"method":"{method}","path":"{path}","route":"{route}",'
-                f'"decision":"{decision}","status":{small(status, status)},'
+                f'"decision":"{decision}","status":{code},'
                 f'"tokens_left":{tokens},"upstream_ms":{upstream},'
-                f'"duration_ms":{duration_ms:.3f},"bytes_in":{small(bytes_in, bytes_in)},'
-                f'"bytes_out":{small(bytes_out, bytes_out)},"upstream_addr":{addr}}}\n'
+                f'"duration_ms":{duration},"bytes_in":{size_in},'
+                f'"bytes_out":{size_out},"upstream_addr":{addr}}}\n'
             )
         self._millis, self._second_millis = millis_seen, second_millis
         self._prefix, self._stamp = prefix, stamp

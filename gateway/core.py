@@ -350,7 +350,8 @@ class RequestCore:
             headers.get(api_header) if api_header else None,
         )
         request_id = headers.get("X-Request-ID") or (
-            f"{self._request_id_prefix}{next(self._request_ids):016x}"
+            # format(), not an f-string's spec: compiled, that is a str.format() call
+            self._request_id_prefix + format(next(self._request_ids), "016x")
         )
         return cls(head, snapshot, route, identity, request_id)
 

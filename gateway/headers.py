@@ -20,6 +20,7 @@ __all__ = [
     "OUR_RESPONSE_FIELDS",
     "OUR_UNLIMITED_RESPONSE_FIELDS",
     "VIA",
+    "decimal",
     "field_pairs",
     "forwarded_for",
     "rate_limit_fields",
@@ -27,6 +28,20 @@ __all__ = [
     "upstream_request_headers",
     "valid_host",
 ]
+
+
+# Decimal digits of the small numbers responses carry (statuses, lengths,
+# seconds, tokens), made once: compiled, b"%d" % n is a generic call into
+# bytes formatting, several times a tuple lookup and a concatenation.
+_DECIMALS: Final = tuple(b"%d" % n for n in range(4096))
+
+
+def decimal(number: int) -> bytes:
+    """``number`` in ASCII decimal digits."""
+    if 0 <= number < 4096:
+        return _DECIMALS[number]
+    return b"%d" % number
+
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -151,7 +166,9 @@ def rate_limit_fields(decision: Decision) -> bytes:
     remaining = tokens if tokens > 0 else 0
     limit = limits.limits[at]
     reset = 0 if tokens >= limit.spec.max_tokens else math.ceil(result.to_next_seconds[at])
-    return limits.fields_templates[at] % (remaining, reset, remaining, reset)
+    r, t = decimal(remaining), decimal(reset)
+    p0, p1, p2, p3, p4 = limits.fields_parts[at]
+    return b"".join((p0, r, p1, t, p2, r, p3, t, p4))
 
 
 def field_pairs(lines: bytes) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from email.utils import formatdate
 from typing import ClassVar, Final
 
-from gateway.headers import HOP_BY_HOP
+from gateway.headers import HOP_BY_HOP, decimal
 
 __all__ = [
     "NO_BODY_STATUSES",
@@ -107,7 +107,7 @@ def response_head(
     ending in CRLF: ``field_lines``; ``replaced``: their lower-case names),
     Date when the upstream sent none, the framing asked for, and
     Connection."""
-    lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+    lines = [b"HTTP/1.1 " + decimal(status) + b" " + reason]
     has_date = False
     connection: list[bytes] = []
     for name, value in upstream:
@@ -134,7 +134,7 @@ def response_head(
             has_date = any(name.lower() == b"date" for name, _ in kept)
     tail = ours if has_date else ours + b"Date: " + date_header() + b"\r\n"
     if content_length is not None:
-        tail += b"Content-Length: %d\r\n" % content_length
+        tail += b"Content-Length: " + decimal(content_length) + b"\r\n"
     elif chunked:
         tail += b"Transfer-Encoding: chunked\r\n"
     tail += connection_field(keep_alive, http10)

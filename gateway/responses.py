@@ -13,7 +13,7 @@ from http import HTTPStatus
 from typing import Final
 
 from gateway.errors import UpstreamError
-from gateway.headers import rate_limit_fields
+from gateway.headers import decimal, rate_limit_fields
 from gateway.limiting.limiter import Decision
 from gateway.raw_response import connection_field, date_header
 
@@ -38,33 +38,33 @@ class Answer:
         self.body = body
 
 
-_DENIED_HEAD: Final = (
+# The 429's head and body around what changes per answer.
+_DENIED_STATUS: Final = (
     b"HTTP/1.1 429 Too Many Requests\r\n"
     b"Content-Type: application/json; charset=utf-8\r\n"
-    b"Retry-After: %d\r\n"
-    b"%s"  # rate_limit_fields
-    b"X-Request-ID: %s\r\n"
-    b"Date: %s\r\n"
-    b"Content-Length: %d\r\n"
-    b"%s"  # Connection, when the request needs one
-    b"\r\n"
+    b"Retry-After: "
 )
+_DENIED_BODY: Final = b'{"error": "rate_limited", "retry_after": '
 
 
 def rate_limited(
     decision: Decision, request_id: str, *, keep_alive: bool, http10: bool, head_only: bool
 ) -> tuple[bytes, int]:
     """The whole 429, ready to write, and its body length as sent.
-    Retry-After: whole seconds until the next refill, at least 1. One
-    %-format rather than a header list serialised line by line: the denied
-    path is the one a flood hits."""
-    retry_after = max(1, math.ceil(decision.retry_after_seconds))
-    body = b'{"error": "rate_limited", "retry_after": %d}' % retry_after
-    head = _DENIED_HEAD % (
-        retry_after, rate_limit_fields(decision),
-        request_id.encode("utf-8", "surrogateescape"), date_header(), len(body),
+    Retry-After: whole seconds until the next refill, at least 1. Joined
+    from fixed pieces rather than a header list serialised line by line:
+    the denied path is the one a flood hits."""
+    retry_after = decimal(max(1, math.ceil(decision.retry_after_seconds)))
+    body = _DENIED_BODY + retry_after + b"}"
+    head = b"".join((
+        _DENIED_STATUS, retry_after, b"\r\n",
+        rate_limit_fields(decision),
+        b"X-Request-ID: ", request_id.encode("utf-8", "surrogateescape"),
+        b"\r\nDate: ", date_header(),
+        b"\r\nContent-Length: ", decimal(len(body)), b"\r\n",
         connection_field(keep_alive, http10),
-    )  # fmt: skip
+        b"\r\n",
+    ))  # fmt: skip
     if head_only:
         return head, 0
     return head + body, len(body)

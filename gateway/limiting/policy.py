@@ -94,10 +94,11 @@ def subject(per: tuple[str, ...], identity: Identity) -> str:
 class RouteLimits:
     """The limits one request on a route must pass, in order, and the
     response fields they make: ``RateLimit-Policy`` lists every limit;
-    ``RateLimit`` and ``X-RateLimit-*`` describe one (``fields_templates[i]``:
-    limit i, filled per response with remaining, reset, remaining, reset)."""
+    ``RateLimit`` and ``X-RateLimit-*`` describe one (``fields_parts[i]``:
+    limit i, the text around remaining, reset, remaining, reset, which a
+    response puts between them)."""
 
-    __slots__ = ("fields_templates", "limits", "route", "shared_tag")
+    __slots__ = ("fields_parts", "limits", "route", "shared_tag")
 
     def __init__(self, route: str, specs: tuple[BucketSpec, ...], clock: RefillClock) -> None:
         self.route = route
@@ -108,14 +109,14 @@ class RouteLimits:
         # same thing, else by the route (its buckets then sit in one slot).
         self.shared_tag = route if len(pers) > 1 or ("route",) in pers else None
         policy = ", ".join(limit.policy_item for limit in self.limits)
-        self.fields_templates = tuple(
-            (
-                f"RateLimit-Policy: {_escaped(policy)}\r\n"
-                f"RateLimit: {_escaped(_sf_string(limit.name))};r=%d;t=%d\r\n"
-                f"X-RateLimit-Limit: {limit.spec.max_tokens}\r\n"
-                "X-RateLimit-Remaining: %d\r\n"
-                "X-RateLimit-Reset: %d\r\n"
-            ).encode("ascii")
+        self.fields_parts = tuple(
+            _parts(
+                f"RateLimit-Policy: {policy}\r\nRateLimit: {_sf_string(limit.name)};r=",
+                ";t=",
+                f"\r\nX-RateLimit-Limit: {limit.spec.max_tokens}\r\nX-RateLimit-Remaining: ",
+                "\r\nX-RateLimit-Reset: ",
+                "\r\n",
+            )
             for limit in self.limits
         )
 
@@ -135,11 +136,13 @@ class RouteLimits:
         return keys
 
 
-def _escaped(text: str) -> str:
-    return text.replace("%", "%%")  # a literal in a %-template
-
-
 def _sf_string(value: str) -> str:
     """An RFC 8941 sf-string: printable ASCII, quotes and backslashes escaped."""
     cleaned = "".join(c if " " <= c <= "~" else "_" for c in value)
     return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _parts(*texts: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """The fields' text around their four numbers, as bytes."""
+    p0, p1, p2, p3, p4 = (text.encode("ascii") for text in texts)
+    return p0, p1, p2, p3, p4

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import parse_config
 from gateway.config.model import BucketSpec
 from gateway.headers import (
     VIA,
+    decimal,
     rate_limit_fields,
     rate_limit_headers,
     upstream_request_headers,
@@ -450,7 +453,7 @@ def test_unlimited_decision_has_no_rate_limit_headers() -> None:
 
 
 def test_percent_in_a_route_name_is_written_as_is() -> None:
-    # The fields are filled from a bytes %-template built per config.
+    # The fields were once filled from a bytes %-template built per config.
     decision = _decision(BucketSpec(1.0, 1, 3, "/a%d%s%%"), 2, 1.0)
     headers = dict(rate_limit_headers(decision))
     assert headers["RateLimit-Policy"] == '"/a%d%s%%";q=3;w=3'
@@ -499,3 +502,9 @@ def test_response_head_adds_date_when_the_upstreams_is_named_in_connection() -> 
     assert b"2001" not in dates[0]  # the upstream's was hop-by-hop: ours instead
     assert head.endswith(b"\r\n\r\n")
     assert b"\r\n\r\n" not in head[:-4]
+
+
+@given(st.integers(min_value=0, max_value=10**12) | st.integers(min_value=4090, max_value=4100))
+def test_decimal_is_the_numbers_ascii_digits(number: int) -> None:
+    """The table of small numbers and the fallback past it agree with str()."""
+    assert decimal(number) == str(number).encode("ascii")
