@@ -114,11 +114,11 @@ class LineFormatter:
         """The lines, and the string fields of every record joined."""
         millis_seen, second_millis = self._millis, self._second_millis
         prefix, stamp = self._prefix, self._stamp
-        small = _SMALL_INTS.get
+        # No bound-method aliases (``append = out.append``): compiled, the
+        # alias is a generic call, the method itself a primitive.
+        small = _SMALL_INTS
         out: list[str] = []
-        append = out.append
         strings: list[str] = []
-        string = strings.append
         for record in records:
             (ts, request_id, client, method, path, route, decision, status,
              tokens_left, upstream_ms, duration_ms, bytes_in, bytes_out,
@@ -139,23 +139,25 @@ class LineFormatter:
                 addr = f'"{_inner(upstream_addr)}"'
             else:
                 addr = f'"{upstream_addr}"'
-                string(upstream_addr)
+                strings.append(upstream_addr)
             if escape:
                 request_id, client, method = _inner(request_id), _inner(client), _inner(method)
                 path, route = _inner(path), _inner(route)
             else:
-                string(f"{request_id}{client}{method}{path}{route}")
+                strings.append(f"{request_id}{client}{method}{path}{route}")
             # Every piece a str before the f-string, and format() for the
             # floats: compiled (mypyc), an f-string of str alone is one
             # concatenation, while an int or a format spec in it makes the
             # whole a str.format() call.
-            tokens = "null" if tokens_left is None else small(tokens_left) or str(tokens_left)
+            tokens = (
+                "null" if tokens_left is None else small.get(tokens_left) or str(tokens_left)
+            )
             upstream = "null" if upstream_ms is None else format(upstream_ms, ".3f")
             duration = format(duration_ms, ".3f")
-            code = small(status) or str(status)
-            size_in = small(bytes_in) or str(bytes_in)
-            size_out = small(bytes_out) or str(bytes_out)
-            append(
+            code = small.get(status) or str(status)
+            size_in = small.get(bytes_in) or str(bytes_in)
+            size_out = small.get(bytes_out) or str(bytes_out)
+            out.append(
                 f'{{"ts":"{stamp}","request_id":"{request_id}","client":"{client}",'
                 f'"method":"{method}","path":"{path}","route":"{route}",'
                 f'"decision":"{decision}","status":{code},'

@@ -334,7 +334,7 @@ class UpstreamPool:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = parts.scheme == "https"
         self.path_prefix = parts.path.rstrip("/")
-        self._default_host = parts.netloc
+        self._host_line = f"Host: {parts.netloc}\r\n"
         self.read_timeout = read_timeout
         self.max_header_size = max_header_size
         self._pool_timeout = pool_timeout
@@ -406,14 +406,20 @@ class UpstreamPool:
     def request_head(self, method: str, target: str, headers: CIMultiDict[str]) -> bytes:
         """The request head to send: the upstream's own host when the
         client's Host is not forwarded."""
-        lines = [f"{method} {self.path_prefix}{target} HTTP/1.1"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
+        # The pieces in one list and one join: compiled, appending is a few
+        # instructions, while an f-string per line builds a string each.
+        parts = [method, " ", self.path_prefix, target, " HTTP/1.1\r\n"]
+        for name, value in headers.items():
+            parts.append(name)
+            parts.append(": ")
+            parts.append(value)
+            parts.append("\r\n")
         if "Host" not in headers:
-            lines.append(f"Host: {self._default_host}")
-        lines.append("\r\n")
+            parts.append(self._host_line)
+        parts.append("\r\n")
         # Values were decoded as aiohttp does (UTF-8, surrogateescape): the
         # upstream gets the client's bytes back unchanged.
-        return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+        return "".join(parts).encode("utf-8", "surrogateescape")
 
     async def _connect(self) -> UpstreamConnection:
         try:
