@@ -78,6 +78,7 @@ __all__ = [
     "Call",
     "Deny",
     "Forward",
+    "Idle",
     "Ours",
     "Outcome",
     "Refuse",
@@ -301,6 +302,43 @@ Verdict = Deny | Refuse | Forward
 C = TypeVar("C", bound=Call)
 
 
+class Idle:
+    """Set while no request is in flight; ``await wait()`` until it is.
+    asyncio.Event's, but its set() and clear() are Python-level calls on
+    every request, and these compile to a flag."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def clear(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 class RequestCore:
     """The proxy's shared state (the current snapshot, requests in flight,
     request ids) and the rules every request meets. Built by server.py."""
@@ -311,8 +349,7 @@ class RequestCore:
         self.access_log = access_log
         self.inflight = 0
         self._inflight_by_client: dict[str, int] = {}
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self.idle = Idle()
         # Request ids: a random per-process prefix and a counter. Unique across
         # processes and restarts without a getrandom() syscall per request
         # (os.urandom showed up in the denied path's profile).

@@ -4,6 +4,7 @@ hand, as h11's tests drive its state machine."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from gateway.core import (
     Call,
     Deny,
     Forward,
+    Idle,
     Refuse,
     RequestCore,
     RequestHead,
@@ -663,3 +665,28 @@ def test_a_request_cut_before_its_decision_is_not_logged(logged: tuple[Rig, Path
     rig.core.enter(call)
     rig.core.close(call)
     assert _records(rig, path) == []
+
+
+async def test_idle_wakes_every_waiter_when_set_and_not_before() -> None:
+    idle = Idle()
+    await asyncio.wait_for(idle.wait(), 1)  # set at first: no wait
+    idle.clear()
+    waiters = [asyncio.ensure_future(idle.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    idle.clear()  # clearing again changes nothing
+    idle.set()
+    await asyncio.wait_for(asyncio.gather(*waiters), 1)
+    assert idle.is_set()
+
+
+async def test_a_cancelled_idle_waiter_is_forgotten() -> None:
+    idle = Idle()
+    idle.clear()
+    waiter = asyncio.ensure_future(idle.wait())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    idle.set()  # nothing left to wake
+    assert idle.is_set()
