@@ -373,6 +373,16 @@ class RequestCore:
     def open(self, head: RequestHead, cls: type[Call] = Call) -> Call:
         """① Who is the client, and the request id; ② which route. ``cls``: a
         shell's own kind of Call, holding what its steps share."""
+        snapshot, route, identity, request_id = self.identify(head)
+        return cls(head, snapshot, route, identity, request_id)
+
+    def identify(
+        self, head: RequestHead
+    ) -> tuple[Snapshot, Route, tuple[str, str, str | None], str]:
+        """What ``open`` gives a Call, for a shell that makes its own kind
+        directly (compiled, ``PlainCall(...)`` is a direct call, where
+        calling ``cls`` goes through the type's generic call and parses its
+        arguments)."""
         snapshot = self.snapshot
         target = head.target
         if target[:1] != "/":  # absolute-form, or nothing we forward
@@ -390,7 +400,7 @@ class RequestCore:
             # format(), not an f-string's spec: compiled, that is a str.format() call
             self._request_id_prefix + format(next(self._request_ids), "016x")
         )
-        return cls(head, snapshot, route, identity, request_id)
+        return snapshot, route, identity, request_id
 
     def check(self, call: Call) -> Answer | None:
         """The 400 for a head no decision is made for: a Host that is not

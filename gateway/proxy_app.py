@@ -109,7 +109,8 @@ class ProxyHandlers:
         the connection stay open?), PENDING when the answer will come from
         the upstream's callback, else the coroutine that finishes it."""
         core = self.core
-        plain = core.open(head, PlainCall)
+        snapshot, route, identity, request_id = core.identify(head)
+        plain = PlainCall(head, snapshot, route, identity, request_id)
         plain.begin(self, conn)
         conn.track(plain)
         refusal = core.enter(plain)

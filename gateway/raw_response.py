@@ -86,6 +86,13 @@ def whole_response(
 _NOT_RELAYED: Final = frozenset(name.encode() for name in (*HOP_BY_HOP, "content-length"))
 
 
+# Field names as upstreams spell them, lower-cased: the same few names come
+# back on every response, and compiled, a dict lookup costs a fraction of a
+# call to bytes.lower(). Bounded: names past the bound are lowered each time.
+_LOWER: Final[dict[bytes, bytes]] = {}
+_LOWER_MAX: Final = 1024
+
+
 def response_head(
     status: int,
     reason: bytes,
@@ -111,7 +118,11 @@ def response_head(
     has_date = False
     connection: list[bytes] = []
     for name, value in upstream:
-        lower = name.lower()
+        lower = _LOWER.get(name)
+        if lower is None:
+            lower = name.lower()
+            if len(_LOWER) < _LOWER_MAX:
+                _LOWER[name] = lower
         if lower in _NOT_RELAYED or lower in replaced:
             if lower == b"connection":
                 connection.append(value)

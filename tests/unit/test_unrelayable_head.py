@@ -8,6 +8,7 @@ import string
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway import raw_response
 from gateway.raw_response import unrelayable_head
 
 TOKEN = set((string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~").encode())
@@ -63,3 +64,16 @@ def test_reports_as_the_rules_say(fields: list[tuple[bytes, bytes]], max_size: i
 def test_a_usual_head_passes() -> None:
     fields = [(b"Content-Type", b"text/plain"), (b"Transfer-Encoding", b"chunked")]
     assert unrelayable_head(fields, 1000) is None
+
+
+def test_the_lower_case_name_cache_stays_bounded() -> None:
+    """response_head remembers field names lower-cased, up to a bound: a
+    hostile upstream sending a new name every time does not grow it."""
+    for i in range(raw_response._LOWER_MAX + 500):
+        head = raw_response.response_head(
+            200, b"OK", [(b"X-Name-%d" % i, b"v")], b"",
+            replaced=frozenset(), content_length=0, chunked=False, keep_alive=True,
+            http10=False,
+        )  # fmt: skip
+        assert b"\r\nX-Name-%d: v\r\n" % i in head
+    assert len(raw_response._LOWER) <= raw_response._LOWER_MAX
