@@ -49,6 +49,8 @@ class ClientIdentifier:
         # snapshot is freed by reference counting alone (server.settle_heap
         # hides the heap from the cyclic GC).
         self._is_trusted = lru_cache(maxsize=4096)(partial(_in_networks, self._trusted))
+        # Whether X-Forwarded-For can matter at all (core reads it only then).
+        self.trusts_proxies = bool(self._trusted)
 
     def is_trusted_peer(self, peer: str) -> bool:
         return bool(self._trusted) and self._is_trusted(peer)

@@ -29,7 +29,6 @@ without sockets (tests/unit/test_request_core.py).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import time
 from collections.abc import Coroutine
@@ -91,6 +90,8 @@ __all__ = [
     "origin_form",
 ]
 
+# Three hex digits for each of 0..4095: the tail of a generated request id.
+_HEX3: Final = tuple(f"{n:03x}" for n in range(4096))
 # nginx's $status for "client closed the connection before we answered".
 CLIENT_CLOSED_STATUS: Final = 499
 _CONCURRENCY_DENIED: Final = Decision(DENIED, None, EXEMPT_DECISION.result)
@@ -356,7 +357,12 @@ class RequestCore:
         self._request_id_prefix = os.urandom(8).hex()
         # Delayed requests waiting now, per route (bounded by queue.max_queued).
         self._queued: dict[str, int] = {}
-        self._request_ids = itertools.count()
+        # Request ids: the prefix, then a counter in 16 hex digits. The last
+        # three digits come from a table and the rest is formatted once per
+        # 4096 requests: compiled, format() is a generic call per request.
+        self._next_request_id = 0
+        self._request_id_high = -1
+        self._request_id_head = ""
         # The last Host value found valid: nearly every request repeats it,
         # so the plain path compares one string instead of running the regex.
         self._valid_host: str | None = None
@@ -393,14 +399,22 @@ class RequestCore:
         api_header = identifier.header
         identity = identifier.identify(
             head.peer,
-            forwarded_for(headers),
+            # Read only where a trusted proxy may have sent it.
+            forwarded_for(headers) if identifier.trusts_proxies else None,
             headers.get(api_header) if api_header else None,
         )
-        request_id = headers.get("X-Request-ID") or (
-            # format(), not an f-string's spec: compiled, that is a str.format() call
-            self._request_id_prefix + format(next(self._request_ids), "016x")
-        )
+        request_id = headers.get("X-Request-ID") or self._new_request_id()
         return snapshot, route, identity, request_id
+
+    def _new_request_id(self) -> str:
+        seq = self._next_request_id
+        self._next_request_id = seq + 1
+        high = seq >> 12
+        if high != self._request_id_high:
+            self._request_id_high = high
+            # format(), not an f-string's spec: compiled, that is a str.format() call
+            self._request_id_head = self._request_id_prefix + format(high, "013x")
+        return self._request_id_head + _HEX3[seq & 0xFFF]
 
     def check(self, call: Call) -> Answer | None:
         """The 400 for a head no decision is made for: a Host that is not

@@ -179,6 +179,20 @@ def test_request_id_is_generated_and_unique_otherwise(rig: Rig) -> None:
     assert all(len(request_id) >= 16 for request_id in ids)
 
 
+def test_generated_request_ids_count_in_16_hex_digits_across_the_table(rig: Rig) -> None:
+    """A random per-process prefix, then a counter in 16 hex digits, also
+    where the table of its last three digits starts over."""
+    first = rig.core.open(_head("/")).request_id
+    prefix, counter = first[:-16], first[-16:]
+    assert len(prefix) == 16
+    assert int(counter, 16) == 0
+    rig.core._next_request_id = 4094  # just before the 4096th: the table wraps
+    ids = [rig.core.open(_head("/")).request_id for _ in range(4)]
+    assert ids == [prefix + format(n, "016x") for n in range(4094, 4098)]
+    rig.core._next_request_id = 2**40 + 4095
+    assert rig.core.open(_head("/")).request_id == prefix + format(2**40 + 4095, "016x")
+
+
 def test_an_empty_request_id_is_replaced(rig: Rig) -> None:
     call = rig.core.open(_head("/", ("X-Request-ID", "")))
     assert call.request_id != ""
