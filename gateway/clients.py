@@ -53,7 +53,7 @@ class ClientIdentifier:
         self.trusts_proxies = bool(self._trusted)
 
     def is_trusted_peer(self, peer: str) -> bool:
-        return bool(self._trusted) and self._is_trusted(peer)
+        return self.trusts_proxies and self._is_trusted(peer)
 
     def client_address(self, peer: str, forwarded_for: str | None) -> str:
         """The client's IP: the peer, or from X-Forwarded-For via trusted hops."""
