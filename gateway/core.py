@@ -351,15 +351,15 @@ class RequestCore:
         self.inflight = 0
         self._inflight_by_client: dict[str, int] = {}
         self.idle = Idle()
-        # Request ids: a random per-process prefix and a counter. Unique across
-        # processes and restarts without a getrandom() syscall per request
-        # (os.urandom showed up in the denied path's profile).
-        self._request_id_prefix = os.urandom(8).hex()
         # Delayed requests waiting now, per route (bounded by queue.max_queued).
         self._queued: dict[str, int] = {}
-        # Request ids: the prefix, then a counter in 16 hex digits. The last
-        # three digits come from a table and the rest is formatted once per
-        # 4096 requests: compiled, format() is a generic call per request.
+        # Request ids: a random per-process prefix and a counter in 16 hex
+        # digits. Unique across processes and restarts without a getrandom()
+        # syscall per request (os.urandom showed up in the denied path's
+        # profile). The counter's last three digits come from a table and the
+        # rest is formatted once per 4096 requests: compiled, format() is a
+        # generic call per request.
+        self._request_id_prefix = os.urandom(8).hex()
         self._next_request_id = 0
         self._request_id_high = -1
         self._request_id_head = ""
